@@ -1,0 +1,34 @@
+# `make run` and `make test` set everything up on a fresh machine (Python 3.11 + pip).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+QUILL := $(VENV)/bin/quill
+MODEL ?= shakespeare-char
+PORT ?= 8501
+
+.PHONY: run test venv lint bench serve playground clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[serve,ui,dev]'
+	touch $@
+
+run: venv
+	$(QUILL) generate --model $(MODEL) --prompt "ROMEO:" --max-new-tokens 300 --temperature 0.8
+
+test: venv
+	$(PY) -m pytest -q
+
+lint: venv
+	$(VENV)/bin/ruff check quillgpt tests benchmarks scripts
+	$(VENV)/bin/ruff format --check quillgpt tests benchmarks scripts
+
+bench: venv
+	$(PY) benchmarks/generate.py
+	$(PY) benchmarks/train.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,220 @@
+"""A model is a directory: `model.safetensors` + `config.json` (+ `tokenizer.json` for BPE).
+
+config.json holds the model config, the tokenizer spec and provenance (data hash, steps, val loss),
+so the directory describes itself. Weights are safetensors: loading never runs code. Every file
+is written to a temporary name and renamed into place, so a crash never leaves a torn file.
+Bundled models (under `models/` in the repository, or $QUILL_MODELS_DIR) are found by name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_model as st_load_model
+from safetensors.torch import save_model as st_save_model
+
+from quillgpt.config import ConfigError, GPTConfig
+from quillgpt.model import GPT
+from quillgpt.tokenizer import BPE_FILE, BPETokenizer, CharTokenizer, TokenizerError, tokenizer_from_spec
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+FORMAT = "quillgpt"
+FORMAT_VERSION = 1
+REPO_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+
+
+class CheckpointError(RuntimeError):
+    """A model directory or weights file that cannot be read or written."""
+
+
+@dataclass
+class LoadedModel:
+    model: GPT
+    tokenizer: CharTokenizer | BPETokenizer
+    path: Path
+    provenance: dict[str, Any] = field(default_factory=dict)
+    card: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def models_dirs() -> list[Path]:
+    """Where bundled models are looked up by name: $QUILL_MODELS_DIR (os.pathsep-separated), then models/."""
+    env = os.environ.get("QUILL_MODELS_DIR")
+    dirs = [Path(p) for p in env.split(os.pathsep) if p] if env else []
+    return dirs + [REPO_MODELS_DIR]
+
+
+def bundled_models() -> dict[str, Path]:
+    """Name → directory of every model directory found in `models_dirs()`."""
+    found: dict[str, Path] = {}
+    for base in models_dirs():
+        if base.is_dir():
+            for d in sorted(base.iterdir()):
+                if (d / CONFIG_FILE).is_file() and d.name not in found:
+                    found[d.name] = d
+    return found
+
+
+def resolve_model_path(name_or_path: str | Path) -> Path:
+    """A model directory given by path, or a bundled model given by name."""
+    p = Path(name_or_path).expanduser()
+    if p.is_dir():
+        return p
+    if p.suffix in (".safetensors", ".json") and p.is_file():
+        return p.parent
+    models = bundled_models()
+    if str(name_or_path) in models:
+        return models[str(name_or_path)]
+    known = ", ".join(sorted(models)) or "none"
+    raise CheckpointError(f"no model directory or bundled model named {str(name_or_path)!r} (bundled: {known})")
+
+
+def save_model(
+    directory: str | Path,
+    model: GPT,
+    tokenizer: CharTokenizer | BPETokenizer,
+    provenance: dict[str, Any] | None = None,
+) -> Path:
+    """Write a model directory. Each file goes to a temporary name first and is renamed into place,
+    weights before config, so a crash leaves the previous complete files, never a torn one."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    raw = getattr(model, "_orig_mod", model)  # the compiled wrapper's inner model, not its key names
+    raw = getattr(raw, "module", raw)  # DistributedDataParallel's inner model
+    with _atomic_path(directory / WEIGHTS_FILE) as tmp:
+        st_save_model(raw, str(tmp), metadata={"format": "pt"})
+    if isinstance(tokenizer, BPETokenizer):
+        with _atomic_path(directory / BPE_FILE) as tmp:
+            tokenizer.tokenizer.save(str(tmp))
+    config = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": raw.config.to_dict(),
+        "tokenizer": tokenizer.to_spec(),
+        "provenance": provenance or {},
+    }
+    write_text_atomic(directory / CONFIG_FILE, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    return directory
+
+
+@contextmanager
+def _atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success fsync it and rename it over `path`."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    with _atomic_path(Path(path)) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def save_torch_atomic(obj: Any, path: str | Path) -> None:
+    with _atomic_path(Path(path)) as tmp:
+        torch.save(obj, tmp)
+
+
+def read_model_config(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / CONFIG_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"model config not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"model config is corrupt: {path} ({e})") from None
+    if not isinstance(data, dict) or "model" not in data or "tokenizer" not in data:
+        raise CheckpointError(f"{path} is not a QuillGPT model config (needs 'model' and 'tokenizer')")
+    return data
+
+
+def load_model(name_or_path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load a model directory (or bundled model by name) with its tokenizer, in eval mode."""
+    directory = resolve_model_path(name_or_path)
+    data = read_model_config(directory)
+    try:
+        config = GPTConfig.from_dict(data["model"])
+        tokenizer = tokenizer_from_spec(data["tokenizer"], directory)
+    except (ConfigError, TokenizerError, TypeError) as e:
+        raise CheckpointError(f"{directory / CONFIG_FILE}: {e}") from None
+    if tokenizer.vocab_size > config.vocab_size:
+        raise CheckpointError(
+            f"{directory}: tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size}"
+        )
+    model = GPT(config)
+    load_weights(model, directory / WEIGHTS_FILE)
+    model.to(device).eval()
+    card = {k: v for k, v in data.items() if k not in ("model", "tokenizer", "provenance")}
+    return LoadedModel(model, tokenizer, directory, data.get("provenance", {}), card)
+
+
+def load_weights(model: GPT, path: str | Path) -> None:
+    """Load safetensors weights, or a legacy `.pt` state dict with torch.load(weights_only=True)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            missing, unexpected = st_load_model(model, str(path), strict=False)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(state, dict) and isinstance(state.get("model"), dict):
+                state = state["model"]  # nanoGPT-style {"model": state_dict, ...}
+            if not isinstance(state, dict):
+                raise CheckpointError(f"{path} does not hold a state dict")
+            result = model.load_state_dict(state, strict=False)
+            missing, unexpected = result.missing_keys, result.unexpected_keys
+    except CheckpointError:
+        raise
+    except (SafetensorError, RuntimeError, OSError, ValueError, EOFError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot load weights from {path}: {first}") from None
+    except Exception as e:  # torch.load's unpickler raises many kinds on corrupt files
+        raise CheckpointError(f"cannot load weights from {path}: {type(e).__name__}: {e}") from None
+    if model.config.tie_embeddings:
+        missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"weights in {path} do not match the model config: "
+            f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
+
+
+def gpt_from_hf_gpt2(hf_model) -> GPT:
+    """Copy a HuggingFace `GPT2LMHeadModel` into an equivalent `GPT` (same names, Conv1D transposed)."""
+    c = hf_model.config
+    config = GPTConfig(
+        vocab_size=c.vocab_size, block_size=c.n_positions, n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd,
+        mlp_hidden=c.n_inner, norm_eps=c.layer_norm_epsilon, activation="gelu",
+    )
+    model = GPT(config)
+    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    state = {}
+    for key, value in hf_model.state_dict().items():
+        if key.endswith((".attn.bias", ".attn.masked_bias")):
+            continue  # causal-mask buffers of older transformers versions
+        state[key] = value.t() if key.endswith(conv1d) else value
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise CheckpointError(f"GPT-2 weights do not map: missing {missing}, unexpected {unexpected}")
+    return model

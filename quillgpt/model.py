@@ -1,0 +1,227 @@
+"""The GPT decoder: `CausalSelfAttention`, `MLP`, `Block`, `GPT`, and the `KVCache` it decodes with.
+
+Names follow GPT-2 (`wte`, `wpe`, `c_attn`, `c_proj`, `ln_f`, `lm_head`) so weights map one-to-one
+onto HuggingFace's `GPT2LMHeadModel`. Shapes: B batch, T time, C n_embd, nh heads, hs head size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from quillgpt.config import GPTConfig
+
+
+def make_norm(config: GPTConfig, dim: int) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(dim, eps=config.norm_eps, elementwise_affine=config.norm_affine)
+    return nn.LayerNorm(
+        dim, eps=config.norm_eps, elementwise_affine=config.norm_affine, bias=config.bias and config.norm_affine
+    )
+
+
+class KVCache:
+    """Keys and values of every layer for up to `batch_size` sequences of up to `block_size` tokens.
+
+    Each row belongs to one sequence, its tokens at their own positions from 0: rows of different
+    lengths need no left padding, and a row can be refilled while the others keep decoding
+    (continuous batching). It lives outside the model, so it is never part of the state dict.
+    """
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self.k, self.v = k, v  # (n_layer, B, nh, block_size, hs)
+
+    @classmethod
+    def allocate(cls, config: GPTConfig, batch_size: int, device=None, dtype=torch.float32) -> KVCache:
+        shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.head_dim)
+        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    def rows(self, start: int, stop: int) -> KVCache:
+        """A view of rows [start, stop): writes through it land in this cache."""
+        return KVCache(self.k[:, start:stop], self.v[:, start:stop])
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (RoPE): rotate pairs of q/k channels by position-dependent angles."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        hs = config.head_dim
+        inv_freq = 1.0 / (config.rope_base ** (torch.arange(0, hs, 2, dtype=torch.float32) / hs))
+        angles = torch.outer(torch.arange(config.block_size, dtype=torch.float32), inv_freq)  # (T, hs/2)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
+        # x: (B, nh, T, hs); pos: (B, T) positions, or None for 0..T-1
+        T = x.size(2)
+        cos, sin = (self.cos[:T], self.sin[:T]) if pos is None else (self.cos[pos][:, None], self.sin[pos][:, None])
+        x1, x2 = x.float().chunk(2, dim=-1)
+        out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+        return out.type_as(x)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head, self.head_size = config.n_head, config.head_dim
+        inner = config.n_head * config.head_dim
+        self.c_attn = nn.Linear(config.n_embd, 3 * inner, bias=config.bias)  # fused q, k, v
+        self.c_proj = nn.Linear(inner, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
+        self.q_norm = make_norm(config, config.head_dim) if config.qk_norm else None
+        self.k_norm = make_norm(config, config.head_dim) if config.qk_norm else None
+        self.rotary = Rotary(config) if config.pos_emb == "rope" else None
+
+    def forward(self, x, pos=None, cache: KVCache | None = None, layer: int = 0):
+        B, T, _ = x.size()
+        q, k, v = self.c_attn(x).split(self.n_head * self.head_size, dim=2)
+        q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rotary is not None:
+            q, k = self.rotary(q, pos), self.rotary(k, pos)
+
+        dropout = self.dropout if self.training else 0.0
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        else:
+            # Write this step's keys/values at each row's own positions, then attend over the
+            # cache: a key is visible to a query when its position is not later than the query's.
+            rows = torch.arange(B, device=x.device)[:, None]  # (B, 1)
+            cache.k[layer][rows, :, pos] = k.transpose(1, 2)  # (B, T, nh, hs) into (B, nh, Tmax, hs)
+            cache.v[layer][rows, :, pos] = v.transpose(1, 2)
+            kv_len = int(pos.max()) + 1
+            keys, values = cache.k[layer][:B, :, :kv_len], cache.v[layer][:B, :, :kv_len]
+            mask = torch.arange(kv_len, device=x.device) <= pos[:, None, :, None]  # (B, 1, T, kv_len)
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_size)  # (B, T, nh*hs)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.activation = config.activation
+        width = 2 * config.hidden_dim if config.activation == "swiglu" else config.hidden_dim
+        self.c_fc = nn.Linear(config.n_embd, width, bias=config.bias)
+        self.c_proj = nn.Linear(config.hidden_dim, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        h = self.c_fc(x)
+        if self.activation == "gelu":
+            h = F.gelu(h, approximate="tanh")
+        elif self.activation == "relu":
+            h = F.relu(h)
+        elif self.activation == "relu2":
+            h = F.relu(h).square()
+        else:  # swiglu
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        return self.dropout(self.c_proj(h))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = make_norm(config, config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = make_norm(config, config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x, pos=None, cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), pos, cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd) if config.pos_emb == "learned" else None,
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=make_norm(config, config.n_embd),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                if config.zero_init_proj:
+                    nn.init.zeros_(p)
+                else:  # GPT-2: scale residual projections by 1/sqrt(2 * n_layer)
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if config.zero_init_proj and not config.tie_embeddings:
+            nn.init.zeros_(self.lm_head.weight)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count (shared tensors once). non_embedding drops position embeddings, as nanoGPT."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and self.transformer.wpe is not None:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        pos: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (B, T) token ids → (logits (B, T, V), loss or None).
+
+        With `cache`, `pos` (B, T) gives each token's position and the cache is read and written;
+        `last_only` returns logits for the last position only (B, 1, V), which is all decoding needs.
+        Targets equal to -1 are ignored by the loss.
+        """
+        B, T = idx.size()
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of length {T} exceeds block_size {self.config.block_size}")
+        if cache is not None and pos is None:
+            pos = torch.arange(T, device=idx.device).expand(B, T)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        if self.transformer.wpe is not None:
+            x = x + self.transformer.wpe(pos if pos is not None else torch.arange(T, device=idx.device))
+        x = self.transformer.drop(x)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, pos, cache, i)
+        x = self.transformer.ln_f(x)
+        if last_only:
+            x = x[:, -1:]
+        logits = self.lm_head(x)  # (B, T, V)
+        if self.config.logit_softcap is not None:
+            cap = self.config.logit_softcap
+            logits = cap * torch.tanh(logits / cap)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss

@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny models built in-process, and the real data beside the checkout."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from quillgpt.checkpoint import save_model
+from quillgpt.config import GPTConfig
+from quillgpt.model import GPT
+from quillgpt.tokenizer import CharTokenizer
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = Path(os.environ.get("QUILL_DATA_DIR", REPO.parent / "shared" / "data"))
+
+SAMPLE_TEXT = (
+    "First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
+    "All:\nSpeak, speak.\n\nFirst Citizen:\nYou are all resolved rather to die than to famish?\n"
+)
+
+
+def tiny_config(**overrides) -> GPTConfig:
+    kw = dict(vocab_size=40, block_size=16, n_layer=2, n_head=2, n_embd=16)
+    kw.update(overrides)
+    return GPTConfig(**kw)
+
+
+@pytest.fixture
+def char_tokenizer() -> CharTokenizer:
+    return CharTokenizer.from_text(SAMPLE_TEXT)
+
+
+@pytest.fixture
+def tiny_model(char_tokenizer) -> GPT:
+    torch.manual_seed(0)
+    return GPT(tiny_config(vocab_size=char_tokenizer.vocab_size, block_size=32)).eval()
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path, tiny_model, char_tokenizer) -> Path:
+    return save_model(tmp_path / "tiny", tiny_model, char_tokenizer, provenance={"steps": 0})
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data not found at {SHARED_DATA} (set QUILL_DATA_DIR)")
+    return SHARED_DATA
