@@ -5,8 +5,11 @@ PY := $(VENV)/bin/python
 QUILL := $(VENV)/bin/quill
 MODEL ?= shakespeare-char
 PORT ?= 8501
+# Local copies of the registered datasets (no internet needed); CI has them beside the checkout.
+DATA_DIR ?= $(abspath ../shared/data)
+export QUILL_DATA_DIR ?= $(DATA_DIR)
 
-.PHONY: run test venv lint bench serve playground clean
+.PHONY: run generate test venv lint bench serve playground clean
 
 venv: $(VENV)/.installed
 
@@ -17,10 +20,13 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 run: venv
+	$(QUILL) playground --model $(MODEL) --port $(PORT)
+
+generate: venv
 	$(QUILL) generate --model $(MODEL) --prompt "ROMEO:" --max-new-tokens 300 --temperature 0.8
 
 test: venv
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 QUILL_DATA_DIR=$(DATA_DIR) $(PY) -m pytest -q
 
 lint: venv
 	$(VENV)/bin/ruff check quillgpt tests benchmarks scripts

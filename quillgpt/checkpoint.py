@@ -135,6 +135,13 @@ def save_torch_atomic(obj: Any, path: str | Path) -> None:
         torch.save(obj, tmp)
 
 
+def _is_model_dir(directory: Path) -> bool:
+    try:
+        return json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8")).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def read_model_config(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / CONFIG_FILE
     try:
@@ -204,8 +211,14 @@ def gpt_from_hf_gpt2(hf_model) -> GPT:
     """Copy a HuggingFace `GPT2LMHeadModel` into an equivalent `GPT` (same names, Conv1D transposed)."""
     c = hf_model.config
     config = GPTConfig(
-        vocab_size=c.vocab_size, block_size=c.n_positions, n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd,
-        mlp_hidden=c.n_inner, norm_eps=c.layer_norm_epsilon, activation="gelu",
+        vocab_size=c.vocab_size,
+        block_size=c.n_positions,
+        n_layer=c.n_layer,
+        n_head=c.n_head,
+        n_embd=c.n_embd,
+        mlp_hidden=c.n_inner,
+        norm_eps=c.layer_norm_epsilon,
+        activation="gelu",
     )
     model = GPT(config)
     conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -218,3 +231,22 @@ def gpt_from_hf_gpt2(hf_model) -> GPT:
     if unexpected or set(missing) - {"lm_head.weight"}:
         raise CheckpointError(f"GPT-2 weights do not map: missing {missing}, unexpected {unexpected}")
     return model
+
+
+def load_from_train_config(config_path: str | Path, weights_path: str | Path, device="cpu") -> LoadedModel:
+    """The original QuillGPT's pair: a JSON training config (model keys, `encode`/`decode` maps) and
+    a weights file (`.pt` state dict or `.safetensors`). A model directory works as either argument."""
+    from quillgpt.config import load_train_config
+
+    for p in (Path(weights_path), Path(config_path)):
+        directory = p if p.is_dir() else p.parent
+        if _is_model_dir(directory):
+            return load_model(directory, device)
+    cfg = load_train_config(config_path)
+    if cfg.encode is None:
+        raise CheckpointError(f"{config_path} has no 'encode' map, so the tokenizer is unknown; use a model directory")
+    tokenizer = CharTokenizer.from_maps(cfg.encode, cfg.decode)
+    config = GPTConfig(**{**cfg.model.to_dict(), "vocab_size": cfg.vocab_size or tokenizer.vocab_size})
+    model = GPT(config)
+    load_weights(model, weights_path)
+    return LoadedModel(model.to(device).eval(), tokenizer, Path(weights_path).parent)

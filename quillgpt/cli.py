@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
@@ -136,6 +138,68 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("train")
+def cmd_train(args: argparse.Namespace) -> int:
+    from quillgpt.config import load_train_config
+    from quillgpt.train import train
+
+    cfg = load_train_config(args.config, args.set)
+    out = args.out or f"runs/{Path(args.config).stem}"
+    s = train(cfg, out, data=args.data, resume=args.resume, overwrite=args.overwrite, init_from=args.init_from)
+    if int(os.environ.get("RANK", "0")) == 0:
+        best = f"{s.best_val_loss:.4f}" if s.best_val_loss is not None else "n/a"
+        mfu = f", MFU {s.mfu:.1%}" if s.mfu is not None else ""
+        state = "interrupted; resume with --resume" if s.interrupted else "done"
+        print(
+            f"{state}: {s.steps} steps, best val loss {best}, {s.tokens:,} tokens in {s.wall_time_s / 60:.1f} min "
+            f"({s.tokens_per_s:,.0f} tokens/s{mfu}) -> {s.out_dir}"
+        )
+    return 130 if s.interrupted else 0
+
+
+@command("data")
+def cmd_data(args: argparse.Namespace) -> int:
+    from quillgpt.data import REGISTRY, cache_dir, get_dataset
+
+    if args.data_command == "list":
+        for d in REGISTRY.values():
+            print(f"{d.name:16} {d.description} [{d.license}]")
+            for f in d.files:
+                print(f"{'':16}   {f.path}  sha256 {f.sha256[:12]}…  {f.url}")
+        print(f"cache: {cache_dir() / 'datasets'}")
+        return 0
+    folder = get_dataset(args.name, source=args.source)
+    print(f"{args.name}: ready in {folder}")
+    return 0
+
+
+@command("eval")
+def cmd_eval(args: argparse.Namespace) -> int:
+    from quillgpt.checkpoint import load_model
+    from quillgpt.device import resolve_device
+    from quillgpt.evaluate import evaluate
+
+    loaded = load_model(args.model, device=resolve_device(args.device))
+    result = evaluate(loaded.model, loaded.tokenizer, args.data, split=args.split, val_fraction=args.val_fraction)
+    result = {"model": str(loaded.path), "data": str(args.data), **result}
+    key = "val_loss" if args.split == "val" else "loss"
+    print(
+        f"{loaded.name} on {args.data} ({args.split}): loss {result[key]:.4f} nats/token, "
+        f"{result['bits_per_char']:.4f} bits/char, {result['bits_per_byte']:.4f} bits/byte, "
+        f"{result['tokens']:,} tokens"
+    )
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+@command("playground")
+def cmd_playground(args: argparse.Namespace) -> int:
+    from quillgpt.playground import launch
+
+    return launch(args.model, args.api_url, args.host, args.port)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quill", description="QuillGPT: train, run and serve small GPTs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -157,19 +221,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--chars", default=None, help="build a char tokenizer from these characters")
     p.add_argument("--gpt2-dir", default=None, help="folder with GPT-2's vocab.json and merges.txt")
+    p = sub.add_parser("train", help="train a model from a JSON config")
+    p.add_argument("config", help="JSON training config (see configs/)")
+    p.add_argument("--data", default=None, help="text file, folder of .txt files or dataset name")
+    p.add_argument("--out", default=None, help="output model directory (default runs/<config name>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous run in --out")
+    p.add_argument("--init-from", default=None, help="start from this model's weights (fine-tuning)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+
+    p = sub.add_parser("data", help="list or fetch registered datasets")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    data_sub.add_parser("list", help="registered datasets")
+    g = data_sub.add_parser("get", help="download (or copy --from a local path) and verify a dataset")
+    g.add_argument("name")
+    g.add_argument("--from", dest="source", default=None, help="local file or folder holding the files")
+
+    p = sub.add_parser("eval", help="loss over a whole split, in consecutive windows")
+    p.add_argument("model")
+    p.add_argument("--data", required=True, help="dataset name, text file or folder")
+    p.add_argument("--split", choices=["val", "train", "all"], default="val")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="end with one JSON line")
+
+    p = sub.add_parser("playground", help="the Streamlit playground in a browser")
+    p.add_argument("--model", action="append", default=[], help="bundled model name or model directory (repeatable)")
+    p.add_argument("--api-url", default=None, help="use a running `quill serve` instead of loading models here")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8501)
     return parser
+
+
+def run_with_clear_errors(name: str, fn: Callable[[argparse.Namespace], int | None], args) -> int:
+    """Run a command; a user error becomes one line on stderr and exit code 2, not a traceback."""
+    try:
+        return fn(args) or 0
+    except _user_errors() as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        return 130
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return COMMANDS[args.command](args) or 0
-    except _user_errors() as e:
-        print(f"quill {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"quill {args.command}: interrupted", file=sys.stderr)
-        return 130
+    return run_with_clear_errors(f"quill {args.command}", COMMANDS[args.command], args)
 
 
 if __name__ == "__main__":

@@ -361,7 +361,13 @@ class Completion:
 def _completion(req: TextRequest, prompt: str) -> Completion:
     seq = req.seq
     return Completion(
-        prompt, req.text, seq.generated, len(seq.prompt), seq.finish_reason or "length", seq.logprobs, seq.prompt_truncated
+        prompt,
+        req.text,
+        seq.generated,
+        len(seq.prompt),
+        seq.finish_reason or "length",
+        seq.logprobs,
+        seq.prompt_truncated,
     )
 
 
@@ -395,8 +401,7 @@ def stream(model: GPT, tokenizer: TextTokenizer, prompt: str, params: SamplingPa
     decoder = Decoder(model, max_batch=1)
     decoder.add(req.seq)
     while decoder.active:
-        for _, token in decoder.step(lambda seq, token: pieces.append(req.push(token))):
-            pass
+        decoder.step(lambda seq, token: pieces.append(req.push(token)))
         yield from filter(None, pieces)
         pieces.clear()
     if tail := req.finish():

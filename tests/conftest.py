@@ -16,6 +16,9 @@ from quillgpt.tokenizer import CharTokenizer
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("QUILL_DATA_DIR", REPO.parent / "shared" / "data"))
 
+# Tiny models run fastest on one thread, and a second thread waiting on a busy core is slow.
+torch.set_num_threads(1)
+
 SAMPLE_TEXT = (
     "First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
     "All:\nSpeak, speak.\n\nFirst Citizen:\nYou are all resolved rather to die than to famish?\n"

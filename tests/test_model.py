@@ -9,8 +9,15 @@ from quillgpt.model import GPT, KVCache
 from tests.conftest import tiny_config
 
 MODERN = dict(
-    pos_emb="rope", norm="rmsnorm", norm_affine=False, qk_norm=True, activation="relu2",
-    logit_softcap=15.0, zero_init_proj=True, tie_embeddings=False, bias=False,
+    pos_emb="rope",
+    norm="rmsnorm",
+    norm_affine=False,
+    qk_norm=True,
+    activation="relu2",
+    logit_softcap=15.0,
+    zero_init_proj=True,
+    tie_embeddings=False,
+    bias=False,
 )
 VARIANTS = {
     "gpt2": {},
@@ -66,8 +73,14 @@ def test_param_count_counts_tied_weights_once():
 def test_matches_huggingface_gpt2():
     transformers = pytest.importorskip("transformers")
     hf_config = transformers.GPT2Config(
-        vocab_size=97, n_positions=32, n_embd=48, n_layer=3, n_head=4,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        vocab_size=97,
+        n_positions=32,
+        n_embd=48,
+        n_layer=3,
+        n_head=4,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
     )
     torch.manual_seed(0)
     hf = transformers.GPT2LMHeadModel(hf_config).eval()

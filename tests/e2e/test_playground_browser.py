@@ -1,0 +1,145 @@
+"""The playground in a real browser: Playwright drives Chromium (from apt) against `streamlit run`.
+
+Without /usr/bin/chromium the test skips, saying why, except under CI (CI=true), where it fails.
+To refresh the README's screenshot with a real model:
+    QUILL_SCREENSHOT_MODEL=shakespeare-char QUILL_SCREENSHOT_TO=docs/figures/playground.png \
+        .venv/bin/python -m pytest tests/e2e/test_playground_browser.py
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from quillgpt.playground import LocalBackend
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync"]  # fmt: skip
+PAGE = Path(__file__).resolve().parents[2] / "quillgpt" / "playground.py"
+
+pytestmark = pytest.mark.slow
+
+
+def require(ok: bool, reason: str) -> None:
+    if ok:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason} (CI must run the browser test: .ci/run installs Chromium with apt)")
+    pytest.skip(reason)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def chromium() -> Path:
+    """Checked before the server starts, so a machine without a browser skips at once."""
+    require(CHROMIUM.exists(), f"{CHROMIUM} not found: install Chromium (apt-get install chromium) for this test")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        require(False, "Python Playwright is not installed (pip install playwright)")
+    return CHROMIUM
+
+
+@pytest.fixture
+def model(tiny_model_dir) -> str:
+    return os.environ.get("QUILL_SCREENSHOT_MODEL") or str(tiny_model_dir)
+
+
+@pytest.fixture
+def playground_url(chromium, tmp_path, model) -> Iterator[str]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [
+        sys.executable, "-m", "streamlit", "run", str(PAGE),
+        "--server.headless=true", "--server.address=127.0.0.1", f"--server.port={port}",
+        "--browser.gatherUsageStats=false", "--server.fileWatcherType=none", "--client.toolbarMode=minimal",
+        "--", "--model", model,
+    ]  # fmt: skip
+    log_path = tmp_path / "streamlit.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"streamlit exited with {proc.returncode}:\n{log_path.read_text()}")
+            try:
+                if httpx.get(f"{url}/_stcore/health", timeout=1).text == "ok":
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"streamlit did not start within 60 s:\n{log_path.read_text()}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_type_prompt_generate_and_see_text(chromium, playground_url, model, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    prompt = LocalBackend([model]).card(model).default_prompt or "First"
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(chromium), headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 1100})
+            page.goto(playground_url)
+            box = page.get_by_label("Prompt")
+            box.wait_for(timeout=60_000)
+            box.fill(prompt)
+            box.press("Control+Enter")  # commit the text area's value before clicking
+            page.get_by_role("button", name="Generate").click()
+            page.get_by_text("finished").wait_for(timeout=60_000)
+
+            output = page.locator(".quill-output").first
+            tokens = output.locator(".quill-tok")
+            assert tokens.count() > 0
+            text = output.inner_text()
+            assert text.startswith(prompt) and len(text) > len(prompt)
+            assert "%" in (tokens.first.get_attribute("data-tip") or "")  # the alternatives' tooltip
+            assert page.locator('[data-testid="stException"]').count() == 0
+
+            tokens.nth(min(5, tokens.count() - 1)).hover()
+            shot = tmp_path / "playground.png"
+            page.screenshot(path=str(shot), full_page=True)
+            assert shot.stat().st_size > 10_000
+
+            # Stop: a long generation ends where it is, and keeps its text
+            max_new = page.get_by_role("spinbutton", name="Max new tokens")
+            max_new.fill("5000")
+            max_new.press("Enter")
+            page.get_by_role("button", name="Generate").click()
+            page.locator(".quill-cursor").wait_for()  # shown while text streams in
+            main = page.get_by_test_id("stMainBlockContainer")  # not Streamlit's own Stop in the header
+            main.get_by_role("button", name="Stop", exact=True).click()
+            page.get_by_text("Stopped — the text so far is kept.").wait_for(timeout=30_000)
+            kept = tokens.count()
+            assert 0 < kept < 5000
+            page.wait_for_timeout(1000)
+            assert tokens.count() == kept
+        finally:
+            browser.close()
+    if target := os.environ.get("QUILL_SCREENSHOT_TO"):
+        shutil.copyfile(shot, target)

@@ -1,0 +1,103 @@
+import json
+
+import pytest
+import torch
+
+from quillgpt.checkpoint import CheckpointError, load_model, load_weights, resolve_model_path, save_model
+from quillgpt.model import GPT
+from quillgpt.tokenizer import BPETokenizer
+from tests.conftest import tiny_config
+
+
+def test_round_trip_keeps_weights_tokenizer_and_provenance(tiny_model_dir, tiny_model, char_tokenizer):
+    loaded = load_model(tiny_model_dir)
+    for (k, a), (_, b) in zip(tiny_model.state_dict().items(), loaded.model.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert loaded.tokenizer.chars == char_tokenizer.chars
+    assert loaded.provenance == {"steps": 0}
+    assert not loaded.model.training
+    assert sorted(p.name for p in tiny_model_dir.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_untied_rope_model_and_bpe_tokenizer_round_trip(tmp_path):
+    tok = BPETokenizer.train(["some text to learn from " * 20], vocab_size=270)
+    model = GPT(tiny_config(vocab_size=tok.vocab_size, pos_emb="rope", tie_embeddings=False, norm="rmsnorm"))
+    save_model(tmp_path / "m", model, tok)
+    loaded = load_model(tmp_path / "m")
+    x = torch.randint(0, tok.vocab_size, (1, 8))
+    torch.testing.assert_close(loaded.model(x)[0], model.eval()(x)[0])
+    assert loaded.tokenizer.encode("some text") == tok.encode("some text")
+
+
+def test_legacy_pt_state_dict_loads_with_weights_only(tmp_path, tiny_model):
+    path = tmp_path / "legacy.pt"
+    torch.save(tiny_model.state_dict(), path)
+    fresh = GPT(tiny_model.config)
+    load_weights(fresh, path)
+    assert torch.equal(fresh.lm_head.weight, tiny_model.lm_head.weight)
+
+
+def test_pickle_that_runs_code_is_refused(tmp_path, tiny_model):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"model": Evil()}, path)
+    with pytest.raises(CheckpointError, match="cannot load weights"):
+        load_weights(GPT(tiny_model.config), path)
+
+
+def test_missing_and_corrupt_files_are_named(tiny_model_dir, tmp_path):
+    (tiny_model_dir / "model.safetensors").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_model(tiny_model_dir)
+    (tiny_model_dir / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="weights file not found: .*model.safetensors"):
+        load_model(tiny_model_dir)
+    (tiny_model_dir / "config.json").write_text("{ broken")
+    with pytest.raises(CheckpointError, match="config is corrupt: .*config.json"):
+        load_model(tiny_model_dir)
+    with pytest.raises(CheckpointError, match="no model directory or bundled model named 'nope'"):
+        load_model("nope")
+
+
+def test_weights_that_do_not_match_the_config(tmp_path, tiny_model, char_tokenizer):
+    save_model(tmp_path / "m", tiny_model, char_tokenizer)
+    cfg_path = tmp_path / "m" / "config.json"
+    data = json.loads(cfg_path.read_text())
+    data["model"]["n_embd"] = 32
+    cfg_path.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="cannot load weights|do not match"):
+        load_model(tmp_path / "m")
+    data["model"]["n_embd"] = 16
+    data["model"]["n_layer"] = 3
+    cfg_path.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="do not match the model config: missing"):
+        load_model(tmp_path / "m")
+    data["model"]["n_layer"] = 2
+    data["model"]["colour"] = "blue"
+    cfg_path.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="unknown model config key 'colour'"):
+        load_model(tmp_path / "m")
+
+
+def test_bundled_models_are_found_by_name(tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("QUILL_MODELS_DIR", str(tiny_model_dir.parent))
+    assert resolve_model_path("tiny") == tiny_model_dir
+    assert load_model("tiny").name == "tiny"
+
+
+def test_save_replaces_files_atomically(tmp_path, tiny_model, char_tokenizer, monkeypatch):
+    save_model(tmp_path / "m", tiny_model, char_tokenizer, provenance={"v": 1})
+    before = (tmp_path / "m" / "model.safetensors").read_bytes()
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("quillgpt.checkpoint.st_save_model", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_model(tmp_path / "m", GPT(tiny_model.config), char_tokenizer, provenance={"v": 2})
+    assert (tmp_path / "m" / "model.safetensors").read_bytes() == before
+    assert load_model(tmp_path / "m").provenance == {"v": 1}
+    assert [p.name for p in (tmp_path / "m").iterdir() if p.name.startswith(".")] == []

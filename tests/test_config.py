@@ -1,0 +1,84 @@
+import json
+
+import pytest
+
+from quillgpt.config import ConfigError, GPTConfig, load_train_config, parse_overrides, train_config_from_dict
+
+ORIGINAL = {  # the original QuillGPT's Shakespeare config, minus its 65-entry maps
+    "vocab_size": 65,
+    "batch_size": 32,
+    "block_size": 256,
+    "max_iters": 3000,
+    "eval_interval": 300,
+    "learning_rate": 3e-5,
+    "eval_iters": 50,
+    "n_embd": 384,
+    "n_head": 6,
+    "n_layer": 6,
+    "dropout": 0.3,
+}
+
+
+def test_original_keys_load():
+    cfg = train_config_from_dict(ORIGINAL)
+    assert cfg.batch_size == 32 and cfg.model.block_size == 256 and cfg.model.dropout == 0.3
+    assert cfg.vocab_size == 65 and cfg.learning_rate == 3e-5
+
+
+def test_typo_names_the_nearest_key():
+    with pytest.raises(ConfigError, match="unknown config key 'learning_rat'; did you mean 'learning_rate'"):
+        train_config_from_dict({**ORIGINAL, "learning_rat": 1e-3})
+    with pytest.raises(ConfigError, match="unknown config key 'zzz'$"):
+        train_config_from_dict({"zzz": 1})
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("batch_size", 0, "batch_size must be >= 1"),
+        ("batch_size", "8", "batch_size has an invalid value"),
+        ("learning_rate", -1, "learning_rate must be > 0"),
+        ("lr_schedule", "exp", "lr_schedule has an invalid value 'exp'"),
+        ("n_head", 5, "not divisible"),
+        ("optimizer", "sgd", "optimizer"),
+        ("val_fraction", 1.0, "val_fraction"),
+        ("compile", "yes", "compile"),
+    ],
+)
+def test_bad_values(key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        train_config_from_dict({**ORIGINAL, key: value})
+
+
+def test_overrides_and_file(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(ORIGINAL))
+    cfg = load_train_config(path, ["max_iters=10", "compile=true", "data_path=foo.txt", "pos_emb=rope"])
+    assert cfg.max_iters == 10 and cfg.compile is True and cfg.data_path == "foo.txt"
+    assert cfg.model.pos_emb == "rope"
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["max_iters"])
+    with pytest.raises(ConfigError, match="did you mean 'max_iters'"):
+        load_train_config(path, ["max_iter=3"])
+
+
+def test_unreadable_config_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_train_config(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{oops")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_train_config(tmp_path / "bad.json")
+    (tmp_path / "list.json").write_text("[1]")
+    with pytest.raises(ConfigError, match="JSON object"):
+        load_train_config(tmp_path / "list.json")
+
+
+def test_round_trip_through_flat_dict():
+    cfg = train_config_from_dict({**ORIGINAL, "pos_emb": "rope", "optimizer": "muon"})
+    again = train_config_from_dict(cfg.to_dict())
+    assert again == cfg
+
+
+def test_int_given_for_float_is_accepted():
+    assert GPTConfig(dropout=0).dropout == 0.0
+    assert isinstance(train_config_from_dict({"learning_rate": 1}).learning_rate, float)

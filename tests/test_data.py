@@ -1,0 +1,124 @@
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+
+from quillgpt.data import (
+    REGISTRY,
+    DataError,
+    get_batch,
+    get_dataset,
+    load_text,
+    read_text,
+    resolve_data,
+    sequential_windows,
+    split_text,
+    tokenize_splits,
+)
+from quillgpt.tokenizer import CharTokenizer
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("QUILL_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def test_latin1_file_is_decoded_with_a_warning_naming_it(shared_data):
+    path = shared_data / "gutenberg" / "shakespeare-caesar.txt"
+    with pytest.warns(UserWarning, match="shakespeare-caesar.txt is not valid UTF-8"):
+        text = read_text(path)
+    assert "Caesar" in text and "\ufffd" not in text
+
+
+def test_crlf_is_normalised(shared_data):
+    path = shared_data / "gutenberg" / "melville-moby_dick.txt"
+    assert b"\r\n" in path.read_bytes()[:2000]
+    text = read_text(path)
+    assert "\r" not in text and "Call me Ishmael" in text
+
+
+def test_standard_split_is_first_90_percent(shared_data):
+    text = load_text(shared_data / "tinyshakespeare" / "input.txt")
+    train, val = split_text(text)
+    assert len(text) == 1115394 and len(train) == 1003854 and train + val == text
+
+
+def test_registry_takes_a_local_copy_and_verifies_it(shared_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("QUILL_DATA_DIR", str(tmp_path / "empty"))
+    with pytest.raises(DataError, match="run `quill data get tinyshakespeare`"):
+        get_dataset("tinyshakespeare", download=False)
+    folder = get_dataset("tinyshakespeare", source=shared_data)
+    cached = folder / "input.txt"
+    assert hashlib.sha256(cached.read_bytes()).hexdigest() == REGISTRY["tinyshakespeare"].files[0].sha256
+    assert get_dataset("tinyshakespeare", download=False) == folder  # now served from the cache
+    bad = tmp_path / "bad" / "tinyshakespeare"
+    bad.mkdir(parents=True)
+    (bad / "input.txt").write_text("not shakespeare")
+    with pytest.raises(DataError, match="does not match the registered sha256"):
+        get_dataset("tinyshakespeare", source=tmp_path / "bad")
+    with pytest.raises(DataError, match="unknown dataset 'shakespear'"):
+        get_dataset("shakespear")
+
+
+def test_names_resolve_through_the_data_dir(shared_data, monkeypatch):
+    monkeypatch.setenv("QUILL_DATA_DIR", str(shared_data))
+    files = resolve_data("gutenberg")
+    assert len(files) == 13
+    with pytest.warns(UserWarning, match="caesar"):
+        text = load_text("gutenberg")
+    assert "Ishmael" in text and "Hamlet" in text
+
+
+def test_folders_and_bad_sources(tmp_path):
+    (tmp_path / "a.txt").write_text("alpha\n")
+    (tmp_path / "b.txt").write_text("beta\n")
+    (tmp_path / "skip.md").write_text("not text")
+    assert load_text(tmp_path) == "alpha\n\nbeta"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="holds no .txt files"):
+        load_text(tmp_path / "empty")
+    (tmp_path / "empty" / "blank.txt").write_text("\n\n")
+    with pytest.raises(DataError, match="is empty"):
+        load_text(tmp_path / "empty")
+    with pytest.raises(DataError, match="data not found"):
+        load_text(tmp_path / "nowhere.txt")
+
+
+def test_tokens_are_cached_by_content(tmp_path):
+    text = "hello world, " * 200
+    tok = CharTokenizer.from_text(text)
+    first = tokenize_splits(text, tok)
+    assert isinstance(first.train, np.memmap) and first.train.dtype == np.uint16
+    assert tok.decode(first.train.tolist()) + tok.decode(first.val.tolist()) == text
+    mtime = (tmp_path / "cache").stat().st_mtime_ns
+    files = sorted((tmp_path / "cache" / "tokens").rglob("*.bin"))
+    stamps = [f.stat().st_mtime_ns for f in files]
+    again = tokenize_splits(text, tok)
+    assert [f.stat().st_mtime_ns for f in files] == stamps and np.array_equal(again.val, first.val)
+    other = tokenize_splits(text + "!", CharTokenizer.from_text(text + "!"))
+    assert (
+        len(list((tmp_path / "cache" / "tokens").iterdir())) == 2 and mtime and other.data_sha256 != first.data_sha256
+    )
+
+
+def test_batches_are_shifted_windows():
+    data = np.arange(100, dtype=np.uint16)
+    g = torch.Generator().manual_seed(0)
+    x, y = get_batch(data, 4, 8, g)
+    assert x.shape == y.shape == (4, 8)
+    assert torch.equal(y[:, :-1], x[:, 1:]) and torch.equal(y[:, -1], x[:, -1] + 1)
+    full = get_batch(data, 4, 8, torch.Generator().manual_seed(0))[0]
+    half = get_batch(data, 4, 8, torch.Generator().manual_seed(0), rows=slice(2, 4))[0]
+    assert torch.equal(full[2:], half)
+    with pytest.raises(DataError, match="cannot fill one window"):
+        get_batch(data[:8], 1, 8, g)
+
+
+def test_sequential_windows_score_every_token_once():
+    data = np.arange(50, dtype=np.uint16)
+    targets = []
+    for x, y in sequential_windows(data, block_size=8, batch_size=3):
+        assert x.shape[1] <= 8
+        targets += y[y >= 0].tolist()
+    assert targets == list(range(1, 50))

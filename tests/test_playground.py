@@ -1,0 +1,344 @@
+"""The playground page through Streamlit's AppTest (widgets, generation, errors), and its backends."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+from streamlit.testing.v1 import AppTest
+
+import quillgpt.checkpoint as checkpoint
+from quillgpt import playground
+from quillgpt.checkpoint import LoadedModel, save_model
+from quillgpt.generate import SamplingParams, generate
+from quillgpt.playground import (
+    ApiBackend,
+    BackendError,
+    LocalBackend,
+    Result,
+    TokenView,
+    default_prompt,
+    parse_stop_strings,
+    read_settings,
+    render_tokens,
+)
+
+APP = Path(__file__).resolve().parent.parent / "app.py"
+
+
+@pytest.fixture(autouse=True)
+def isolated(monkeypatch, tmp_path):
+    """No bundled models, no settings from the environment or pytest's own arguments."""
+    monkeypatch.setattr(checkpoint, "REPO_MODELS_DIR", tmp_path / "no-bundled-models")
+    monkeypatch.delenv("QUILL_MODELS_DIR", raising=False)
+    monkeypatch.delenv("QUILL_PLAYGROUND_MODELS", raising=False)
+    monkeypatch.delenv("QUILL_API_URL", raising=False)
+    monkeypatch.setattr("sys.argv", [str(APP)])
+
+
+def app(monkeypatch, models: list[Path | str] = (), api_url: str | None = None) -> AppTest:
+    if models:
+        monkeypatch.setenv("QUILL_PLAYGROUND_MODELS", ":".join(str(m) for m in models))
+    if api_url:
+        monkeypatch.setenv("QUILL_API_URL", api_url)
+    return AppTest.from_file(str(APP), default_timeout=30).run()
+
+
+def errors(at: AppTest) -> list[str]:
+    return [e.value for e in at.error]
+
+
+def generated(at: AppTest, side: str = "a") -> Result:
+    return at.session_state[f"result_{side}"]
+
+
+# --- the page ---------------------------------------------------------------------------------------
+
+
+def test_widgets_present(monkeypatch, tiny_model_dir):
+    at = app(monkeypatch, [tiny_model_dir])
+    assert not at.exception and not errors(at)
+    assert at.selectbox(key="model_a").value == str(tiny_model_dir)
+    for key in ("temperature_a", "top_k_a", "top_p_a", "max_new_tokens_a", "repetition_penalty_a"):
+        assert at.number_input(key=key) is not None
+    assert at.text_input(key="seed_a").value == ""
+    assert at.text_area(key="stop_a") is not None
+    assert at.text_area(key="prompt").value == ""  # no default prompt for this model
+    assert at.button(key="generate").label == "Generate"
+    assert at.button(key="stop").label == "Stop"
+    assert not at.toggle(key="compare").value
+    # the card: parameters and facts in the sidebar
+    assert any(m.label == "Parameters" for m in at.sidebar.metric)
+    assert any("Tokenizer" in m.value for m in at.sidebar.markdown)
+
+
+def test_generate_streams_coloured_tokens(monkeypatch, tiny_model_dir):
+    at = app(monkeypatch, [tiny_model_dir])
+    at.text_area(key="prompt").input("First")
+    at.number_input(key="max_new_tokens_a").set_value(24)
+    at.text_input(key="seed_a").input("7")
+    at.button(key="generate").click().run()
+    assert not at.exception and not errors(at)
+    res = generated(at)
+    assert res.status == "done" and res.finish_reason == "length"
+    assert len(res.tokens) == 24 and res.text == "".join(t.text for t in res.tokens)
+    assert all(0 < t.prob <= 1 and len(t.top) == playground.TOP_ALTERNATIVES for t in res.tokens)
+    html = "".join(h.value for h in at.html)
+    assert html.count('class="quill-tok"') == 24 and "First" in html
+    assert any("finished" in c.value for c in at.caption)
+    # the same seed through quillgpt.generate gives the same text
+    loaded = checkpoint.load_model(tiny_model_dir)
+    params = SamplingParams(max_new_tokens=24, temperature=0.8, seed=7)
+    assert res.text == generate(loaded.model, loaded.tokenizer, "First", params)[0].text
+
+
+def test_stop_string_ends_text(monkeypatch, tiny_model_dir):
+    at = app(monkeypatch, [tiny_model_dir])
+    at.text_area(key="prompt").input("First")
+    at.number_input(key="temperature_a").set_value(0.0)
+    at.button(key="generate").click().run()
+    first = generated(at).text
+    stop = first[5:7]
+    at.text_area(key="stop_a").input(stop)
+    at.button(key="generate").click().run()
+    res = generated(at)
+    assert res.finish_reason == "stop" and res.text == first[: first.index(stop)]
+    html = "".join(h.value for h in at.html)
+    assert html.count('class="quill-tok"') == len(res.text)  # the stop string's tokens are not shown
+
+
+def test_shakespeare_default_prompt_and_prompt_outside_vocabulary(monkeypatch, tmp_path, tiny_model, char_tokenizer):
+    directory = save_model(tmp_path / "shakespeare-char-tiny", tiny_model, char_tokenizer)
+    at = app(monkeypatch, [directory])
+    assert at.text_area(key="prompt").value == "ROMEO:"
+    at.button(key="generate").click().run()  # the tiny vocabulary has no R, O, M or E
+    assert not at.exception
+    assert any("does not fit this model's vocabulary" in e for e in errors(at))
+
+
+@pytest.mark.parametrize(
+    "widget, key, value, message",
+    [
+        ("number_input", "top_p_a", 0.0, "top_p must be in (0, 1]"),
+        ("number_input", "repetition_penalty_a", 0.0, "repetition_penalty must be > 0"),
+        ("text_input", "seed_a", "abc", "seed must be a whole number"),
+    ],
+)
+def test_bad_settings_show_a_message(monkeypatch, tiny_model_dir, widget, key, value, message):
+    at = app(monkeypatch, [tiny_model_dir])
+    w = getattr(at, widget)(key=key)
+    (w.set_value(value) if widget == "number_input" else w.input(value)).run()
+    assert not at.exception
+    assert any(message in e for e in errors(at))
+    at.button(key="generate").click().run()
+    assert any("Fix the problems above" in e for e in errors(at))
+    assert "result_a" not in at.session_state
+
+
+def test_missing_model_shows_a_message(monkeypatch, tmp_path):
+    at = app(monkeypatch, [tmp_path / "no-such-model"])
+    assert not at.exception
+    (message,) = errors(at)
+    assert "Cannot load model" in message and "no-such-model" in message
+
+
+def test_no_model_explains_how_to_add_one(monkeypatch, tiny_model_dir):
+    at = app(monkeypatch)
+    assert not at.exception and not errors(at)
+    assert "No model to run yet" in at.info[0].value
+    at.text_input(key="new_model_dir").input(str(tiny_model_dir))
+    at.sidebar.button[0].click().run()
+    assert at.selectbox(key="model_a").value == str(tiny_model_dir)
+
+
+def test_compare_mode_runs_two_settings_side_by_side(monkeypatch, tiny_model_dir):
+    at = app(monkeypatch, [tiny_model_dir])
+    at.toggle(key="compare").set_value(True).run()
+    assert at.selectbox(key="model_b").value == str(tiny_model_dir)
+    at.text_area(key="prompt").input("First")
+    at.number_input(key="temperature_a").set_value(0.0)
+    at.number_input(key="max_new_tokens_a").set_value(10)
+    at.number_input(key="max_new_tokens_b").set_value(15)
+    at.text_input(key="seed_b").input("3")
+    at.button(key="generate").click().run()
+    assert not at.exception and not errors(at)
+    a, b = generated(at, "a"), generated(at, "b")
+    assert (len(a.tokens), len(b.tokens)) == (10, 15)
+    assert a.settings == "greedy" and b.settings == "temperature 0.8 · seed 3"
+
+
+def test_interrupted_generation_is_kept_as_stopped(monkeypatch, tiny_model_dir):
+    at = app(monkeypatch, [tiny_model_dir])
+    at.session_state["result_a"] = Result(str(tiny_model_dir), "Fi", "greedy", "rst", [TokenView("rst", 0.5)])
+    at.button(key="stop").click().run()
+    assert generated(at).status == "stopped"
+    assert any("Stopped" in i.value for i in at.info)
+
+
+def test_unreachable_api_shows_a_message(monkeypatch):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    at = app(monkeypatch, api_url=f"http://127.0.0.1:{port}")
+    assert not at.exception
+    (message,) = errors(at)
+    assert "Cannot reach the QuillGPT API" in message and str(port) in message
+
+
+# --- the API backend against a fake OpenAI-compatible server ---------------------------------------
+
+
+def fake_server(requests: list[dict], url: str = "http://localhost:8000") -> httpx.Client:
+    """An httpx client whose requests a fake OpenAI-compatible QuillGPT server answers."""
+
+    def chunk(text, lp, top, finish=None):
+        logprobs = {"tokens": [text], "token_logprobs": [lp], "top_logprobs": [top], "text_offset": [0]}
+        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
+        return f"data: {json.dumps({'object': 'text_completion', 'choices': [choice]})}\n\n"
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            card = {
+                "id": "shakespeare-char",
+                "object": "model",
+                "parameters": 10_000_000,
+                "context_length": 256,
+                "vocab_size": 65,
+                "tokenizer": "char",
+                "provenance": {"dataset": "tinyshakespeare", "val_loss": 1.47},
+            }
+            return httpx.Response(200, json={"object": "list", "data": [card]})
+        body = json.loads(request.content)
+        requests.append(body)
+        if body["model"] != "shakespeare-char":
+            return httpx.Response(404, json={"error": {"message": f"model {body['model']!r} not found"}})
+        sse = chunk("Hi", -0.1, {"Hi": -0.1, "Ho": -2.5}) + chunk(" <b>", -1.2, {" <b>": -1.2}, "length")
+        return httpx.Response(200, text=sse + "data: [DONE]\n\n", headers={"content-type": "text/event-stream"})
+
+    return httpx.Client(base_url=url, transport=httpx.MockTransport(handle))
+
+
+def test_api_backend_streams_text_and_logprobs():
+    sent: list[dict] = []
+    backend = ApiBackend("localhost:8000/v1/", client=fake_server(sent))
+    assert backend.url == "http://localhost:8000"
+    assert backend.models() == ["shakespeare-char"]
+    card = backend.card("shakespeare-char")
+    assert card.parameters == 10_000_000 and card.default_prompt == "ROMEO:"
+    assert card.facts == {
+        "Training data": "tinyshakespeare",
+        "Val loss": "1.4700",
+        "Tokenizer": "char, 65 tokens",
+        "Context": "256 tokens",
+    }
+    params = SamplingParams(max_new_tokens=2, top_k=5, repetition_penalty=1.2, stop=("\n\n",), seed=1)
+    chunks = list(backend.stream("shakespeare-char", "ROMEO:", params))
+    assert "".join(c.text for c in chunks) == "Hi <b>" and chunks[-1].finish_reason == "length"
+    first = chunks[0].tokens[0]
+    assert first.text == "Hi" and first.prob == pytest.approx(0.905, abs=1e-3) and first.top[1][0] == "Ho"
+    assert sent[0] == {
+        "model": "shakespeare-char", "prompt": "ROMEO:", "max_tokens": 2, "temperature": 1.0, "top_p": 1.0,
+        "stream": True, "logprobs": 5, "stop": ["\n\n"], "seed": 1, "top_k": 5, "repetition_penalty": 1.2,
+    }  # fmt: skip
+    with pytest.raises(BackendError, match="404: model 'nope' not found"):
+        list(backend.stream("nope", "x", params))
+
+
+def test_page_in_api_mode(monkeypatch):
+    client = fake_server([], "http://quill.test")
+    monkeypatch.setattr(playground, "_api_backend", lambda url: ApiBackend(url, client=client))
+    at = app(monkeypatch, api_url="http://quill.test")
+    assert not at.exception and not errors(at)
+    assert at.text_area(key="prompt").value == "ROMEO:"
+    at.button(key="generate").click().run()
+    assert generated(at).text == "Hi <b>"
+    html = "".join(h.value for h in at.html)
+    assert " &lt;b&gt;" in html and "<b>" not in html
+
+
+def test_api_backend_against_quill_serve(tiny_model, char_tokenizer):
+    """The real server, in-process: the API backend streams what the local one would."""
+    serve_app = pytest.importorskip("quillgpt.serve.app")
+    from fastapi.testclient import TestClient
+
+    loaded = LoadedModel(tiny_model, char_tokenizer, Path("tiny"), provenance={"steps": 3, "dataset": "shakespeare"})
+    params = SamplingParams(max_new_tokens=20, temperature=0.9, top_k=8, repetition_penalty=1.3, seed=5)
+    local = list(LocalBackend(["tiny"], loader=lambda name: loaded).stream("tiny", "First", params))
+    with TestClient(serve_app.create_app(models={"tiny": loaded})) as client:
+        backend = ApiBackend("http://testserver", client=client)
+        assert backend.models() == ["tiny"]
+        card = backend.card("tiny")
+        assert card.parameters == tiny_model.num_params() and card.default_prompt == "ROMEO:"
+        remote = list(backend.stream("tiny", "First", params))
+        with pytest.raises(BackendError, match="vocabulary"):
+            list(backend.stream("tiny", "First ü", params))
+    text = "".join(c.text for c in local)
+    assert "".join(c.text for c in remote) == text and len(text) == 20
+    local_tokens = [t for c in local for t in c.tokens]
+    remote_tokens = [t for c in remote for t in c.tokens]
+    assert [t.text for t in remote_tokens] == [t.text for t in local_tokens]
+    assert [t.prob for t in remote_tokens] == pytest.approx([t.prob for t in local_tokens], rel=1e-4)
+    (r_alts, r_probs), (l_alts, l_probs) = zip(*remote_tokens[3].top), zip(*local_tokens[3].top)
+    assert r_alts == l_alts and r_probs == pytest.approx(l_probs, rel=1e-4)
+
+
+# --- pieces -----------------------------------------------------------------------------------------
+
+
+def test_render_tokens_escapes_and_trims_to_the_text():
+    tokens = [TokenView("<a", 0.9, [("<a", 0.9), ('"', 0.05)]), TokenView("\n", 0.2), TokenView("STOP", 0.5)]
+    out = render_tokens("<p>", "<a\n", tokens)
+    assert out.count('class="quill-tok"') == 2 and "STOP" not in out
+    assert "&lt;p&gt;" in out and "&lt;a" in out and "<a" not in out and "<p>" not in out
+    assert "&quot;" in out  # an alternative's quote inside the tooltip attribute
+    assert "↵" in out
+
+
+def test_parse_stop_strings():
+    assert parse_stop_strings("\\n\\n\nTHE END\n\n a\\\\b ") == ("\n\n", "THE END", " a\\b ")
+
+
+def test_read_settings_from_arguments_then_environment():
+    env = {"QUILL_PLAYGROUND_MODELS": "a:b", "QUILL_API_URL": "http://x"}
+    assert read_settings([], env) == playground.PlaygroundSettings(["a", "b"], "http://x")
+    args = ["--model", "m1", "--model", "m2", "--api-url", "http://y", "--other"]
+    assert read_settings(args, env) == playground.PlaygroundSettings(["m1", "m2"], "http://y")
+
+
+def test_default_prompt():
+    assert default_prompt("shakespeare-char", {}) == "ROMEO:"
+    assert default_prompt("run7", {"dataset": "tinyshakespeare"}) == "ROMEO:"
+    assert default_prompt("stories", {"default_prompt": "Once upon a time"}) == "Once upon a time"
+    assert default_prompt("stories", {}) == ""
+
+
+def test_local_backend_card(tiny_model_dir, tiny_model):
+    (tiny_model_dir / "README.md").write_text("# tiny\n")
+    card = LocalBackend([str(tiny_model_dir)]).card(str(tiny_model_dir))
+    assert card.parameters == tiny_model.num_params() and card.description == "# tiny\n"
+    assert card.facts["Training steps"] == "0" and card.loss_curve is None
+
+
+def test_launch_runs_streamlit_headless(monkeypatch, capsys, tiny_model_dir):
+    seen = {}
+
+    class FakePopen:
+        def __init__(self, cmd):
+            seen["cmd"] = cmd
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(subprocess, "Popen", FakePopen)
+    assert playground.launch([str(tiny_model_dir), "shakespeare-char"], "http://api", "0.0.0.0", 8123) == 0
+    cmd = seen["cmd"]
+    assert cmd[1:4] == ["-m", "streamlit", "run"] and cmd[4].endswith("playground.py")
+    assert {"--server.headless=true", "--server.address=0.0.0.0", "--server.port=8123"} <= set(cmd)
+    assert cmd[cmd.index("--") :] == [
+        "--", "--model", str(tiny_model_dir), "--model", "shakespeare-char", "--api-url", "http://api"
+    ]  # fmt: skip
+    assert "http://localhost:8123" in capsys.readouterr().out

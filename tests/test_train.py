@@ -1,0 +1,232 @@
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from quillgpt.checkpoint import load_model, save_model
+from quillgpt.config import train_config_from_dict
+from quillgpt.model import GPT
+from quillgpt.tokenizer import CharTokenizer
+from quillgpt.train import TrainError, lr_factor, read_metrics, train
+from tests.conftest import REPO, SAMPLE_TEXT, tiny_config
+
+TINY = dict(
+    batch_size=8,
+    block_size=16,
+    n_layer=2,
+    n_head=2,
+    n_embd=32,
+    eval_iters=2,
+    learning_rate=3e-3,
+    warmup_iters=2,
+    dropout=0.1,
+)
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("QUILL_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def text_file(tmp_path) -> Path:
+    path = tmp_path / "text.txt"
+    path.write_text(SAMPLE_TEXT * 30)
+    return path
+
+
+def config(**kw):
+    return train_config_from_dict({**TINY, **kw})
+
+
+def test_tiny_model_overfits_small_text(text_file, tmp_path):
+    s = train(
+        config(max_iters=150, eval_interval=50, dropout=0.0, learning_rate=1e-2, n_embd=48),
+        tmp_path / "run",
+        data=text_file,
+        progress=False,
+    )
+    assert s.steps == 150 and s.tokens == 150 * 8 * 16
+    assert s.last_train_loss < 0.8 and s.best_val_loss < 0.8  # from ln(27) = 3.3 at the start
+    loaded = load_model(tmp_path / "run")
+    assert loaded.provenance["val_loss"] == round(s.best_val_loss, 4)
+    assert {"metrics.jsonl", "loss.png", "train_config.json", "last"} <= {p.name for p in (tmp_path / "run").iterdir()}
+    steps, evals = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert len(steps) == 150 and [e["step"] for e in evals] == [50, 100, 150]
+
+
+def test_muon_trains_too(text_file, tmp_path):
+    cfg = config(
+        max_iters=60,
+        eval_interval=60,
+        optimizer="muon",
+        pos_emb="rope",
+        norm="rmsnorm",
+        norm_affine=False,
+        qk_norm=True,
+        activation="relu2",
+        zero_init_proj=True,
+        tie_embeddings=False,
+        logit_softcap=15.0,
+        lr_schedule="trapezoid",
+    )
+    s = train(cfg, tmp_path / "run", data=text_file, progress=False)
+    assert s.best_val_loss < 2.0
+
+
+def test_resume_continues_exactly(text_file, tmp_path):
+    cfg = config(max_iters=30, eval_interval=10)
+    train(cfg, tmp_path / "straight", data=text_file, progress=False)
+
+    stop = threading.Event()
+    first = train(
+        cfg,
+        tmp_path / "split",
+        data=text_file,
+        progress=False,
+        stop=stop,
+        on_step=lambda step, loss: stop.set() if step == 15 else None,
+    )
+    assert first.interrupted and first.steps == 15
+    second = train(cfg, tmp_path / "split", data=text_file, progress=False, resume=True)
+    assert second.steps == 30 and not second.interrupted
+    a, _ = read_metrics(tmp_path / "straight" / "metrics.jsonl")
+    b, _ = read_metrics(tmp_path / "split" / "metrics.jsonl")
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    wa = load_model(tmp_path / "straight" / "last").model.state_dict()
+    wb = load_model(tmp_path / "split" / "last").model.state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_output_dir_holding_a_run_is_refused(text_file, tmp_path):
+    train(config(max_iters=4, eval_interval=4), tmp_path / "run", data=text_file, progress=False)
+    with pytest.raises(TrainError, match="already holds a run; use --resume .* or --overwrite"):
+        train(config(max_iters=4, eval_interval=4), tmp_path / "run", data=text_file, progress=False)
+    s = train(config(max_iters=2, eval_interval=2), tmp_path / "run", data=text_file, progress=False, overwrite=True)
+    assert s.steps == 2 and len(read_metrics(tmp_path / "run" / "metrics.jsonl")[0]) == 2
+    with pytest.raises(TrainError, match="different model shape \\(n_embd\\)"):
+        train(config(max_iters=4, n_embd=64), tmp_path / "run", data=text_file, progress=False, resume=True)
+    with pytest.raises(TrainError, match="nothing to resume"):
+        train(config(), tmp_path / "fresh", data=text_file, progress=False, resume=True)
+
+
+@pytest.mark.parametrize(
+    "content, kw, message",
+    [
+        (None, {}, "data not found"),
+        ("", {}, "is empty"),
+        ("abc", {}, "too short for block_size"),
+        ("x" * 170, {}, "validation split has 17 tokens: too short"),
+        ("hello there " * 50, {"vocab_size": 65}, "vocab_size is 65 but the tokenizer has"),
+    ],
+)
+def test_bad_data_is_refused_before_training(tmp_path, content, kw, message):
+    path = tmp_path / "data.txt"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(TrainError, match=message):
+        train(config(**kw), tmp_path / "out", data=path, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_path_that_is_a_file(text_file, tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(TrainError, match="not a directory"):
+        train(config(), tmp_path / "file", data=text_file, progress=False)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_unwritable_output_dir(text_file, tmp_path):
+    (tmp_path / "ro").mkdir(mode=0o500)
+    with pytest.raises(TrainError, match="not writable"):
+        train(config(), tmp_path / "ro" / "out", data=text_file, progress=False)
+
+
+def test_fine_tuning_reuses_the_tokenizer_and_names_unseen_characters(text_file, tmp_path):
+    tok = CharTokenizer.from_text(SAMPLE_TEXT)
+    torch.manual_seed(0)
+    base = GPT(tiny_config(vocab_size=tok.vocab_size, n_embd=32))
+    save_model(tmp_path / "base", base, tok)
+    s = train(
+        config(max_iters=5, eval_interval=5),
+        tmp_path / "ft",
+        data=text_file,
+        init_from=tmp_path / "base",
+        progress=False,
+    )
+    assert s.steps == 5 and load_model(tmp_path / "ft").tokenizer.chars == tok.chars
+    other = tmp_path / "other.txt"
+    other.write_text(SAMPLE_TEXT * 10 + "Zounds! #42")
+    with pytest.raises(TrainError, match="cannot encode: '!', '#', '2', '4', 'Z'"):
+        train(config(), tmp_path / "ft2", data=other, init_from=tmp_path / "base", progress=False)
+
+
+def test_schedules():
+    cfg = config(warmup_iters=10, learning_rate=1.0, min_lr=0.1)
+    assert lr_factor(cfg, 0, 0.0) == pytest.approx(1 / 11)
+    assert lr_factor(cfg, 10, 0.0) == pytest.approx(1.0)
+    assert lr_factor(cfg, 500, 1.0) == pytest.approx(0.1)
+    assert lr_factor(cfg, 500, 0.5) == pytest.approx(0.55)
+    trap = config(lr_schedule="trapezoid", decay_frac=0.4, learning_rate=1.0, min_lr=0.0)
+    assert lr_factor(trap, 100, 0.5) == 1.0 and lr_factor(trap, 100, 0.8) == pytest.approx(0.5)
+
+
+DDP_SCRIPT = """
+import sys, torch
+torch.set_num_threads(1)
+import torch.distributed as dist
+from quillgpt.config import train_config_from_dict
+from quillgpt.train import train
+import quillgpt.train as t
+
+cfg = train_config_from_dict({cfg!r})
+captured = {{}}
+real_destroy = dist.destroy_process_group
+def keep_params():
+    captured["params"] = [p.detach().clone() for p in t._last_model.parameters()]
+    real_destroy()
+dist.destroy_process_group = keep_params
+orig_build = t.build_optimizers
+def build(model, c):
+    t._last_model = model
+    return orig_build(model, c)
+t.build_optimizers = build
+train(cfg, sys.argv[1], data=sys.argv[2], progress=False)
+torch.save(captured["params"], sys.argv[1] + f"-rank{{int(__import__('os').environ['RANK'])}}.pt")
+"""
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_single_process(text_file, tmp_path):
+    per_rank = {**TINY, "batch_size": 4, "max_iters": 12, "eval_interval": 12, "dropout": 0.0}
+    script = tmp_path / "ddp_train.py"
+    script.write_text(DDP_SCRIPT.format(cfg=per_rank))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(script),
+        str(tmp_path / "ddp"),
+        str(text_file),
+    ]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"ddp-rank{r}.pt") for r in (0, 1))
+    assert all(torch.equal(a, b) for a, b in zip(r0, r1))  # replicas never drift apart
+
+    single = train(config(**{**per_rank, "batch_size": 8}), tmp_path / "single", data=text_file, progress=False)
+    ddp_steps, _ = read_metrics(tmp_path / "ddp" / "metrics.jsonl")
+    one_steps, _ = read_metrics(tmp_path / "single" / "metrics.jsonl")
+    # Same global batches; only the order of float additions differs (gradients averaged across ranks).
+    for a, b in zip(ddp_steps, one_steps):
+        assert a["loss"] == pytest.approx(b["loss"], abs=2e-3)
+    assert single.steps == len(ddp_steps) == 12
+    assert json.loads((tmp_path / "ddp" / "config.json").read_text())["provenance"]["steps"] == 12
