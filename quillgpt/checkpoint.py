@@ -155,6 +155,13 @@ def read_model_config(directory: str | Path) -> dict[str, Any]:
     return data
 
 
+def update_provenance(directory: str | Path, **values: Any) -> None:
+    """Add facts (such as a final evaluation) to a saved model's provenance."""
+    data = read_model_config(directory)
+    data["provenance"] = {**data.get("provenance", {}), **values}
+    write_text_atomic(Path(directory) / CONFIG_FILE, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
 def load_model(name_or_path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
     """Load a model directory (or bundled model by name) with its tokenizer, in eval mode."""
     directory = resolve_model_path(name_or_path)

@@ -148,6 +148,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     s = train(cfg, out, data=args.data, resume=args.resume, overwrite=args.overwrite, init_from=args.init_from)
     if int(os.environ.get("RANK", "0")) == 0:
         best = f"{s.best_val_loss:.4f}" if s.best_val_loss is not None else "n/a"
+        if s.full_val_loss is not None:
+            best += f" (whole val split: {s.full_val_loss:.4f})"
         mfu = f", MFU {s.mfu:.1%}" if s.mfu is not None else ""
         state = "interrupted; resume with --resume" if s.interrupted else "done"
         print(

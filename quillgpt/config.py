@@ -125,6 +125,8 @@ class TrainConfig:
     """Evaluate (and checkpoint) every this many steps."""
     eval_iters: int = 200
     """Batches per split in each evaluation (fixed, deterministic batches)."""
+    final_eval: bool = True
+    """At the end, score the best checkpoint on the whole validation split (as `quill eval` does)."""
     learning_rate: float = 1e-3
     """Peak learning rate of AdamW (for all parameters, or those Muon does not handle)."""
     min_lr: float = 0.0

@@ -36,11 +36,13 @@ from quillgpt.checkpoint import (
     read_model_config,
     save_model,
     save_torch_atomic,
+    update_provenance,
     write_text_atomic,
 )
 from quillgpt.config import TrainConfig, train_config_from_dict
 from quillgpt.data import DataError, TokenSplits, get_batch, get_dataset, load_text, split_text, tokenize_splits
 from quillgpt.device import resolve_device
+from quillgpt.evaluate import evaluate_ids
 from quillgpt.model import GPT
 from quillgpt.tokenizer import BPETokenizer, CharTokenizer, TokenizerError, tokenizer_from_spec
 
@@ -64,6 +66,8 @@ class TrainSummary:
     last_train_loss: float | None
     mfu: float | None
     interrupted: bool = False
+    full_val_loss: float | None = None
+    """Loss of the best model over the whole validation split (when `final_eval` is on)."""
 
 
 # ---------------------------------------------------------------- optimizers and schedule
@@ -445,9 +449,13 @@ def train(
             restore_signals()
     if interrupted:
         save(loss_value)
-    if metrics is not None:
-        metrics.close()
     wall = elapsed()
+    full_val = None
+    if metrics is not None:
+        if not interrupted and cfg.final_eval and best_val is not None:
+            full_val = _final_eval(out, splits, device)
+            metrics.write(json.dumps({"step": step, "final_eval": full_val, "time_s": round(wall, 2)}) + "\n")
+        metrics.close()
     run_tokens = tokens_seen
     tok_s = run_tokens / wall if wall > 0 else 0.0
     mfu = None
@@ -456,7 +464,20 @@ def train(
     if ddp.world > 1:
         dist.barrier()
         dist.destroy_process_group()
-    return TrainSummary(str(out), step, tokens_seen, wall, tok_s, best_val, loss_value, mfu, interrupted)
+    return TrainSummary(
+        str(out), step, tokens_seen, wall, tok_s, best_val, loss_value, mfu, interrupted,
+        full_val["val_loss"] if full_val else None,
+    )
+
+
+def _final_eval(out: Path, splits: TokenSplits, device: torch.device) -> dict:
+    """Loss of the best checkpoint over the whole validation split (every token once), recorded in
+    its provenance: the number `quill eval` reports, not an estimate from random batches."""
+    best = load_model(out, device=device)
+    nll, tokens = evaluate_ids(best.model, splits.val)
+    result = {"val_loss": nll / tokens, "bits_per_token": nll / tokens / math.log(2), "tokens": tokens}
+    update_provenance(out, val_loss_full_split=round(result["val_loss"], 4), val_tokens=tokens)
+    return result
 
 
 def _agree(flag: bool, ddp: _Dist, device: torch.device) -> bool:
@@ -504,11 +525,8 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:
     """(per-step records, evaluation records) of a run's metrics.jsonl."""
-    steps, evals = [], []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        record = json.loads(line)
-        (evals if "eval" in record else steps).append(record)
-    return steps, evals
+    records = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
+    return [r for r in records if "loss" in r], [r for r in records if "eval" in r]
 
 
 def plot_metrics(metrics_path: str | Path, png_path: str | Path, title: str | None = None) -> None:

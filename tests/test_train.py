@@ -55,6 +55,7 @@ def test_tiny_model_overfits_small_text(text_file, tmp_path):
     assert s.last_train_loss < 0.8 and s.best_val_loss < 0.8  # from ln(27) = 3.3 at the start
     loaded = load_model(tmp_path / "run")
     assert loaded.provenance["val_loss"] == round(s.best_val_loss, 4)
+    assert loaded.provenance["val_loss_full_split"] == round(s.full_val_loss, 4) and s.full_val_loss < 0.8
     assert {"metrics.jsonl", "loss.png", "train_config.json", "last"} <= {p.name for p in (tmp_path / "run").iterdir()}
     steps, evals = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert len(steps) == 150 and [e["step"] for e in evals] == [50, 100, 150]
