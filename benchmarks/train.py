@@ -26,17 +26,41 @@ SHAPE = dict(n_layer=6, n_embd=384, n_head=6, block_size=256, batch_size=16, dro
 VARIANTS = {
     "eager": {},
     "compile": {"compile": True},
-    "modern-eager": {"pos_emb": "rope", "norm": "rmsnorm", "norm_affine": False, "qk_norm": True,
-                     "activation": "relu2", "tie_embeddings": False, "bias": False, "optimizer": "muon"},
-    "modern-compile": {"pos_emb": "rope", "norm": "rmsnorm", "norm_affine": False, "qk_norm": True,
-                       "activation": "relu2", "tie_embeddings": False, "bias": False, "optimizer": "muon",
-                       "compile": True},
+    "modern-eager": {
+        "pos_emb": "rope",
+        "norm": "rmsnorm",
+        "norm_affine": False,
+        "qk_norm": True,
+        "activation": "relu2",
+        "tie_embeddings": False,
+        "bias": False,
+        "optimizer": "muon",
+    },
+    "modern-compile": {
+        "pos_emb": "rope",
+        "norm": "rmsnorm",
+        "norm_affine": False,
+        "qk_norm": True,
+        "activation": "relu2",
+        "tie_embeddings": False,
+        "bias": False,
+        "optimizer": "muon",
+        "compile": True,
+    },
 }
 
 
 def measure(variant: str, steps: int, warmup: int, data: str) -> dict:
-    cfg = train_config_from_dict({**SHAPE, **VARIANTS[variant], "max_iters": warmup + steps,
-                                  "eval_interval": 10**6, "eval_iters": 1, "device": "cpu"})
+    cfg = train_config_from_dict(
+        {
+            **SHAPE,
+            **VARIANTS[variant],
+            "max_iters": warmup + steps,
+            "eval_interval": 10**6,
+            "eval_iters": 1,
+            "device": "cpu",
+        }
+    )
     stamps: list[float] = []
     with tempfile.TemporaryDirectory() as out:
         train(cfg, out, data=data, progress=False, on_step=lambda step, loss: stamps.append(time.perf_counter()))
@@ -44,8 +68,13 @@ def measure(variant: str, steps: int, warmup: int, data: str) -> dict:
     seconds = (timed[-1] - timed[0]) / (len(timed) - 1)
     tokens_per_s = SHAPE["batch_size"] * SHAPE["block_size"] / seconds
     model = GPT(cfg.model)
-    return {"variant": variant, "step_ms": seconds * 1000, "tokens_per_s": tokens_per_s,
-            "flops_per_token": flops_per_token(model), "params": model.num_params()}
+    return {
+        "variant": variant,
+        "step_ms": seconds * 1000,
+        "tokens_per_s": tokens_per_s,
+        "flops_per_token": flops_per_token(model),
+        "params": model.num_params(),
+    }
 
 
 def main() -> None:
@@ -59,19 +88,33 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     peak = measure_matmul_peak(2.0)
-    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; fp32 matmul peak {peak / 1e9:.0f} GFLOP/s")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; fp32 matmul peak {peak / 1e9:.0f} GFLOP/s"
+    )
     results = []
     for variant in args.variants.split(","):
         r = measure(variant, args.steps, args.warmup, args.data)
         r["mfu"] = r["flops_per_token"] * r["tokens_per_s"] / peak
         results.append(r)
-        print(f"{variant:>15}: {r['tokens_per_s']:7,.0f} tokens/s  {r['step_ms']:7.1f} ms/step  MFU {r['mfu']:.1%}"
-              f"  ({r['params'] / 1e6:.2f}M params)")
+        print(
+            f"{variant:>15}: {r['tokens_per_s']:7,.0f} tokens/s  {r['step_ms']:7.1f} ms/step  MFU {r['mfu']:.1%}"
+            f"  ({r['params'] / 1e6:.2f}M params)"
+        )
     best = max(results, key=lambda r: r["tokens_per_s"])
     print(f"best: {best['variant']} at {best['tokens_per_s']:,.0f} tokens/s (target >= 2,000)")
-    print(json.dumps({"benchmark": "train", "peak_flops": peak, "threads": torch.get_num_threads(),
-                      "shape": SHAPE, "results": results, "best_tokens_per_s": best["tokens_per_s"]}))
+    print(
+        json.dumps(
+            {
+                "benchmark": "train",
+                "peak_flops": peak,
+                "threads": torch.get_num_threads(),
+                "shape": SHAPE,
+                "results": results,
+                "best_tokens_per_s": best["tokens_per_s"],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

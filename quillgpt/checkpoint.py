@@ -23,7 +23,7 @@ from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_model as st_save_model
 
 from quillgpt.config import ConfigError, GPTConfig
-from quillgpt.model import GPT
+from quillgpt.model import GPT, quantize_int8
 from quillgpt.tokenizer import BPE_FILE, BPETokenizer, CharTokenizer, TokenizerError, tokenizer_from_spec
 
 WEIGHTS_FILE = "model.safetensors"
@@ -162,8 +162,15 @@ def update_provenance(directory: str | Path, **values: Any) -> None:
     write_text_atomic(Path(directory) / CONFIG_FILE, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
-def load_model(name_or_path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load a model directory (or bundled model by name) with its tokenizer, in eval mode."""
+def load_model(
+    name_or_path: str | Path, device: str | torch.device = "cpu", quantize: str | None = None
+) -> LoadedModel:
+    """Load a model directory (or bundled model by name) with its tokenizer, in eval mode.
+
+    `quantize="int8"` stores the linear weights in int8 for faster CPU decoding (see quantize_int8).
+    """
+    if quantize not in (None, "int8"):
+        raise CheckpointError(f"unknown quantization {quantize!r} (supported: int8)")
     directory = resolve_model_path(name_or_path)
     data = read_model_config(directory)
     try:
@@ -178,6 +185,10 @@ def load_model(name_or_path: str | Path, device: str | torch.device = "cpu") -> 
     model = GPT(config)
     load_weights(model, directory / WEIGHTS_FILE)
     model.to(device).eval()
+    if quantize == "int8":
+        if torch.device(device).type != "cpu":
+            raise CheckpointError("int8 quantization runs on the CPU only")
+        quantize_int8(model)
     card = {k: v for k, v in data.items() if k not in ("model", "tokenizer", "provenance")}
     return LoadedModel(model, tokenizer, directory, data.get("provenance", {}), card)
 

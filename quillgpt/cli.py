@@ -78,7 +78,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from quillgpt.generate import generate, stream
 
     params = sampling_params(args)
-    loaded = load_model(args.model, device=resolve_device(args.device))
+    loaded = load_model(args.model, device=resolve_device(args.device), quantize=args.quantize)
     if args.stream:
         sys.stdout.write(args.prompt)
         for piece in stream(loaded.model, loaded.tokenizer, args.prompt, params):
@@ -181,7 +181,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from quillgpt.device import resolve_device
     from quillgpt.evaluate import evaluate
 
-    loaded = load_model(args.model, device=resolve_device(args.device))
+    loaded = load_model(args.model, device=resolve_device(args.device), quantize=args.quantize)
     result = evaluate(loaded.model, loaded.tokenizer, args.data, split=args.split, val_fraction=args.val_fraction)
     result = {"model": str(loaded.path), "data": str(args.data), **result}
     key = "val_loss" if args.split == "val" else "loss"
@@ -195,11 +195,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("serve")
+def cmd_serve(args: argparse.Namespace) -> int:
+    if getattr(args, "missing_extra", None):
+        print("quill serve: error: the server needs the serve extra: pip install 'quillgpt[serve]'", file=sys.stderr)
+        return 2
+    from quillgpt.serve.server import serve_from_args
+
+    return serve_from_args(args)
+
+
 @command("playground")
 def cmd_playground(args: argparse.Namespace) -> int:
     from quillgpt.playground import launch
 
     return launch(args.model, args.api_url, args.host, args.port)
+
+
+def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    try:
+        from quillgpt.serve.server import add_serve_arguments
+    except ImportError:  # the `serve` extra is not installed; say so when the command runs
+        p.set_defaults(missing_extra="serve")
+        return
+    add_serve_arguments(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -211,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="", help="text to continue (empty: the tokenizer's start token)")
     add_sampling_args(p)
     p.add_argument("--device", default="auto")
+    p.add_argument("--quantize", choices=["int8"], default=None, help="int8 weights: faster CPU decoding")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True)
 
     p = sub.add_parser("info", help="parameters, config and provenance of a model")
@@ -245,7 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["val", "train", "all"], default="val")
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--device", default="auto")
+    p.add_argument("--quantize", choices=["int8"], default=None, help="evaluate with int8 weights")
     p.add_argument("--json", action="store_true", help="end with one JSON line")
+
+    p = sub.add_parser("serve", help="serve models over HTTP (OpenAI-compatible API)")
+    _add_serve_arguments(p)
 
     p = sub.add_parser("playground", help="the Streamlit playground in a browser")
     p.add_argument("--model", action="append", default=[], help="bundled model name or model directory (repeatable)")

@@ -311,9 +311,15 @@ class StopStrings:
 class TextRequest:
     """The text side of one generation: prompt encoding, UTF-8-safe detokenizing, stop strings."""
 
-    def __init__(self, tokenizer: TextTokenizer, prompt: str, params: SamplingParams):
+    def __init__(self, tokenizer: TextTokenizer, prompt: str | list[int], params: SamplingParams):
+        """`prompt` is text, or token ids (as OpenAI's API allows); empty means the start token."""
         self.tokenizer = tokenizer
-        ids = tokenizer.encode(prompt) if prompt else tokenizer.start_ids()
+        if isinstance(prompt, str):
+            ids = tokenizer.encode(prompt) if prompt else tokenizer.start_ids()
+        else:
+            ids = list(prompt) or tokenizer.start_ids()
+            if any(not isinstance(i, int) or not 0 <= i < tokenizer.vocab_size for i in ids):
+                raise ValueError(f"prompt token ids must be integers in [0, {tokenizer.vocab_size})")
         eot = getattr(tokenizer, "eot_id", None)
         self.seq = Sequence(ids, params, stop_ids=frozenset() if eot is None else frozenset({eot}))
         self.streamer = TextStreamer(tokenizer)

@@ -7,6 +7,7 @@ onto HuggingFace's `GPT2LMHeadModel`. Shapes: B batch, T time, C n_embd, nh head
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -47,6 +48,46 @@ class KVCache:
         """A view of rows [start, stop): writes through it land in this cache."""
         return KVCache(self.k[:, start:stop], self.v[:, start:stop])
 
+    def prepare(self, pos: torch.Tensor) -> CacheStep:
+        """Plan one forward call over tokens at positions `pos` (B, T), once for all layers."""
+        B, T = pos.shape
+        first = int(pos[0, 0])
+        kv_len = int(pos.max()) + 1
+        uniform = bool((pos == torch.arange(first, first + T, device=pos.device)).all())
+        if uniform and T == 1:  # one new token per row, rows level: it may see every cached key
+            return CacheStep(self, pos, first, kv_len, mask=None, causal=False)
+        if uniform and first == 0:  # a fresh prompt: plain causal attention
+            return CacheStep(self, pos, first, kv_len, mask=None, causal=True)
+        # a key is visible to a query when its position is not later than the query's
+        mask = torch.arange(kv_len, device=pos.device) <= pos[:, None, :, None]  # (B, 1, T, kv_len)
+        return CacheStep(self, pos, first if uniform else None, kv_len, mask=mask, causal=False)
+
+
+@dataclass
+class CacheStep:
+    """How one forward call writes and reads the cache; worked out once, used by every layer."""
+
+    cache: KVCache
+    pos: torch.Tensor
+    start: int | None
+    """Every row writes positions start..start+T-1 (a slice), or None: rows write their own positions."""
+    kv_len: int
+    mask: torch.Tensor | None
+    causal: bool
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this call's k, v (B, nh, T, hs); return all keys and values to attend over."""
+        B, _, T, _ = k.shape
+        ck, cv = self.cache.k[layer], self.cache.v[layer]
+        if self.start is not None:
+            ck[:B, :, self.start : self.start + T] = k
+            cv[:B, :, self.start : self.start + T] = v
+        else:
+            rows = torch.arange(B, device=k.device)[:, None]  # (B, 1)
+            ck[rows, :, self.pos] = k.transpose(1, 2)  # (B, T, nh, hs) into (B, nh, Tmax, hs)
+            cv[rows, :, self.pos] = v.transpose(1, 2)
+        return ck[:B, :, : self.kv_len], cv[:B, :, : self.kv_len]
+
 
 class Rotary(nn.Module):
     """Rotary position embedding (RoPE): rotate pairs of q/k channels by position-dependent angles."""
@@ -59,13 +100,16 @@ class Rotary(nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
-        # x: (B, nh, T, hs); pos: (B, T) positions, or None for 0..T-1
-        T = x.size(2)
-        cos, sin = (self.cos[:T], self.sin[:T]) if pos is None else (self.cos[pos][:, None], self.sin[pos][:, None])
-        x1, x2 = x.float().chunk(2, dim=-1)
-        out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-        return out.type_as(x)
+    def forward(self, pos: torch.Tensor | None, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for positions `pos` (B, T), or 0..T-1; shaped to broadcast over (B, nh, T, hs/2)."""
+        if pos is None:
+            return self.cos[:T], self.sin[:T]
+        return self.cos[pos][:, None], self.sin[pos][:, None]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
 
 
 class CausalSelfAttention(nn.Module):
@@ -76,12 +120,12 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * inner, bias=config.bias)  # fused q, k, v
         self.c_proj = nn.Linear(inner, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.dropout = config.dropout
+        self.dropout = config.dropout if config.attn_dropout is None else config.attn_dropout
         self.q_norm = make_norm(config, config.head_dim) if config.qk_norm else None
         self.k_norm = make_norm(config, config.head_dim) if config.qk_norm else None
-        self.rotary = Rotary(config) if config.pos_emb == "rope" else None
 
-    def forward(self, x, pos=None, cache: KVCache | None = None, layer: int = 0):
+    def qkv(self, x, rope=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values (B, nh, T, hs), normalised and rotated as attention sees them."""
         B, T, _ = x.size()
         q, k, v = self.c_attn(x).split(self.n_head * self.head_size, dim=2)
         q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
@@ -89,22 +133,19 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        if self.rotary is not None:
-            q, k = self.rotary(q, pos), self.rotary(k, pos)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        return q, k, v
 
-        dropout = self.dropout if self.training else 0.0
+    def forward(self, x, rope=None, cache: CacheStep | None = None, layer: int = 0):
+        B, T, _ = x.size()
+        q, k, v = self.qkv(x, rope)
         if cache is None:
+            dropout = self.dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
         else:
-            # Write this step's keys/values at each row's own positions, then attend over the
-            # cache: a key is visible to a query when its position is not later than the query's.
-            rows = torch.arange(B, device=x.device)[:, None]  # (B, 1)
-            cache.k[layer][rows, :, pos] = k.transpose(1, 2)  # (B, T, nh, hs) into (B, nh, Tmax, hs)
-            cache.v[layer][rows, :, pos] = v.transpose(1, 2)
-            kv_len = int(pos.max()) + 1
-            keys, values = cache.k[layer][:B, :, :kv_len], cache.v[layer][:B, :, :kv_len]
-            mask = torch.arange(kv_len, device=x.device) <= pos[:, None, :, None]  # (B, 1, T, kv_len)
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+            keys, values = cache.update(layer, k, v)  # (B, nh, kv_len, hs)
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=cache.mask, is_causal=cache.causal)
         y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_size)  # (B, T, nh*hs)
         return self.resid_dropout(self.c_proj(y))
 
@@ -142,8 +183,8 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config, config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, pos=None, cache=None, layer=0):
-        x = x + self.attn(self.ln_1(x), pos, cache, layer)
+    def forward(self, x, rope=None, cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), rope, cache, layer)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -160,6 +201,7 @@ class GPT(nn.Module):
                 ln_f=make_norm(config, config.n_embd),
             )
         )
+        self.rotary = Rotary(config) if config.pos_emb == "rope" else None
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
@@ -188,6 +230,27 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
+    @torch.no_grad()
+    def attention_maps(self, idx: torch.Tensor) -> list[torch.Tensor]:
+        """Attention probabilities of every layer for one sequence idx (1, T): a list of (nh, T, T).
+
+        Computed explicitly (softmax of q·k / sqrt(hs) under the causal mask) for pictures and
+        teaching; the forward pass itself uses fused scaled_dot_product_attention.
+        """
+        T = idx.size(1)
+        x = self.transformer.wte(idx)
+        if self.transformer.wpe is not None:
+            x = x + self.transformer.wpe(torch.arange(T, device=idx.device))
+        rope = self.rotary(None, T) if self.rotary is not None else None
+        maps = []
+        for block in self.transformer.h:
+            q, k, _ = block.attn.qkv(block.ln_1(x), rope)
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (1, nh, T, T)
+            causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+            maps.append(scores.masked_fill(~causal, float("-inf")).softmax(-1)[0])
+            x = block(x, rope)
+        return maps
+
     def forward(
         self,
         idx: torch.Tensor,
@@ -208,12 +271,14 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of length {T} exceeds block_size {self.config.block_size}")
         if cache is not None and pos is None:
             pos = torch.arange(T, device=idx.device).expand(B, T)
+        step = cache.prepare(pos) if cache is not None else None
         x = self.transformer.wte(idx)  # (B, T, C)
         if self.transformer.wpe is not None:
             x = x + self.transformer.wpe(pos if pos is not None else torch.arange(T, device=idx.device))
         x = self.transformer.drop(x)
+        rope = self.rotary(pos, T) if self.rotary is not None else None
         for i, block in enumerate(self.transformer.h):
-            x = block(x, pos, cache, i)
+            x = block(x, rope, step, i)
         x = self.transformer.ln_f(x)
         if last_only:
             x = x[:, -1:]
@@ -225,3 +290,20 @@ class GPT(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
         return logits, loss
+
+
+def quantize_int8(model: GPT) -> GPT:
+    """Store the linear layers' weights in int8 (activations are quantized on the fly), for CPU decoding.
+
+    Decoding one token reads every weight once, so its speed is bounded by memory bandwidth; int8
+    weights are a quarter of the fp32 bytes. It uses PyTorch's dynamic quantization, which works on
+    CPU only and which PyTorch has deprecated in favour of torchao; the loss it costs is measured in
+    docs/results.md. The model is modified in place, in eval mode, and returned.
+    """
+    import warnings
+
+    if next(model.parameters()).device.type != "cpu":
+        raise ValueError("int8 quantization runs on the CPU only")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the deprecation notice, on every layer
+        return torch.ao.quantization.quantize_dynamic(model.eval(), {nn.Linear}, dtype=torch.qint8, inplace=True)

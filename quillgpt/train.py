@@ -410,7 +410,10 @@ def train(
                 )
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tokens_seen / max(elapsed(), 1e-9):,.0f}")
+                info = {"loss": f"{loss_value:.4f}", "tok_s": f"{tokens_seen / max(elapsed(), 1e-9):,.0f}"}
+                if budget:
+                    info["min_left"] = f"{max(budget - elapsed(), 0) / 60:.1f}"
+                bar.set_postfix(info, refresh=False)
             if on_step is not None:
                 on_step(step, loss_value)
             last = step == cfg.max_iters or (budget is not None and elapsed() >= budget)
@@ -465,7 +468,15 @@ def train(
         dist.barrier()
         dist.destroy_process_group()
     return TrainSummary(
-        str(out), step, tokens_seen, wall, tok_s, best_val, loss_value, mfu, interrupted,
+        str(out),
+        step,
+        tokens_seen,
+        wall,
+        tok_s,
+        best_val,
+        loss_value,
+        mfu,
+        interrupted,
         full_val["val_loss"] if full_val else None,
     )
 
@@ -508,11 +519,13 @@ def _install_signal_handlers(event: threading.Event) -> Callable[[], None]:
 
 
 def _progress_bar(cfg: TrainConfig, step: int, enabled: bool):
+    """Steps, loss, tokens/s and ETA; a time-budgeted run shows the minutes left instead of an ETA."""
     if not enabled:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=cfg.max_iters, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    total = None if cfg.max_minutes else cfg.max_iters
+    return tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -82,3 +83,9 @@ def test_round_trip_through_flat_dict():
 def test_int_given_for_float_is_accepted():
     assert GPTConfig(dropout=0).dropout == 0.0
     assert isinstance(train_config_from_dict({"learning_rate": 1}).learning_rate, float)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.json")))
+def test_shipped_configs_are_valid(path):
+    cfg = load_train_config(path)
+    assert cfg.data_path  # each names its dataset

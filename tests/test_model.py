@@ -120,6 +120,7 @@ def test_kv_cache_is_not_in_state_dict(tiny_model):
         (dict(n_embd=30, n_head=4), "not divisible"),
         (dict(n_layer=0), "n_layer must be >= 1"),
         (dict(dropout=1.5), "dropout"),
+        (dict(attn_dropout=-0.1), "attn_dropout"),
         (dict(pos_emb="alibi"), "pos_emb"),
         (dict(pos_emb="rope", n_embd=18, n_head=2), "even head size"),
         (dict(n_head=2.5), "n_head"),
@@ -134,3 +135,23 @@ def test_impossible_configs_are_clear_errors(kwargs, message):
 def test_too_long_input_is_an_error(tiny_model):
     with pytest.raises(ValueError, match="exceeds block_size"):
         tiny_model(torch.zeros(1, 33, dtype=torch.long))
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "modern"])
+def test_attention_maps_match_the_fused_attention(variant):
+    torch.manual_seed(0)
+    model = GPT(tiny_config(**VARIANTS[variant])).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    idx = torch.randint(0, 40, (1, 10))
+    maps = model.attention_maps(idx)
+    assert len(maps) == 2 and maps[0].shape == (2, 10, 10)
+    torch.testing.assert_close(maps[0].sum(-1), torch.ones(2, 10))
+    assert maps[0].triu(1).abs().max() == 0  # nothing attends to the future
+    # the first layer's output, rebuilt from the explicit probabilities, equals the model's own
+    block = model.transformer.h[0]
+    x = model.transformer.wte(idx) + (model.transformer.wpe(torch.arange(10)) if model.transformer.wpe else 0)
+    rope = model.rotary(None, 10) if model.rotary is not None else None
+    _, _, v = block.attn.qkv(block.ln_1(x), rope)
+    y = (maps[0][None] @ v).transpose(1, 2).reshape(1, 10, -1)
+    torch.testing.assert_close(block.attn.c_proj(y), block.attn(block.ln_1(x), rope), atol=1e-5, rtol=1e-5)

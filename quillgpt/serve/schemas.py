@@ -1,0 +1,315 @@
+"""Request and response bodies, with their limits.
+
+Requests follow OpenAI's completions and chat schemas (plus a few extensions: `top_k`,
+`repetition_penalty`). Fields that OpenAI defines but QuillGPT cannot honour are refused with a
+clear 422 rather than ignored; unknown extra fields are ignored, as chat tools send many. Limits
+that depend on the server's settings (prompt length, max_tokens cap, choices per request) are
+checked by the routes; the ranges here are fixed.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+SEED_MAX = 2**63 - 1
+StopString = Annotated[str, Field(min_length=1, max_length=256)]
+Stop = StopString | Annotated[list[StopString], Field(max_length=4)] | None
+ModelName = Annotated[str, Field(min_length=1, max_length=256)]
+
+
+class Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(Request):
+    include_usage: bool = False
+    """Send one more chunk before `[DONE]` with the request's usage and no choices."""
+
+
+class SamplingRequest(Request):
+    """Fields shared by completions and chat completions."""
+
+    model: ModelName | None = None
+    """A served model's name; omitted: the first model the server serves."""
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int | None = Field(None, ge=1, le=100_000)
+    """Extension: keep only the k most likely tokens."""
+    repetition_penalty: float = Field(1.0, gt=0, le=10)
+    """Extension: CTRL-style penalty on tokens already in the prompt or output."""
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    n: int = Field(1, ge=1, le=128)
+    stop: Stop = None
+    seed: int | None = Field(None, ge=0, le=SEED_MAX)
+    """Same seed, same output, alone or batched; choice i of n uses seed + i."""
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    """Accepted for compatibility and ignored."""
+    logit_bias: dict[str, float] | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value:
+            raise ValueError("logit_bias is not supported")
+        return value
+
+    @property
+    def stops(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: (
+        str
+        | Annotated[list[str], Field(min_length=1, max_length=64)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1, max_length=64)]
+    ) = ""
+    """Text, several texts, token ids, or several lists of token ids. Empty: the tokenizer's start token."""
+    max_tokens: int | None = Field(16, ge=1)
+    """Tokens to generate per choice (OpenAI's default: 16). null: the server's cap."""
+    logprobs: int | None = Field(None, ge=0, le=20)
+    """Return the chosen tokens' log-probabilities and this many most likely alternatives."""
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1)
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, value: str | None) -> str | None:
+        if value:
+            raise ValueError("suffix (insertion) is not supported: these are left-to-right models")
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> CompletionRequest:
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError("best_of is not supported (only best_of == n)")
+        if self.echo and self.logprobs is not None:
+            raise ValueError("echo together with logprobs is not supported")
+        return self
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and isinstance(p[0], int):
+            return [p]  # one prompt as token ids
+        return list(p)
+
+
+class TextPart(Request):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(Request):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | Annotated[list[TextPart], Field(max_length=64)] | None = None
+    name: str | None = None
+
+    @property
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatRequest(SamplingRequest):
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=512)]
+    max_tokens: int | None = Field(None, ge=1)
+    """Tokens to generate per choice; null: 256 (or the server's cap, if lower)."""
+    max_completion_tokens: int | None = Field(None, ge=1)
+    """OpenAI's newer name for max_tokens; wins when both are given."""
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ChatRequest:
+        if self.tools:
+            raise ValueError("tools (function calling) are not supported by these base models")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise ValueError("only response_format {'type': 'text'} is supported")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    @property
+    def requested_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class LegacyGenerateRequest(Request):
+    """The original QuillGPT's /generate parameters (query string or JSON body), with extensions."""
+
+    prompt: str
+    max_length: int = Field(500, ge=1)
+    """Tokens to generate."""
+    temperature: float = Field(0.7, ge=0, le=2)
+    top_k: int | None = Field(None, ge=1, le=100_000)
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int | None = Field(None, ge=0, le=SEED_MAX)
+    stop: Stop = None
+    model: ModelName | None = None
+
+
+class LegacyGenerateBody(Request):
+    """The same fields, all optional: a JSON body may leave some to the query string."""
+
+    prompt: str | None = None
+    max_length: int | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: Stop = None
+    model: ModelName | None = None
+
+
+class TokenizeRequest(Request):
+    model: ModelName | None = None
+    text: str
+
+
+class DetokenizeRequest(Request):
+    model: ModelName | None = None
+    tokens: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=1_000_000)]
+
+
+# --- responses ---
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]] | None
+    text_offset: list[int]
+    """Offsets in the completion text (not counting the prompt)."""
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length"]
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
+class ChatResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "quillgpt"
+    context_length: int
+    vocab_size: int
+    parameters: int
+    tokenizer: str
+    provenance: dict[str, Any] = {}
+    """How the model was made (data, steps, val loss), from its config.json."""
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class LegacyGenerateResponse(BaseModel):
+    prompt: str
+    response: str
+
+
+class TokenizeResponse(BaseModel):
+    model: str
+    tokens: list[int]
+    count: int
+    pieces: list[str]
+    """Each token decoded on its own (a BPE token may hold part of a character: U+FFFD)."""
+
+
+class DetokenizeResponse(BaseModel):
+    model: str
+    text: str
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+    detail: str
+    """The same message, where FastAPI clients look for it."""
