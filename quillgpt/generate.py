@@ -17,6 +17,7 @@ A prompt longer than the context keeps its last `block_size` tokens (`prompt_tru
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -103,15 +104,15 @@ def sample_next_token(
     `seen` (bool, V) marks tokens in the prompt or output, for the repetition penalty; `counts`
     (float, V) counts generated tokens, for presence and frequency penalties.
     """
-    logits = logits.float().clone()
+    logits = logits.float()
     if params.repetition_penalty != 1.0 and seen is not None:
-        picked = logits[seen]
-        logits[seen] = torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty)
+        penalised = torch.where(logits > 0, logits / params.repetition_penalty, logits * params.repetition_penalty)
+        logits = torch.where(seen, penalised, logits)
     if counts is not None and (params.presence_penalty or params.frequency_penalty):
-        logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).float()
+        logits = logits - (params.frequency_penalty * counts + params.presence_penalty * (counts > 0).float())
     if params.greedy:
         return int(torch.argmax(logits))
-    logits /= params.temperature
+    logits = logits / params.temperature  # a new tensor: the filters below may write into it
     if params.top_k is not None and params.top_k < logits.numel():
         kth = torch.topk(logits, params.top_k).values[-1]
         logits[logits < kth] = -math.inf
@@ -140,15 +141,31 @@ class Sequence:
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_truncated: bool = False
+    generator: torch.Generator | None = field(init=False, default=None, repr=False)
+    """This sequence's own random stream (seeded from `params.seed`), or the global one."""
+    counts: Counter[int] = field(init=False, default_factory=Counter, repr=False)
+    """How often each token was generated (presence and frequency penalties)."""
 
     def __post_init__(self) -> None:
         if not self.prompt:
             raise ValueError("a sequence needs at least one prompt token")
         self.tokens = list(self.prompt)
         self.start = 0
-        self.generator = None
         if self.params.seed is not None:
             self.generator = torch.Generator().manual_seed(self.params.seed)
+
+    def penalty_inputs(self, vocab_size: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """`seen` and `counts` tensors for sample_next_token, built only when a penalty asks for them."""
+        p = self.params
+        seen = counts = None
+        if p.repetition_penalty != 1.0:
+            seen = torch.zeros(vocab_size, dtype=torch.bool)
+            seen[list(set(self.tokens))] = True
+        if p.presence_penalty or p.frequency_penalty:
+            counts = torch.zeros(vocab_size)
+            if self.counts:
+                counts[list(self.counts)] = torch.tensor(list(self.counts.values()), dtype=torch.float)
+        return seen, counts
 
     @property
     def generated(self) -> list[int]:
@@ -191,9 +208,6 @@ class Decoder:
         if len(seq.tokens) > block:
             seq.start, seq.prompt_truncated = len(seq.tokens) - block, True
         seq.cached = 0
-        seq._seen = torch.zeros(V, dtype=torch.bool)
-        seq._seen[seq.prompt] = True
-        seq._counts = torch.zeros(V)
         self.active.append(seq)
 
     def remove(self, seq: Sequence) -> None:
@@ -216,7 +230,7 @@ class Decoder:
         logits = self._forward_cached() if self.use_cache else self._forward_uncached()  # (B, V)
         out = []
         for seq, row in zip(self.active, logits):
-            token = sample_next_token(row, seq.params, seq.generator, seq._seen, seq._counts)
+            token = sample_next_token(row, seq.params, seq.generator, *seq.penalty_inputs(self.config.vocab_size))
             if seq.params.logprobs is not None:
                 seq.logprobs.append(_logprob(row, token, seq.params.logprobs))
             self._append(seq, token)
@@ -229,8 +243,7 @@ class Decoder:
 
     def _append(self, seq: Sequence, token: int) -> None:
         seq.tokens.append(token)
-        seq._seen[token] = True
-        seq._counts[token] += 1
+        seq.counts[token] += 1
         if token in seq.stop_ids:
             seq.finish("stop")
         elif len(seq.tokens) - len(seq.prompt) >= seq.params.max_new_tokens:

@@ -558,23 +558,9 @@ def plot_metrics(metrics_path: str | Path, png_path: str | Path, title: str | No
             ema = r["loss"] if ema is None else 0.95 * ema + 0.05 * r["loss"]
             ys.append(ema)
         ax.plot(xs, ys, color="tab:blue", alpha=0.5, lw=1, label="train (batch, smoothed)")
-    if evals:
-        ax.plot(
-            [r["step"] for r in evals],
-            [r["eval"]["train"] for r in evals],
-            "o-",
-            color="tab:blue",
-            ms=3,
-            label="train (eval)",
-        )
-        ax.plot(
-            [r["step"] for r in evals],
-            [r["eval"]["val"] for r in evals],
-            "o-",
-            color="tab:orange",
-            ms=3,
-            label="val (eval)",
-        )
+    for split, colour in (("train", "tab:blue"), ("val", "tab:orange")):
+        ys = [r["eval"][split] for r in evals]
+        ax.plot([r["step"] for r in evals], ys, "o-", color=colour, ms=3, label=f"{split} (eval)")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.set_title(title or "training loss")

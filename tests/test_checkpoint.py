@@ -101,3 +101,14 @@ def test_save_replaces_files_atomically(tmp_path, tiny_model, char_tokenizer, mo
     assert (tmp_path / "m" / "model.safetensors").read_bytes() == before
     assert load_model(tmp_path / "m").provenance == {"v": 1}
     assert [p.name for p in (tmp_path / "m").iterdir() if p.name.startswith(".")] == []
+
+
+def test_int8_quantized_loading(tiny_model_dir, tiny_model):
+    q = load_model(tiny_model_dir, quantize="int8")
+    assert not any(type(m) is torch.nn.Linear for m in q.model.modules())  # every linear layer is int8 now
+    x = torch.randint(0, tiny_model.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        ref, quant = tiny_model(x)[0], q.model(x)[0]
+    assert (quant - ref).abs().max() < 0.05 * ref.abs().max()  # close to the fp32 model, not identical
+    with pytest.raises(CheckpointError, match="unknown quantization 'int4'"):
+        load_model(tiny_model_dir, quantize="int4")

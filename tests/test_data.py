@@ -122,3 +122,30 @@ def test_sequential_windows_score_every_token_once():
         assert x.shape[1] <= 8
         targets += y[y >= 0].tolist()
     assert targets == list(range(1, 50))
+
+
+def test_download_verifies_the_checksum(tmp_path, monkeypatch):
+    """The download path, hermetically: a file:// URL stands in for the public one."""
+    from quillgpt import data
+
+    source = tmp_path / "remote.txt"
+    source.write_text("To be, or not to be\n" * 50)
+    good = hashlib.sha256(source.read_bytes()).hexdigest()
+    entry = data.Dataset(
+        "poem", "a test poem", "public domain", (data.DataFile("poem/poem.txt", good, source.as_uri()),)
+    )
+    monkeypatch.setitem(data.REGISTRY, "poem", entry)
+    monkeypatch.setenv("QUILL_DATA_DIR", str(tmp_path / "nowhere"))
+    folder = get_dataset("poem", quiet=True)
+    assert (folder / "poem.txt").read_bytes() == source.read_bytes()
+    assert load_text("poem").startswith("To be, or not to be")
+
+    bad = data.Dataset("bad", "tampered", "none", (data.DataFile("bad/x.txt", "0" * 64, source.as_uri()),))
+    monkeypatch.setitem(data.REGISTRY, "bad", bad)
+    with pytest.raises(DataError, match="does not match its registered sha256"):
+        get_dataset("bad", quiet=True)
+    assert not (tmp_path / "cache" / "datasets" / "bad" / "x.txt").exists()
+    gone = data.Dataset("gone", "missing", "none", (data.DataFile("gone/x.txt", good, (tmp_path / "no").as_uri()),))
+    monkeypatch.setitem(data.REGISTRY, "gone", gone)
+    with pytest.raises(DataError, match="cannot download .* use --from"):
+        get_dataset("gone", quiet=True)

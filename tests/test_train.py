@@ -1,8 +1,10 @@
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -231,3 +233,35 @@ def test_two_process_ddp_matches_single_process(text_file, tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], abs=2e-3)
     assert single.steps == len(ddp_steps) == 12
     assert json.loads((tmp_path / "ddp" / "config.json").read_text())["provenance"]["steps"] == 12
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_finishes(text_file, tmp_path):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({**TINY, "max_iters": 100000, "eval_interval": 100000}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "quillgpt.cli",
+        "train",
+        str(cfg),
+        "--data",
+        str(text_file),
+        "--out",
+        str(tmp_path / "run"),
+    ]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 60
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 5) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted; resume with --resume" in out
+    steps = json.loads((tmp_path / "run" / "last" / "config.json").read_text())["provenance"]["steps"]
+    assert steps >= 5 and len(read_metrics(metrics)[0]) == steps
+    cfg.write_text(json.dumps({**TINY, "max_iters": steps + 3, "eval_interval": 100000}))
+    done = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"done: {steps + 3} steps" in done.stdout

@@ -11,7 +11,6 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from quillgpt.generate import SamplingParams
 from quillgpt.serve.engine import Engine
 from quillgpt.serve.errors import APIError
 from quillgpt.serve.metrics import Metrics
@@ -101,31 +100,3 @@ def check_choices(state: ServeState, count: int) -> None:
             param="n",
             code="invalid_value",
         )
-
-
-def sampling_params(
-    *,
-    max_tokens: int,
-    temperature: float,
-    top_p: float = 1.0,
-    top_k: int | None = None,
-    repetition_penalty: float = 1.0,
-    presence_penalty: float = 0.0,
-    frequency_penalty: float = 0.0,
-    stop: tuple[str, ...] = (),
-    seed: int | None = None,
-    logprobs: int | None = None,
-) -> SamplingParams:
-    """Request values → SamplingParams; its own checks raise SamplingError (→ 422)."""
-    return SamplingParams(
-        max_new_tokens=max_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        repetition_penalty=repetition_penalty,
-        presence_penalty=presence_penalty,
-        frequency_penalty=frequency_penalty,
-        stop=stop,
-        seed=seed,
-        logprobs=logprobs,
-    )

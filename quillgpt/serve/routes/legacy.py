@@ -15,8 +15,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse, Response
 from pydantic import ValidationError
 
+from quillgpt.generate import SamplingParams
 from quillgpt.serve import schemas as s
-from quillgpt.serve.deps import State, check_max_tokens, check_prompt_length, get_engine, sampling_params
+from quillgpt.serve.deps import State, check_max_tokens, check_prompt_length, get_engine
 from quillgpt.serve.engine import EngineError, Generation
 from quillgpt.serve.errors import APIError
 from quillgpt.serve.logs import request_id
@@ -39,8 +40,8 @@ def _merge(query: dict, body: s.LegacyGenerateBody | None) -> s.LegacyGenerateRe
 def _start(state: State, req: s.LegacyGenerateRequest) -> Generation:
     engine = get_engine(state, req.model)
     check_prompt_length(state, req.prompt)
-    params = sampling_params(
-        max_tokens=check_max_tokens(state, req.max_length, "max_length"),
+    params = SamplingParams(
+        max_new_tokens=check_max_tokens(state, req.max_length, "max_length"),
         temperature=req.temperature,
         top_k=req.top_k,
         top_p=req.top_p,

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from quillgpt.generate import TokenLogprob
+from quillgpt.generate import SamplingParams, TokenLogprob
 from quillgpt.serve import schemas as s
 from quillgpt.serve.chat import TURN_END, render_chat
 from quillgpt.serve.deps import (
@@ -23,7 +23,6 @@ from quillgpt.serve.deps import (
     check_max_tokens,
     check_prompt_length,
     get_engine,
-    sampling_params,
 )
 from quillgpt.serve.engine import Engine, EngineError, FinishEvent, Generation
 from quillgpt.serve.errors import APIError, error_event, from_engine_error
@@ -55,6 +54,28 @@ def model_card(name: str, engine: Engine, created: int) -> s.ModelCard:
         tokenizer=engine.tokenizer.to_spec()["type"],
         provenance=engine.loaded.provenance,
     )
+
+
+def choice_params(
+    body: s.CompletionRequest | s.ChatRequest, max_tokens: int, stop: tuple[str, ...], logprobs: int | None
+) -> list[SamplingParams]:
+    """One SamplingParams per choice (`n`); choice i gets seed + i, so choices differ but repeat.
+    SamplingParams' own checks raise SamplingError (→ 422)."""
+    return [
+        SamplingParams(
+            max_new_tokens=max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=body.top_k,
+            repetition_penalty=body.repetition_penalty,
+            presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty,
+            stop=stop,
+            seed=None if body.seed is None else body.seed + i,
+            logprobs=logprobs,
+        )
+        for i in range(body.n)
+    ]
 
 
 @router.get("/v1/models", response_model=s.ModelList, responses=ERROR_RESPONSES)
@@ -129,21 +150,7 @@ async def create_completion(body: s.CompletionRequest, request: Request, state: 
     max_tokens = check_max_tokens(state, body.max_tokens or state.settings.max_tokens_cap, "max_tokens")
     for p in prompts:
         check_prompt_length(state, p)
-    params = [
-        sampling_params(
-            max_tokens=max_tokens,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            top_k=body.top_k,
-            repetition_penalty=body.repetition_penalty,
-            presence_penalty=body.presence_penalty,
-            frequency_penalty=body.frequency_penalty,
-            stop=body.stops,
-            seed=None if body.seed is None else body.seed + i,
-            logprobs=body.logprobs,
-        )
-        for i in range(body.n)
-    ]
+    params = choice_params(body, max_tokens, body.stops, body.logprobs)
     generation = _submit(state, engine, prompts, params, "prompt")
     meta = {"id": _new_id("cmpl"), "created": int(time.time()), "model": engine.name}
     if body.stream:
@@ -217,21 +224,7 @@ async def create_chat_completion(body: s.ChatRequest, request: Request, state: S
     prompt = render_chat((m.role, m.text) for m in body.messages)
     check_prompt_length(state, prompt, "messages")
     top = body.top_logprobs or 0
-    params = [
-        sampling_params(
-            max_tokens=max_tokens,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            top_k=body.top_k,
-            repetition_penalty=body.repetition_penalty,
-            presence_penalty=body.presence_penalty,
-            frequency_penalty=body.frequency_penalty,
-            stop=(TURN_END, *body.stops),
-            seed=None if body.seed is None else body.seed + i,
-            logprobs=top if body.logprobs else None,
-        )
-        for i in range(body.n)
-    ]
+    params = choice_params(body, max_tokens, (TURN_END, *body.stops), top if body.logprobs else None)
     generation = _submit(state, engine, [prompt], params, "messages")
     meta = {"id": _new_id("chatcmpl"), "created": int(time.time()), "model": engine.name}
     if body.stream:
