@@ -9,7 +9,7 @@ PORT ?= 8501
 DATA_DIR ?= $(abspath ../shared/data)
 export QUILL_DATA_DIR ?= $(DATA_DIR)
 
-.PHONY: run generate test venv lint bench serve playground clean
+.PHONY: run generate test venv lint bench serve playground figures clean
 
 venv: $(VENV)/.installed
 
@@ -21,6 +21,14 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 run: venv
 	$(QUILL) playground --model $(MODEL) --port $(PORT)
+
+playground: run
+
+serve: venv
+	$(QUILL) serve --model $(MODEL)
+
+figures: venv
+	$(PY) scripts/make_figures.py --model $(MODEL) --out docs/figures
 
 generate: venv
 	$(QUILL) generate --model $(MODEL) --prompt "ROMEO:" --max-new-tokens 300 --temperature 0.8
