@@ -3,7 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 QUILL := $(VENV)/bin/quill
-MODEL ?= shakespeare-char
+# A bundled model name or a model directory; empty: the bundled Shakespeare model.
+MODEL ?=
+MODEL_ARG := $(if $(MODEL),--model $(MODEL))
 PORT ?= 8501
 # Local copies of the registered datasets (no internet needed); CI has them beside the checkout.
 DATA_DIR ?= $(abspath ../shared/data)
@@ -20,18 +22,18 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 run: venv
-	$(QUILL) playground --model $(MODEL) --port $(PORT)
+	$(QUILL) playground $(MODEL_ARG) --port $(PORT)
 
 playground: run
 
 serve: venv
-	$(QUILL) serve --model $(MODEL)
+	$(QUILL) serve $(MODEL_ARG)
 
 figures: venv
-	$(PY) scripts/make_figures.py --model $(MODEL) --out docs/figures
+	$(PY) scripts/make_figures.py $(MODEL_ARG) --out docs/figures
 
 generate: venv
-	$(QUILL) generate --model $(MODEL) --prompt "ROMEO:" --max-new-tokens 300 --temperature 0.8
+	$(QUILL) generate $(MODEL_ARG) --prompt "ROMEO:" --max-new-tokens 300 --temperature 0.8
 
 test: venv
 	OMP_NUM_THREADS=1 QUILL_DATA_DIR=$(DATA_DIR) $(PY) -m pytest -q

@@ -68,6 +68,15 @@ def bundled_models() -> dict[str, Path]:
     return found
 
 
+DEFAULT_MODELS = ("shakespeare-char", "shakespeare-speedrun")
+
+
+def default_model() -> str:
+    """The bundled model commands use when none is named: the first of DEFAULT_MODELS present."""
+    bundled = bundled_models()
+    return next((name for name in DEFAULT_MODELS if name in bundled), DEFAULT_MODELS[0])
+
+
 def resolve_model_path(name_or_path: str | Path) -> Path:
     """A model directory given by path, or a bundled model given by name."""
     p = Path(name_or_path).expanduser()
@@ -120,6 +129,7 @@ def _atomic_path(path: Path) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes files private; a model is meant to be read by others
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -73,12 +73,12 @@ def sampling_params(args: argparse.Namespace):
 
 @command("generate")
 def cmd_generate(args: argparse.Namespace) -> int:
-    from quillgpt.checkpoint import load_model
+    from quillgpt.checkpoint import default_model, load_model
     from quillgpt.device import resolve_device
     from quillgpt.generate import generate, stream
 
     params = sampling_params(args)
-    loaded = load_model(args.model, device=resolve_device(args.device), quantize=args.quantize)
+    loaded = load_model(args.model or default_model(), device=resolve_device(args.device), quantize=args.quantize)
     if args.stream:
         sys.stdout.write(args.prompt)
         for piece in stream(loaded.model, loaded.tokenizer, args.prompt, params):
@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("generate", help="generate text from a model")
-    p.add_argument("--model", default="shakespeare-char", help="bundled model name or model directory")
+    p.add_argument("--model", default=None, help="bundled model name or model directory (default: the bundled one)")
     p.add_argument("--prompt", default="", help="text to continue (empty: the tokenizer's start token)")
     add_sampling_args(p)
     p.add_argument("--device", default="auto")

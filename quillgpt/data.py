@@ -212,6 +212,7 @@ def _download(f: DataFile, dest: Path, quiet: bool) -> None:
     fd, tmp = tempfile.mkstemp(dir=dest.parent, suffix=".tmp")
     with os.fdopen(fd, "wb") as out:
         out.write(data)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, dest)
 
 
@@ -290,6 +291,7 @@ def tokenize_splits(text: str, tokenizer, val_fraction: float = 0.1, cache: Path
             fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
             with os.fdopen(fd, "wb") as out:
                 out.write(ids.tobytes())
+            os.chmod(tmp, 0o644)
             os.replace(tmp, paths[name])
     train, val = (np.memmap(paths[n], dtype=dtype, mode="r") for n in ("train", "val"))
     return TokenSplits(train, val, data_hash)

@@ -117,7 +117,9 @@ def provenance_facts(prov: dict[str, Any]) -> dict[str, str]:
         data, sha = data.get("name") or data.get("dataset") or data.get("path"), sha or data.get("sha256")
     if data:
         facts["Training data"] = f"{data}" + (f" (sha256 {str(sha)[:12]}…)" if sha else "")
-    if isinstance(prov.get("val_loss"), int | float):
+    if isinstance(prov.get("val_loss_full_split"), int | float):  # every character of the split
+        facts["Val loss"] = f"{prov['val_loss_full_split']:.4f} (whole split)"
+    elif isinstance(prov.get("val_loss"), int | float):  # the training loop's estimate
         facts["Val loss"] = f"{prov['val_loss']:.4f}"
     if isinstance(prov.get("steps"), int):
         facts["Training steps"] = f"{prov['steps']:,}"

@@ -225,26 +225,13 @@ def _check_encodable(tokenizer, text: str, source: str) -> None:
 # ---------------------------------------------------------------- the loop
 
 
-def train(
-    cfg: TrainConfig,
-    out_dir: str | Path,
-    *,
-    data: str | Path | None = None,
-    resume: bool = False,
-    overwrite: bool = False,
-    init_from: str | Path | None = None,
-    progress: bool = True,
-    stop: threading.Event | None = None,
-    on_step: Callable[[int, float], None] | None = None,
-) -> TrainSummary:
-    """Train per `cfg`, writing into `out_dir`. Everything that can be checked is checked first."""
-    out = Path(out_dir)
-    device = resolve_device(cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    _check_out_dir(out, resume, overwrite)
+def _prepare(cfg: TrainConfig, out: Path, data, resume: bool, init_from):
+    """Everything that can fail before training: data, tokenizer, splits, the run to resume.
 
-    state = None
+    Returns the resolved config (data path, vocabulary size), tokenizer, token splits, the saved
+    state to resume from (or None) and the model to fine-tune from (or None).
+    """
+    state, base = None, None
     if resume:
         try:
             saved = train_config_from_dict(json.loads((out / "train_config.json").read_text(encoding="utf-8")))
@@ -290,12 +277,37 @@ def train(
     if len(splits.val) <= T + 1:
         raise TrainError(f"validation split has {len(splits.val)} tokens: too short for block_size {T} (+1)")
 
+    return cfg, tokenizer, splits, state, base
+
+
+def train(
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    *,
+    data: str | Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    init_from: str | Path | None = None,
+    progress: bool = True,
+    stop: threading.Event | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> TrainSummary:
+    """Train per `cfg`, writing into `out_dir`. Everything that can be checked is checked first."""
+    out = Path(out_dir)
+    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    _check_out_dir(out, resume, overwrite)
+
+    cfg, tokenizer, splits, state, base = _prepare(cfg, out, data, resume, init_from)
+    model_cfg, T = cfg.model, cfg.model.block_size
+
     ddp = _init_distributed(device)
     if device.type == "cuda" and ddp.world > 1:
         device = torch.device("cuda", ddp.local_rank)
     torch.manual_seed(cfg.seed)
     model = GPT(model_cfg)
-    if init_from is not None:
+    if base is not None:
         model.load_state_dict(base.model.state_dict())
     if resume:
         load_weights(model, out / LAST_DIR / WEIGHTS_FILE)
@@ -328,7 +340,7 @@ def train(
         else nullcontext()
     )
     provenance_base = {
-        "data": str(source),
+        "data": cfg.data_path,
         "data_sha256": splits.data_sha256,
         "split": f"first {1 - cfg.val_fraction:.0%} train, last {cfg.val_fraction:.0%} val",
     }
@@ -362,6 +374,11 @@ def train(
     elapsed = lambda: elapsed_before + time.perf_counter() - start  # noqa: E731
     tokens_per_step = cfg.batch_size * cfg.grad_accum * ddp.world * T
     rows = slice(ddp.rank * cfg.batch_size, (ddp.rank + 1) * cfg.batch_size)
+
+    def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = get_batch(splits.train, cfg.batch_size * ddp.world, T, batch_gen, rows)
+        return x.to(device), y.to(device)
+
     budget = cfg.max_minutes * 60 if cfg.max_minutes else None
     bar = _progress_bar(cfg, step, enabled=progress and ddp.main)
     metrics = open(metrics_path, "a", encoding="utf-8") if ddp.main else None
@@ -369,45 +386,16 @@ def train(
     model.train()
     try:
         while step < cfg.max_iters and not (budget and elapsed() >= budget):
-            frac = max(step / cfg.max_iters, elapsed() / budget if budget else 0.0)
-            factor = lr_factor(cfg, step, frac)
+            factor = lr_factor(cfg, step, max(step / cfg.max_iters, elapsed() / budget if budget else 0.0))
             for opt in optimizers:
                 for g in opt.param_groups:
                     g["lr"] = g["base_lr"] * factor
-            loss_sum = 0.0
-            for micro in range(cfg.grad_accum):
-                x, y = get_batch(splits.train, cfg.batch_size * ddp.world, T, batch_gen, rows)
-                x, y = x.to(device), y.to(device)
-                sync = micro == cfg.grad_accum - 1 or ddp.world == 1
-                with nullcontext() if sync else train_model.no_sync(), autocast:
-                    _, loss = train_model(x, y)
-                    (loss / cfg.grad_accum).backward()
-                loss_sum += loss.item()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            for opt in optimizers:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+            loss_value = _optimizer_step(train_model, model, optimizers, cfg, next_batch, autocast, ddp)
             step += 1
             tokens_seen += tokens_per_step
-            loss_value = loss_sum / cfg.grad_accum
-            if ddp.world > 1:
-                t = torch.tensor(loss_value, device=device)
-                dist.all_reduce(t)
-                loss_value = t.item() / ddp.world
             if metrics is not None:
-                metrics.write(
-                    json.dumps(
-                        {
-                            "step": step,
-                            "loss": round(loss_value, 5),
-                            "lr": factor * cfg.learning_rate,
-                            "tokens": tokens_seen,
-                            "time_s": round(elapsed(), 2),
-                        }
-                    )
-                    + "\n"
-                )
+                record = {"step": step, "loss": round(loss_value, 5), "lr": factor * cfg.learning_rate}
+                metrics.write(json.dumps(record | {"tokens": tokens_seen, "time_s": round(elapsed(), 2)}) + "\n")
             if bar is not None:
                 bar.update(1)
                 info = {"loss": f"{loss_value:.4f}", "tok_s": f"{tokens_seen / max(elapsed(), 1e-9):,.0f}"}
@@ -479,6 +467,30 @@ def train(
         interrupted,
         full_val["val_loss"] if full_val else None,
     )
+
+
+def _optimizer_step(train_model, model, optimizers, cfg: TrainConfig, next_batch, autocast, ddp: _Dist) -> float:
+    """One optimizer step over `grad_accum` micro-batches; returns the mean loss over all processes.
+    Under DDP, gradients are all-reduced only on the last micro-batch (`no_sync` before it)."""
+    loss_sum = 0.0
+    for micro in range(cfg.grad_accum):
+        x, y = next_batch()
+        sync = micro == cfg.grad_accum - 1 or ddp.world == 1
+        with nullcontext() if sync else train_model.no_sync(), autocast:
+            _, loss = train_model(x, y)
+            (loss / cfg.grad_accum).backward()
+        loss_sum += loss.item()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    for opt in optimizers:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    loss_value = loss_sum / cfg.grad_accum
+    if ddp.world > 1:
+        t = torch.tensor(loss_value, device=x.device)
+        dist.all_reduce(t)
+        loss_value = t.item() / ddp.world
+    return loss_value
 
 
 def _final_eval(out: Path, splits: TokenSplits, device: torch.device) -> dict:

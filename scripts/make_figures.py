@@ -18,7 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from quillgpt.checkpoint import load_model  # noqa: E402
+from quillgpt.checkpoint import default_model, load_model  # noqa: E402
 
 VERSE = "ROMEO:\nBut soft, what light through yonder window breaks?"
 
@@ -104,12 +104,12 @@ def embeddings_figure(model, tokenizer, path: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="shakespeare-char")
+    p.add_argument("--model", default=None, help="model name or directory (default: the bundled one)")
     p.add_argument("--out", default="docs/figures")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    loaded = load_model(args.model)
+    loaded = load_model(args.model or default_model())
     model, tok = loaded.model, loaded.tokenizer
     attention_figure(model, tok, out / "attention.png")
     positions_figure(model, out / "positions.png")

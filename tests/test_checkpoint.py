@@ -17,6 +17,7 @@ def test_round_trip_keeps_weights_tokenizer_and_provenance(tiny_model_dir, tiny_
     assert loaded.provenance == {"steps": 0}
     assert not loaded.model.training
     assert sorted(p.name for p in tiny_model_dir.iterdir()) == ["config.json", "model.safetensors"]
+    assert all(p.stat().st_mode & 0o044 == 0o044 for p in tiny_model_dir.iterdir())  # readable by others
 
 
 def test_untied_rope_model_and_bpe_tokenizer_round_trip(tmp_path):

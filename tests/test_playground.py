@@ -342,3 +342,11 @@ def test_launch_runs_streamlit_headless(monkeypatch, capsys, tiny_model_dir):
         "--", "--model", str(tiny_model_dir), "--model", "shakespeare-char", "--api-url", "http://api"
     ]  # fmt: skip
     assert "http://localhost:8123" in capsys.readouterr().out
+
+
+def test_card_prefers_the_whole_split_val_loss():
+    from quillgpt.playground import provenance_facts
+
+    facts = provenance_facts({"val_loss": 1.4918, "val_loss_full_split": 1.4667})
+    assert facts["Val loss"] == "1.4667 (whole split)"
+    assert provenance_facts({"val_loss": 1.4918})["Val loss"] == "1.4918"

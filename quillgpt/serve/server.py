@@ -23,7 +23,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         action="extend",
         nargs="+",
         metavar="NAME|DIR",
-        help="model(s) to serve: bundled name, directory, or ALIAS=NAME|DIR (repeatable; default shakespeare-char)",
+        help="model(s) to serve: bundled name, directory, or ALIAS=NAME|DIR (repeatable; default: the bundled one)",
     )
     parser.add_argument("--host", help="address to bind (default 127.0.0.1; 0.0.0.0 in containers)")
     parser.add_argument("--port", type=int, help="port (default 8080)")

@@ -15,11 +15,13 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from quillgpt.checkpoint import default_model
+
 
 class ServeSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="QUILL_", extra="forbid", validate_default=True)
 
-    models: Annotated[list[str], NoDecode] = ["shakespeare-char"]
+    models: Annotated[list[str], NoDecode] = Field(default_factory=lambda: [default_model()])
     """Models to serve: bundled names or directories, each optionally `ALIAS=NAME_OR_DIR`."""
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
