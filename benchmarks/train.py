@@ -23,30 +23,21 @@ from quillgpt.model import GPT
 from quillgpt.train import flops_per_token, measure_matmul_peak, train
 
 SHAPE = dict(n_layer=6, n_embd=384, n_head=6, block_size=256, batch_size=16, dropout=0.0)
+MODERN = {
+    "pos_emb": "rope",
+    "norm": "rmsnorm",
+    "norm_affine": False,
+    "qk_norm": True,
+    "activation": "relu2",
+    "tie_embeddings": False,
+    "bias": False,
+    "optimizer": "muon",
+}  # the shipped models' recipe
 VARIANTS = {
     "eager": {},
     "compile": {"compile": True},
-    "modern-eager": {
-        "pos_emb": "rope",
-        "norm": "rmsnorm",
-        "norm_affine": False,
-        "qk_norm": True,
-        "activation": "relu2",
-        "tie_embeddings": False,
-        "bias": False,
-        "optimizer": "muon",
-    },
-    "modern-compile": {
-        "pos_emb": "rope",
-        "norm": "rmsnorm",
-        "norm_affine": False,
-        "qk_norm": True,
-        "activation": "relu2",
-        "tie_embeddings": False,
-        "bias": False,
-        "optimizer": "muon",
-        "compile": True,
-    },
+    "modern-eager": MODERN,
+    "modern-compile": {**MODERN, "compile": True},
 }
 
 
