@@ -113,3 +113,15 @@ def test_int8_quantized_loading(tiny_model_dir, tiny_model):
     assert (quant - ref).abs().max() < 0.05 * ref.abs().max()  # close to the fp32 model, not identical
     with pytest.raises(CheckpointError, match="unknown quantization 'int4'"):
         load_model(tiny_model_dir, quantize="int4")
+
+
+def test_default_model_prefers_the_first_bundled(tmp_path, monkeypatch, tiny_model, char_tokenizer):
+    from quillgpt.checkpoint import DEFAULT_MODELS, default_model
+
+    monkeypatch.setattr("quillgpt.checkpoint.REPO_MODELS_DIR", tmp_path / "none")
+    monkeypatch.setenv("QUILL_MODELS_DIR", str(tmp_path))
+    assert default_model() == DEFAULT_MODELS[0]  # nothing bundled: the name the error will mention
+    save_model(tmp_path / DEFAULT_MODELS[1], tiny_model, char_tokenizer)
+    assert default_model() == DEFAULT_MODELS[1]
+    save_model(tmp_path / DEFAULT_MODELS[0], tiny_model, char_tokenizer)
+    assert default_model() == DEFAULT_MODELS[0]

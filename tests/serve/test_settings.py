@@ -1,12 +1,13 @@
 import pytest
 from pydantic import ValidationError
 
+from quillgpt.checkpoint import default_model
 from quillgpt.serve.settings import ServeSettings, parse_model_spec
 
 
 def test_defaults():
     s = ServeSettings()
-    assert s.models == ["shakespeare-char"] and (s.host, s.port) == ("127.0.0.1", 8080)
+    assert s.models == [default_model()] and (s.host, s.port) == ("127.0.0.1", 8080)
     assert s.api_key is None and s.cors_origins == [] and s.workers == 1
 
 
