@@ -57,10 +57,10 @@ rm -rf "$CTX"
 mkdir -p "$CTX/wheels"
 git ls-files -z --cached --others --exclude-standard | tar --null -T - --ignore-failed-read -c 2>/dev/null | tar -x -C "$CTX"
 cp "$TORCH_WHEEL" "$CTX/wheels/"
-MODEL=shakespeare-char
-if [ ! -f "$CTX/models/$MODEL/config.json" ]; then
+MODEL=$(ls "$CTX/models" 2>/dev/null | head -n 1)  # the first bundled model
+if [ -z "$MODEL" ] || [ ! -f "$CTX/models/$MODEL/config.json" ]; then
     MODEL=random-char
-    echo "no bundled models/shakespeare-char yet: bundling a randomly initialised $MODEL (same shape)"
+    echo "no bundled model yet: bundling a randomly initialised $MODEL (the Shakespeare shape)"
     "$PYTHON" - "$CTX/models/$MODEL" <<'PY'
 import sys
 
