@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from quillgpt.data import load_text, split_text, tokenize_splits
+from quillgpt.data import load_text, sequential_windows, tokenize_splits
 from quillgpt.model import GPT
 
 
 @torch.no_grad()
 def evaluate_ids(model: GPT, ids, batch_size: int = 16) -> tuple[float, int]:
     """(total negative log-likelihood in nats, tokens scored) over a 1-D array of token ids."""
-    from quillgpt.data import sequential_windows
-
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
@@ -36,14 +35,10 @@ def evaluate_ids(model: GPT, ids, batch_size: int = 16) -> tuple[float, int]:
 def evaluate(model: GPT, tokenizer, data: str, split: str = "val", val_fraction: float = 0.1) -> dict:
     """Loss, bits per character and per byte of `split` ("val", "train" or "all") of a dataset."""
     text = load_text(data)
-    train_text, val_text = split_text(text, val_fraction)
-    part = {"val": val_text, "train": train_text, "all": text}[split]
     ids = tokenize_splits(text, tokenizer, val_fraction)
     arr = {"val": ids.val, "train": ids.train}.get(split)
-    if arr is None:
-        import numpy as np
-
-        arr = np.asarray(tokenizer.encode(part))
+    if arr is None:  # "all": the whole text, encoded in one piece
+        arr = np.asarray(tokenizer.encode(text))
     nll, tokens = evaluate_ids(model, arr)
     scored_text = tokenizer.decode(arr[1:].tolist())  # the first token is context, never a target
     return {

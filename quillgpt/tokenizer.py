@@ -6,7 +6,6 @@ model directory stores beside the weights, so a model always travels with its ow
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -208,11 +207,3 @@ def iter_text_pieces(tokenizer: TextTokenizer, ids: Iterable[int]) -> Iterator[s
             yield piece
     if tail := streamer.flush():
         yield tail
-
-
-def load_legacy_char_maps(path: str | Path) -> CharTokenizer:
-    """A JSON config of the original QuillGPT holding `encode`/`decode` maps."""
-    d = json.loads(Path(path).read_text(encoding="utf-8"))
-    if "encode" not in d:
-        raise TokenizerError(f"{path} has no 'encode' map")
-    return CharTokenizer.from_maps(d["encode"], d.get("decode"))

@@ -447,8 +447,7 @@ def train(
             full_val = _final_eval(out, splits, device)
             metrics.write(json.dumps({"step": step, "final_eval": full_val, "time_s": round(wall, 2)}) + "\n")
         metrics.close()
-    run_tokens = tokens_seen
-    tok_s = run_tokens / wall if wall > 0 else 0.0
+    tok_s = tokens_seen / wall if wall > 0 else 0.0
     mfu = None
     if device.type == "cpu" and ddp.main:
         mfu = flops_per_token(model) * tok_s / measure_matmul_peak(0.3)
