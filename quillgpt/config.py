@@ -144,6 +144,12 @@ class TrainConfig:
     """Fraction of the run spent decaying, for the trapezoid schedule."""
     weight_decay: float = 0.1
     """AdamW weight decay, applied to matrices only (never to norms, biases or embeddings)."""
+    ema_decay: float = 0.0
+    """Keep an exponential moving average of the weights with this decay per step (0: off). Once it
+    starts, evaluations, the best checkpoint and the final model use the average."""
+    ema_start: float = 0.0
+    """Fraction of the run (of the steps, or of the time budget) before the average starts; with
+    the trapezoid schedule, `1 - decay_frac` averages over the decay phase only."""
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0
@@ -192,7 +198,7 @@ class TrainConfig:
             raise ConfigError(f"decay_frac must be in (0, 1], got {self.decay_frac}")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ConfigError(f"max_minutes must be > 0, got {self.max_minutes}")
-        for name in ("beta1", "beta2", "muon_momentum"):
+        for name in ("beta1", "beta2", "muon_momentum", "ema_decay", "ema_start"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.bpe_vocab_size < 257:

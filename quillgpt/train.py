@@ -1,7 +1,8 @@
 """The training loop: optimizers, LR schedule, evaluation, checkpoints, exact resume, DDP.
 
 Output directory of a run:
-    config.json, model.safetensors (+ tokenizer.json)   the best model by val loss (`quill generate OUT`)
+    config.json, model.safetensors (+ tokenizer.json)   the best model by val loss (`quill generate OUT`);
+                                                       with `ema_decay`, the weight average once it starts
     last/                                              the latest state, for --resume
     metrics.jsonl, loss.png, train_config.json         what happened, and the exact resolved config
 
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from quillgpt.checkpoint import (
     CONFIG_FILE,
@@ -124,6 +126,11 @@ def lr_factor(cfg: TrainConfig, step: int, progress: float) -> float:
         hold = 1.0 - cfg.decay_frac
         return 1.0 if p <= hold else floor + (1.0 - floor) * (1.0 - p) / cfg.decay_frac
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * p))
+
+
+def new_ema(model: GPT, cfg: TrainConfig) -> AveragedModel:
+    """An exponential moving average of `model`'s weights; its first update copies them."""
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay))
 
 
 # ---------------------------------------------------------------- evaluation and measurement
@@ -314,7 +321,7 @@ def train(
     model.to(device)
     optimizers = build_optimizers(model, cfg)
     batch_gen = torch.Generator().manual_seed(cfg.seed)
-    step, tokens_seen, elapsed_before, best_val = 0, 0, 0.0, None
+    step, tokens_seen, elapsed_before, best_val, ema = 0, 0, 0.0, None, None
     if state is not None:
         for opt, sd in zip(optimizers, state["optimizers"]):
             opt.load_state_dict(sd)
@@ -322,6 +329,9 @@ def train(
         torch.set_rng_state(state["torch_rng"])
         step, tokens_seen = state["step"], state["tokens_seen"]
         elapsed_before, best_val = state["elapsed"], state["best_val"]
+        if state.get("ema") is not None:
+            ema = new_ema(model, cfg)
+            ema.load_state_dict(state["ema"])
 
     if ddp.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -366,6 +376,7 @@ def train(
                 "optimizers": [o.state_dict() for o in optimizers],
                 "batch_rng": batch_gen.get_state(),
                 "torch_rng": torch.get_rng_state(),
+                "ema": ema.state_dict() if ema is not None else None,
             },
             out / LAST_DIR / STATE_FILE,
         )
@@ -386,13 +397,17 @@ def train(
     model.train()
     try:
         while step < cfg.max_iters and not (budget and elapsed() >= budget):
-            factor = lr_factor(cfg, step, max(step / cfg.max_iters, elapsed() / budget if budget else 0.0))
+            progress = max(step / cfg.max_iters, elapsed() / budget if budget else 0.0)
+            factor = lr_factor(cfg, step, progress)
             for opt in optimizers:
                 for g in opt.param_groups:
                     g["lr"] = g["base_lr"] * factor
             loss_value = _optimizer_step(train_model, model, optimizers, cfg, next_batch, autocast, ddp)
             step += 1
             tokens_seen += tokens_per_step
+            if cfg.ema_decay > 0 and (ema is not None or progress >= cfg.ema_start):
+                ema = ema or new_ema(model, cfg)
+                ema.update_parameters(model)
             if metrics is not None:
                 record = {"step": step, "loss": round(loss_value, 5), "lr": factor * cfg.learning_rate}
                 metrics.write(json.dumps(record | {"tokens": tokens_seen, "time_s": round(elapsed(), 2)}) + "\n")
@@ -407,7 +422,8 @@ def train(
             last = step == cfg.max_iters or (budget is not None and elapsed() >= budget)
             if step % cfg.eval_interval == 0 or last:
                 if ddp.main:
-                    losses = estimate_loss(model, splits, cfg, device)
+                    current = ema.module if ema is not None else model
+                    losses = estimate_loss(current, splits, cfg, device)
                     improved = best_val is None or losses["val"] < best_val
                     if improved:
                         best_val = losses["val"]
@@ -420,7 +436,7 @@ def train(
                             "wall_time_s": round(elapsed(), 1),
                             "val_loss": round(best_val, 4),
                         }
-                        save_model(out, model, tokenizer, provenance=prov)
+                        save_model(out, current, tokenizer, provenance=prov | ({"ema_decay": cfg.ema_decay} if ema is not None else {}))
                     save(loss_value)
                     plot_metrics(metrics_path, out / "loss.png")
                     if bar is not None:

@@ -42,6 +42,8 @@ def test_typo_names_the_nearest_key():
         ("lr_schedule", "exp", "lr_schedule has an invalid value 'exp'"),
         ("n_head", 5, "not divisible"),
         ("optimizer", "sgd", "optimizer"),
+        ("ema_decay", 1.0, r"ema_decay must be in \[0, 1\)"),
+        ("ema_start", -0.1, r"ema_start must be in \[0, 1\)"),
         ("val_fraction", 1.0, "val_fraction"),
         ("compile", "yes", "compile"),
     ],

@@ -82,8 +82,9 @@ def test_muon_trains_too(text_file, tmp_path):
     assert s.best_val_loss < 2.0
 
 
-def test_resume_continues_exactly(text_file, tmp_path):
-    cfg = config(max_iters=30, eval_interval=10)
+@pytest.mark.parametrize("extra", [{}, {"ema_decay": 0.9, "ema_start": 0.3}], ids=["plain", "ema"])
+def test_resume_continues_exactly(text_file, tmp_path, extra):
+    cfg = config(max_iters=30, eval_interval=10, **extra)
     train(cfg, tmp_path / "straight", data=text_file, progress=False)
 
     stop = threading.Event()
@@ -101,9 +102,32 @@ def test_resume_continues_exactly(text_file, tmp_path):
     a, _ = read_metrics(tmp_path / "straight" / "metrics.jsonl")
     b, _ = read_metrics(tmp_path / "split" / "metrics.jsonl")
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
-    wa = load_model(tmp_path / "straight" / "last").model.state_dict()
-    wb = load_model(tmp_path / "split" / "last").model.state_dict()
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    for sub in ("last", "."):  # the latest weights, and the best (the average once it runs, with EMA)
+        wa = load_model(tmp_path / "straight" / sub).model.state_dict()
+        wb = load_model(tmp_path / "split" / sub).model.state_dict()
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_ema_is_the_moving_average_of_the_weights(text_file, tmp_path):
+    """At a constant LR a run of k steps is the first k steps of a longer one, so the average can be
+    rebuilt from the latest weights W_k of shorter runs. Starting at half of 4 steps, it is W_3, then
+    d * W_3 + (1 - d) * W_4."""
+    same = dict(lr_schedule="constant", warmup_iters=0, dropout=0.0, final_eval=False)
+    weights = {}
+    for k in (3, 4):
+        train(config(max_iters=k, eval_interval=k, **same), tmp_path / f"w{k}", data=text_file, progress=False)
+        weights[k] = load_model(tmp_path / f"w{k}" / "last").model.state_dict()
+    d = 0.75
+    cfg = config(max_iters=4, eval_interval=4, ema_decay=d, ema_start=0.5, **same)
+    train(cfg, tmp_path / "ema", data=text_file, progress=False)
+    raw = load_model(tmp_path / "ema" / "last")
+    averaged = load_model(tmp_path / "ema")
+    assert averaged.provenance["ema_decay"] == d and "ema_decay" not in raw.provenance
+    for name, w in averaged.model.state_dict().items():
+        assert torch.equal(raw.model.state_dict()[name], weights[4][name])
+        expected = d * weights[3][name] + (1 - d) * weights[4][name]
+        torch.testing.assert_close(w, expected, rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(averaged.model.state_dict()[n], weights[4][n]) for n in weights[4])
 
 
 def test_output_dir_holding_a_run_is_refused(text_file, tmp_path):
