@@ -165,6 +165,10 @@ class TrainConfig:
     """"auto" (cuda, then mps, then cpu) or a torch device string."""
     compile: bool = False
     """Wrap the model in torch.compile."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Precision of the matmuls under autocast; weights, gradients and optimizer state stay float32.
+    "auto": bfloat16 on CUDA GPUs that support it, float32 elsewhere. On a CPU with AVX512-BF16 or
+    AMX, "bfloat16" runs the matmuls 2-3x faster (docs/results.md has the measurements)."""
     threads: int | None = None
     """torch.set_num_threads for CPU training (default: torch's choice)."""
     tokenizer: Literal["char", "bpe", "gpt2"] = "char"

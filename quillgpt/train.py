@@ -133,6 +133,15 @@ def new_ema(model: GPT, cfg: TrainConfig) -> AveragedModel:
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay))
 
 
+def autocast_context(dtype: str, device: torch.device):
+    """The context the forward and backward passes run in: bfloat16 autocast, or nothing (float32)."""
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    if dtype == "float32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
 # ---------------------------------------------------------------- evaluation and measurement
 
 
@@ -344,11 +353,7 @@ def train(
     train_model = torch.compile(model) if cfg.compile else model
     if ddp.world > 1:
         train_model = DDP(train_model, device_ids=[ddp.local_rank] if device.type == "cuda" else None)
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if device.type == "cuda" and torch.cuda.is_bf16_supported()
-        else nullcontext()
-    )
+    autocast = autocast_context(cfg.dtype, device)
     provenance_base = {
         "data": cfg.data_path,
         "data_sha256": splits.data_sha256,
@@ -436,7 +441,9 @@ def train(
                             "wall_time_s": round(elapsed(), 1),
                             "val_loss": round(best_val, 4),
                         }
-                        save_model(out, current, tokenizer, provenance=prov | ({"ema_decay": cfg.ema_decay} if ema is not None else {}))
+                        if ema is not None:
+                            prov["ema_decay"] = cfg.ema_decay
+                        save_model(out, current, tokenizer, provenance=prov)
                     save(loss_value)
                     plot_metrics(metrics_path, out / "loss.png")
                     if bar is not None:

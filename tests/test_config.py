@@ -46,6 +46,7 @@ def test_typo_names_the_nearest_key():
         ("ema_start", -0.1, r"ema_start must be in \[0, 1\)"),
         ("val_fraction", 1.0, "val_fraction"),
         ("compile", "yes", "compile"),
+        ("dtype", "float16", "dtype has an invalid value 'float16'"),
     ],
 )
 def test_bad_values(key, value, message):

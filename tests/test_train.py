@@ -14,7 +14,7 @@ from quillgpt.checkpoint import load_model, save_model
 from quillgpt.config import train_config_from_dict
 from quillgpt.model import GPT
 from quillgpt.tokenizer import CharTokenizer
-from quillgpt.train import TrainError, lr_factor, read_metrics, train
+from quillgpt.train import TrainError, autocast_context, lr_factor, read_metrics, train
 from tests.conftest import REPO, SAMPLE_TEXT, tiny_config
 
 TINY = dict(
@@ -80,6 +80,38 @@ def test_muon_trains_too(text_file, tmp_path):
     )
     s = train(cfg, tmp_path / "run", data=text_file, progress=False)
     assert s.best_val_loss < 2.0
+
+
+def test_bfloat16_autocast_trains_with_float32_weights(text_file, tmp_path):
+    """bfloat16 runs the matmuls in lower precision: the losses move a little away from float32's
+    but follow them, and the weights and the saved model stay float32."""
+    losses = {"float32": [], "bfloat16": []}
+    for dtype, seen in losses.items():
+        cfg = config(max_iters=40, eval_interval=40, dropout=0.0, dtype=dtype, final_eval=False)
+        train(
+            cfg,
+            tmp_path / dtype,
+            data=text_file,
+            progress=False,
+            on_step=lambda step, loss, seen=seen: seen.append(loss),
+        )
+    losses = {dtype: torch.tensor(seen) for dtype, seen in losses.items()}
+    assert not torch.equal(losses["float32"], losses["bfloat16"])  # autocast really ran in bfloat16
+    torch.testing.assert_close(losses["bfloat16"], losses["float32"], rtol=0, atol=0.05)
+    assert losses["bfloat16"][-5:].mean() < losses["bfloat16"][:5].mean() - 0.5
+    saved = load_model(tmp_path / "bfloat16").model
+    assert all(p.dtype == torch.float32 for p in saved.parameters())
+
+
+def test_autocast_context_picks_the_matmul_precision():
+    layer = torch.nn.Linear(8, 8)
+    x = torch.randn(2, 8)
+    cpu = torch.device("cpu")
+    with autocast_context("bfloat16", cpu):
+        assert layer(x).dtype == torch.bfloat16
+    for dtype in ("float32", "auto"):  # auto is bfloat16 on CUDA only
+        with autocast_context(dtype, cpu):
+            assert layer(x).dtype == torch.float32
 
 
 @pytest.mark.parametrize("extra", [{}, {"ema_decay": 0.9, "ema_start": 0.3}], ids=["plain", "ema"])
