@@ -3,9 +3,10 @@
 Shape: 6 layers, 384 wide, 6 heads, context 256, batch 16, fp32 (nanoGPT's Shakespeare model).
 For each variant it trains a few steps on Tiny Shakespeare and times the steady state (the first
 steps, and torch.compile's warm-up, are left out). MFU is relative to an fp32 matmul peak measured
-in the same run. Prints human-readable lines, then one JSON line.
+in the same run, so bfloat16 variants (autocast, `dtype: bfloat16`) can pass 100%. Prints
+human-readable lines, then one JSON line.
 
-    python benchmarks/train.py [--steps 20] [--variants eager,compile] [--threads N]
+    python benchmarks/train.py [--steps 20] [--variants eager,compile,compile-bf16] [--threads N]
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ VARIANTS = {
     "compile": {"compile": True},
     "modern-eager": MODERN,
     "modern-compile": {**MODERN, "compile": True},
+    "bf16": {"dtype": "bfloat16"},
+    "compile-bf16": {"compile": True, "dtype": "bfloat16"},
+    "modern-compile-bf16": {**MODERN, "compile": True, "dtype": "bfloat16"},
 }
 
 
