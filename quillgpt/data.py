@@ -13,15 +13,17 @@ import io
 import json
 import os
 import shutil
-import tempfile
 import urllib.request
 import warnings
 import zipfile
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from quillgpt.fileio import atomic_write, write_bytes
 
 
 class DataError(ValueError):
@@ -176,7 +178,7 @@ def get_dataset(name: str, source: str | Path | None = None, download: bool = Tr
             continue
         dest.parent.mkdir(parents=True, exist_ok=True)
         if found is not None:
-            shutil.copyfile(found, dest)
+            atomic_write(dest, partial(shutil.copyfile, found))
         elif source is not None:
             raise DataError(f"{f.path} not found under {source}")
         elif not download:
@@ -209,11 +211,7 @@ def _download(f: DataFile, dest: Path, quiet: bool) -> None:
         data = data[: f.max_bytes]
     if hashlib.sha256(data).hexdigest() != f.sha256:
         raise DataError(f"downloaded {f.path} from {f.url} does not match its registered sha256")
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, suffix=".tmp")
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, dest)
+    write_bytes(dest, data)
 
 
 def resolve_data(source: str | Path) -> list[Path]:
@@ -287,12 +285,7 @@ def tokenize_splits(text: str, tokenizer, val_fraction: float = 0.1, cache: Path
     if not all(p.is_file() for p in paths.values()):
         folder.mkdir(parents=True, exist_ok=True)
         for name, part in zip(("train", "val"), split_text(text, val_fraction)):
-            ids = np.asarray(tokenizer.encode(part), dtype=dtype)
-            fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-            with os.fdopen(fd, "wb") as out:
-                out.write(ids.tobytes())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, paths[name])
+            write_bytes(paths[name], np.asarray(tokenizer.encode(part), dtype=dtype).tobytes())
     train, val = (np.memmap(paths[n], dtype=dtype, mode="r") for n in ("train", "val"))
     return TokenSplits(train, val, data_hash)
 

@@ -37,14 +37,13 @@ from quillgpt.checkpoint import (
     load_weights,
     read_model_config,
     save_model,
-    save_torch_atomic,
     update_provenance,
-    write_text_atomic,
 )
 from quillgpt.config import TrainConfig, train_config_from_dict
 from quillgpt.data import DataError, TokenSplits, get_batch, get_dataset, load_text, split_text, tokenize_splits
 from quillgpt.device import resolve_device
 from quillgpt.evaluate import evaluate_ids
+from quillgpt.fileio import atomic_write, write_json, write_text
 from quillgpt.model import GPT
 from quillgpt.tokenizer import BPETokenizer, CharTokenizer, TokenizerError, tokenizer_from_spec
 
@@ -348,7 +347,7 @@ def train(
             for name in RUN_FILES:
                 p = out / name
                 shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-        write_text_atomic(out / "train_config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+        write_json(out / "train_config.json", cfg.to_dict())
 
     train_model = torch.compile(model) if cfg.compile else model
     if ddp.world > 1:
@@ -372,19 +371,17 @@ def train(
             return
         prov = provenance_base | {"steps": step, "tokens": tokens_seen, "wall_time_s": round(elapsed(), 1)}
         save_model(out / LAST_DIR, model, tokenizer, provenance=prov | {"train_loss": last_loss})
-        save_torch_atomic(
-            {
-                "step": step,
-                "tokens_seen": tokens_seen,
-                "elapsed": elapsed(),
-                "best_val": best_val,
-                "optimizers": [o.state_dict() for o in optimizers],
-                "batch_rng": batch_gen.get_state(),
-                "torch_rng": torch.get_rng_state(),
-                "ema": ema.state_dict() if ema is not None else None,
-            },
-            out / LAST_DIR / STATE_FILE,
-        )
+        snapshot = {
+            "step": step,
+            "tokens_seen": tokens_seen,
+            "elapsed": elapsed(),
+            "best_val": best_val,
+            "optimizers": [o.state_dict() for o in optimizers],
+            "batch_rng": batch_gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "ema": ema.state_dict() if ema is not None else None,
+        }
+        atomic_write(out / LAST_DIR / STATE_FILE, lambda tmp: torch.save(snapshot, tmp))
 
     start = time.perf_counter()
     elapsed = lambda: elapsed_before + time.perf_counter() - start  # noqa: E731
@@ -567,7 +564,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if not path.is_file():
         return
     keep = [line for line in path.read_text(encoding="utf-8").splitlines() if json.loads(line)["step"] <= step]
-    write_text_atomic(path, "".join(line + "\n" for line in keep))
+    write_text(path, "".join(line + "\n" for line in keep))
 
 
 def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:
@@ -601,8 +598,5 @@ def plot_metrics(metrics_path: str | Path, png_path: str | Path, title: str | No
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    png_path = Path(png_path)
-    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
-    fig.savefig(tmp)
+    atomic_write(png_path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
-    os.replace(tmp, png_path)
