@@ -127,7 +127,7 @@ def sample_next_token(
 
 
 @dataclass
-class Sequence:
+class SequenceState:
     """One prompt being decoded: its ids, settings, random generator and progress."""
 
     prompt: list[int]
@@ -196,10 +196,10 @@ class Decoder:
         self.device = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
         self.cache = KVCache.allocate(self.config, max_batch, self.device, dtype) if use_cache else None
-        self.active: list[Sequence] = []
+        self.active: list[SequenceState] = []
         self.keep = max(1, math.ceil(KEEP_FRACTION * self.config.block_size))
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: SequenceState) -> None:
         if len(self.active) >= self.max_batch:
             raise RuntimeError(f"decoder is full ({self.max_batch} sequences)")
         V, block = self.config.vocab_size, self.config.block_size
@@ -210,7 +210,7 @@ class Decoder:
         seq.cached = 0
         self.active.append(seq)
 
-    def remove(self, seq: Sequence) -> None:
+    def remove(self, seq: SequenceState) -> None:
         """Drop a sequence (finished or cancelled); the last row moves into its cache row."""
         i = self.active.index(seq)
         last = len(self.active) - 1
@@ -222,7 +222,7 @@ class Decoder:
         self.active.pop()
 
     @torch.inference_mode()
-    def step(self, on_token: Callable[[Sequence, int], None] | None = None) -> list[tuple[Sequence, int]]:
+    def step(self, on_token: Callable[[SequenceState, int], None] | None = None) -> list[tuple[SequenceState, int]]:
         """One decode step for every active sequence. `on_token(seq, token)` runs for each new token
         before finished sequences leave the batch, so it may finish a sequence itself (stop strings)."""
         if not self.active:
@@ -241,7 +241,7 @@ class Decoder:
             self.remove(seq)
         return out
 
-    def _append(self, seq: Sequence, token: int) -> None:
+    def _append(self, seq: SequenceState, token: int) -> None:
         seq.tokens.append(token)
         seq.counts[token] += 1
         if token in seq.stop_ids:
@@ -334,7 +334,7 @@ class TextRequest:
             if any(not isinstance(i, int) or not 0 <= i < tokenizer.vocab_size for i in ids):
                 raise ValueError(f"prompt token ids must be integers in [0, {tokenizer.vocab_size})")
         eot = getattr(tokenizer, "eot_id", None)
-        self.seq = Sequence(ids, params, stop_ids=frozenset() if eot is None else frozenset({eot}))
+        self.seq = SequenceState(ids, params, stop_ids=frozenset() if eot is None else frozenset({eot}))
         self.streamer = TextStreamer(tokenizer)
         self.stops = StopStrings(params.stop)
         self.text = ""

@@ -19,16 +19,18 @@ Stop = StopString | Annotated[list[StopString], Field(max_length=4)] | None
 ModelName = Annotated[str, Field(min_length=1, max_length=256)]
 
 
-class Request(BaseModel):
+class RequestBody(BaseModel):
+    """A request body: unknown fields are ignored (chat tools send many)."""
+
     model_config = ConfigDict(extra="ignore")
 
 
-class StreamOptions(Request):
+class StreamOptions(RequestBody):
     include_usage: bool = False
     """Send one more chunk before `[DONE]` with the request's usage and no choices."""
 
 
-class SamplingRequest(Request):
+class SamplingRequest(RequestBody):
     """Fields shared by completions and chat completions."""
 
     model: ModelName | None = None
@@ -113,12 +115,12 @@ class CompletionRequest(SamplingRequest):
         return list(p)
 
 
-class TextPart(Request):
+class TextPart(RequestBody):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(Request):
+class ChatMessage(RequestBody):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | Annotated[list[TextPart], Field(max_length=64)] | None = None
     name: str | None = None
@@ -159,7 +161,7 @@ class ChatRequest(SamplingRequest):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
-class LegacyGenerateRequest(Request):
+class LegacyGenerateRequest(RequestBody):
     """The original QuillGPT's /generate parameters (query string or JSON body), with extensions."""
 
     prompt: str
@@ -173,7 +175,7 @@ class LegacyGenerateRequest(Request):
     model: ModelName | None = None
 
 
-class LegacyGenerateBody(Request):
+class LegacyGenerateBody(RequestBody):
     """The same fields, all optional: a JSON body may leave some to the query string."""
 
     prompt: str | None = None
@@ -186,12 +188,12 @@ class LegacyGenerateBody(Request):
     model: ModelName | None = None
 
 
-class TokenizeRequest(Request):
+class TokenizeRequest(RequestBody):
     model: ModelName | None = None
     text: str
 
 
-class DetokenizeRequest(Request):
+class DetokenizeRequest(RequestBody):
     model: ModelName | None = None
     tokens: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=1_000_000)]
 
@@ -230,18 +232,20 @@ class CompletionResponse(BaseModel):
     system_fingerprint: str | None = None
 
 
-class TopLogprob(BaseModel):
+class ChatTopLogprob(BaseModel):
     token: str
     logprob: float
     bytes: list[int]
 
 
-class TokenLogprob(TopLogprob):
-    top_logprobs: list[TopLogprob]
+class ChatTokenLogprob(ChatTopLogprob):
+    """A chosen token in chat logprobs (the ids and values come from `quillgpt.generate.TokenLogprob`)."""
+
+    top_logprobs: list[ChatTopLogprob]
 
 
 class ChatLogprobs(BaseModel):
-    content: list[TokenLogprob]
+    content: list[ChatTokenLogprob]
 
 
 class ChatResponseMessage(BaseModel):
@@ -266,7 +270,9 @@ class ChatCompletionResponse(BaseModel):
     system_fingerprint: str | None = None
 
 
-class ModelCard(BaseModel):
+class ModelObject(BaseModel):
+    """OpenAI's model object: one entry of /v1/models, with QuillGPT's facts about the model."""
+
     id: str
     object: Literal["model"] = "model"
     created: int
@@ -281,7 +287,7 @@ class ModelCard(BaseModel):
 
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
-    data: list[ModelCard]
+    data: list[ModelObject]
 
 
 class LegacyGenerateResponse(BaseModel):

@@ -43,9 +43,9 @@ ERROR_RESPONSES = {
 CLIENT_CLOSED = 499  # nginx's code for "client closed the request": only ever seen in logs and metrics
 
 
-def model_card(name: str, engine: Engine, created: int) -> s.ModelCard:
+def describe_model(name: str, engine: Engine, created: int) -> s.ModelObject:
     model = engine.loaded.model
-    return s.ModelCard(
+    return s.ModelObject(
         id=name,
         created=created,
         context_length=engine.context_length,
@@ -82,12 +82,12 @@ def choice_params(
 async def list_models(state: State) -> s.ModelList:
     get_engine(state, None)  # 503 while loading
     created = int(state.started)
-    return s.ModelList(data=[model_card(name, e, created) for name, e in state.engines.items()])
+    return s.ModelList(data=[describe_model(name, e, created) for name, e in state.engines.items()])
 
 
-@router.get("/v1/models/{model_id}", response_model=s.ModelCard, responses=ERROR_RESPONSES)
-async def get_model(model_id: str, state: State) -> s.ModelCard:
-    return model_card(model_id, get_engine(state, model_id), int(state.started))
+@router.get("/v1/models/{model_id}", response_model=s.ModelObject, responses=ERROR_RESPONSES)
+async def get_model(model_id: str, state: State) -> s.ModelObject:
+    return describe_model(model_id, get_engine(state, model_id), int(state.started))
 
 
 def _submit(state: State, engine: Engine, prompts: list[str | list[int]], params: list, param: str) -> Generation:
@@ -132,7 +132,7 @@ def _chat_logprobs(tokenizer: TextTokenizer, logprobs: list[TokenLogprob]) -> s.
 
     return s.ChatLogprobs(
         content=[
-            s.TokenLogprob(**entry(lp.token, lp.logprob), top_logprobs=[entry(t, v) for t, v in lp.top])
+            s.ChatTokenLogprob(**entry(lp.token, lp.logprob), top_logprobs=[entry(t, v) for t, v in lp.top])
             for lp in logprobs
         ]
     )
