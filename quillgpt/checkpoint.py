@@ -103,7 +103,7 @@ def save_model(
     raw = getattr(raw, "module", raw)  # DistributedDataParallel's inner model
     atomic_write(directory / WEIGHTS_FILE, lambda tmp: st_save_model(raw, str(tmp), metadata={"format": "pt"}))
     if isinstance(tokenizer, BPETokenizer):
-        atomic_write(directory / BPE_FILE, lambda tmp: tokenizer.tokenizer.save(str(tmp)))
+        atomic_write(directory / BPE_FILE, tokenizer.save)
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

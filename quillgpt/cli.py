@@ -14,6 +14,9 @@ from pathlib import Path
 
 import torch
 
+INIT_CHARS = [chr(i) for i in range(32, 127)] + ["\n"]
+"""`quill init`'s vocabulary when no other is given: printable ASCII and the newline."""
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {}
 
 
@@ -28,7 +31,7 @@ def command(name: str):
 def _user_errors() -> tuple[type[BaseException], ...]:
     from quillgpt.checkpoint import CheckpointError
     from quillgpt.config import ConfigError
-    from quillgpt.generate import SamplingError
+    from quillgpt.sampling import SamplingError
     from quillgpt.tokenizer import TokenizerError
 
     errors: list[type[BaseException]] = [CheckpointError, ConfigError, SamplingError, TokenizerError, OSError]
@@ -48,27 +51,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    """Flags for `SamplingParams`; unset ones (None) take the defaults of `quillgpt.sampling.LIMITS`."""
+    p.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate (default 256)")
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default 1.0)")
     p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling (default 1.0: off)")
+    p.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages repeats (default 1.0)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None)
-
-
-def sampling_params(args: argparse.Namespace):
-    from quillgpt.generate import SamplingParams
-
-    return SamplingParams(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty,
-        stop=tuple(args.stop),
-        seed=args.seed,
-    )
 
 
 @command("generate")
@@ -76,8 +66,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from quillgpt.checkpoint import default_model, load_model
     from quillgpt.device import resolve_device
     from quillgpt.generate import generate, stream
+    from quillgpt.sampling import sampling_params
 
-    params = sampling_params(args)
+    params = sampling_params(vars(args))
     loaded = load_model(args.model or default_model(), device=resolve_device(args.device), quantize=args.quantize)
     if args.stream:
         sys.stdout.write(args.prompt)
@@ -119,17 +110,13 @@ def cmd_init(args: argparse.Namespace) -> int:
     from quillgpt.checkpoint import save_model
     from quillgpt.config import load_train_config
     from quillgpt.model import GPT
-    from quillgpt.tokenizer import BPETokenizer, CharTokenizer
+    from quillgpt.tokenizer import build_tokenizer
 
     cfg = load_train_config(args.config, args.set)
-    if cfg.encode is not None:
-        tokenizer = CharTokenizer.from_maps(cfg.encode, cfg.decode)
-    elif args.chars is not None:
-        tokenizer = CharTokenizer(sorted(set(args.chars)))
-    elif cfg.tokenizer == "gpt2" and args.gpt2_dir:
-        tokenizer = BPETokenizer.from_gpt2_files(f"{args.gpt2_dir}/vocab.json", f"{args.gpt2_dir}/merges.txt")
-    else:
-        tokenizer = CharTokenizer([chr(i) for i in range(32, 127)] + ["\n"])
+    chars = sorted(set(args.chars)) if args.chars is not None else None
+    if chars is None and not (cfg.tokenizer == "gpt2" and args.gpt2_dir):
+        chars = INIT_CHARS  # there is no text to take characters from or train a BPE on
+    tokenizer = build_tokenizer(cfg, chars=chars, gpt2_dir=args.gpt2_dir)
     cfg.model.vocab_size = max(cfg.model.vocab_size if cfg.vocab_size else 0, tokenizer.vocab_size)
     torch.manual_seed(cfg.seed)
     model = GPT(cfg.model)

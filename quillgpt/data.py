@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import shutil
 import urllib.request
@@ -19,11 +18,15 @@ import zipfile
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from quillgpt.fileio import atomic_write, write_bytes
+
+if TYPE_CHECKING:
+    from quillgpt.tokenizer import TextTokenizer
 
 
 class DataError(ValueError):
@@ -272,13 +275,12 @@ class TokenSplits:
     data_sha256: str
 
 
-def tokenize_splits(text: str, tokenizer, val_fraction: float = 0.1, cache: Path | None = None) -> TokenSplits:
+def tokenize_splits(
+    text: str, tokenizer: TextTokenizer, val_fraction: float = 0.1, cache: Path | None = None
+) -> TokenSplits:
     """Encode both splits once into memory-mapped token files keyed by the text and tokenizer."""
-    spec = json.dumps(tokenizer.to_spec(), sort_keys=True)
-    if hasattr(tokenizer, "tokenizer"):  # BPE: the spec only names a file, so hash the vocabulary itself
-        spec += tokenizer.tokenizer.to_str()
     data_hash = text_sha256(text)
-    key = hashlib.sha256(f"{data_hash}|{spec}|{val_fraction}".encode()).hexdigest()[:24]
+    key = hashlib.sha256(f"{data_hash}|{tokenizer.fingerprint()}|{val_fraction}".encode()).hexdigest()[:24]
     folder = (cache or cache_dir() / "tokens") / key
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
     paths = {name: folder / f"{name}.bin" for name in ("train", "val")}

@@ -40,12 +40,12 @@ from quillgpt.checkpoint import (
     update_provenance,
 )
 from quillgpt.config import TrainConfig, train_config_from_dict
-from quillgpt.data import DataError, TokenSplits, get_batch, get_dataset, load_text, split_text, tokenize_splits
+from quillgpt.data import DataError, TokenSplits, get_batch, load_text, tokenize_splits
 from quillgpt.device import resolve_device
 from quillgpt.evaluate import evaluate_ids
 from quillgpt.fileio import atomic_write, write_json, write_text
 from quillgpt.model import GPT
-from quillgpt.tokenizer import BPETokenizer, CharTokenizer, TokenizerError, tokenizer_from_spec
+from quillgpt.tokenizer import CharTokenizer, TokenizerError, build_tokenizer, tokenizer_from_spec
 
 LAST_DIR = "last"
 STATE_FILE = "train_state.pt"
@@ -214,21 +214,6 @@ def _check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
         raise TrainError(f"output dir {out} is not writable")
 
 
-def _build_tokenizer(cfg: TrainConfig, text: str, train_text: str):
-    if cfg.encode is not None:
-        tok = CharTokenizer.from_maps(cfg.encode, cfg.decode)
-    elif cfg.tokenizer == "char":
-        tok = CharTokenizer.from_text(text)
-    elif cfg.tokenizer == "bpe":
-        tok = BPETokenizer.train([train_text], cfg.bpe_vocab_size)
-    else:  # GPT-2's own BPE files, from the dataset registry
-        folder = get_dataset("gpt2", quiet=True)
-        tok = BPETokenizer.from_gpt2_files(folder / "vocab.json", folder / "merges.txt")
-    if cfg.vocab_size is not None and cfg.vocab_size != tok.vocab_size:
-        raise TrainError(f"config vocab_size is {cfg.vocab_size} but the tokenizer has {tok.vocab_size} tokens")
-    return tok
-
-
 def _check_encodable(tokenizer, text: str, source: str) -> None:
     if isinstance(tokenizer, CharTokenizer) and tokenizer.unk_char is None:
         unknown = sorted(set(text) - set(tokenizer.stoi))
@@ -266,7 +251,6 @@ def _prepare(cfg: TrainConfig, out: Path, data, resume: bool, init_from):
     except DataError as e:
         raise TrainError(str(e)) from None
     cfg = dataclasses.replace(cfg, data_path=str(source))
-    train_text, _ = split_text(text, cfg.val_fraction)
 
     if resume:
         last = read_model_config(out / LAST_DIR)
@@ -278,9 +262,13 @@ def _prepare(cfg: TrainConfig, out: Path, data, resume: bool, init_from):
         model_cfg = dataclasses.replace(base.model.config, dropout=cfg.model.dropout)
     else:
         try:
-            tokenizer = _build_tokenizer(cfg, text, train_text)
+            tokenizer = build_tokenizer(cfg, text)
         except TokenizerError as e:
             raise TrainError(str(e)) from None
+        if cfg.vocab_size is not None and cfg.vocab_size != tokenizer.vocab_size:
+            raise TrainError(
+                f"config vocab_size is {cfg.vocab_size} but the tokenizer has {tokenizer.vocab_size} tokens"
+            )
         model_cfg = dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size)
     _check_encodable(tokenizer, text, str(source))
     cfg = dataclasses.replace(cfg, model=model_cfg)

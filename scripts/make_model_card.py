@@ -15,7 +15,8 @@ import json
 from pathlib import Path
 
 from quillgpt.checkpoint import load_model
-from quillgpt.generate import SamplingParams, generate
+from quillgpt.generate import generate
+from quillgpt.sampling import SamplingParams
 
 
 def card(model_dir: Path, config_path: Path, title: str, prompts: list[str], command: str) -> str:

@@ -3,8 +3,6 @@ import torch
 
 from quillgpt.generate import (
     Decoder,
-    SamplingError,
-    SamplingParams,
     SequenceState,
     StopStrings,
     generate,
@@ -12,6 +10,7 @@ from quillgpt.generate import (
     stream,
 )
 from quillgpt.model import GPT
+from quillgpt.sampling import SamplingError, SamplingParams
 from quillgpt.tokenizer import BPETokenizer
 from tests.conftest import tiny_config
 
