@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 from quillgpt.checkpoint import load_model
+from quillgpt.fileio import write_text
 from quillgpt.generate import generate
 from quillgpt.sampling import SamplingParams
 
@@ -85,7 +86,7 @@ def main() -> None:
     args = p.parse_args()
     command = args.command or f"quill train {args.config} --out {args.model_dir}"
     text = card(args.model_dir, args.config, args.title or args.model_dir.name, args.prompt or ["ROMEO:"], command)
-    (args.model_dir / "README.md").write_text(text, encoding="utf-8")
+    write_text(args.model_dir / "README.md", text)
     print(f"wrote {args.model_dir / 'README.md'}")
 
 
