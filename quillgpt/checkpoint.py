@@ -2,7 +2,7 @@
 
 config.json holds the model config, the tokenizer spec and provenance (data hash, steps, val loss),
 so the directory describes itself. Weights are safetensors: loading never runs code. Every file
-is written to a temporary name and renamed into place, so a crash never leaves a torn file.
+is written atomically (`quillgpt.fileio`), so a crash never leaves a torn file.
 Bundled models (under `models/` in the repository, or $QUILL_MODELS_DIR) are found by name.
 """
 
@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +20,7 @@ from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_model as st_save_model
 
 from quillgpt.config import ConfigError, GPTConfig
+from quillgpt.fileio import atomic_write, write_json
 from quillgpt.model import GPT, quantize_int8
 from quillgpt.tokenizer import BPE_FILE, BPETokenizer, CharTokenizer, TokenizerError, tokenizer_from_spec
 
@@ -103,11 +101,9 @@ def save_model(
     directory.mkdir(parents=True, exist_ok=True)
     raw = getattr(model, "_orig_mod", model)  # the compiled wrapper's inner model, not its key names
     raw = getattr(raw, "module", raw)  # DistributedDataParallel's inner model
-    with _atomic_path(directory / WEIGHTS_FILE) as tmp:
-        st_save_model(raw, str(tmp), metadata={"format": "pt"})
+    atomic_write(directory / WEIGHTS_FILE, lambda tmp: st_save_model(raw, str(tmp), metadata={"format": "pt"}))
     if isinstance(tokenizer, BPETokenizer):
-        with _atomic_path(directory / BPE_FILE) as tmp:
-            tokenizer.tokenizer.save(str(tmp))
+        atomic_write(directory / BPE_FILE, tokenizer.save)
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -115,34 +111,8 @@ def save_model(
         "tokenizer": tokenizer.to_spec(),
         "provenance": provenance or {},
     }
-    write_text_atomic(directory / CONFIG_FILE, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    write_json(directory / CONFIG_FILE, config)
     return directory
-
-
-@contextmanager
-def _atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success fsync it and rename it over `path`."""
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes files private; a model is meant to be read by others
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    with _atomic_path(Path(path)) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
-def save_torch_atomic(obj: Any, path: str | Path) -> None:
-    with _atomic_path(Path(path)) as tmp:
-        torch.save(obj, tmp)
 
 
 def _is_model_dir(directory: Path) -> bool:
@@ -169,7 +139,7 @@ def update_provenance(directory: str | Path, **values: Any) -> None:
     """Add facts (such as a final evaluation) to a saved model's provenance."""
     data = read_model_config(directory)
     data["provenance"] = {**data.get("provenance", {}), **values}
-    write_text_atomic(Path(directory) / CONFIG_FILE, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    write_json(Path(directory) / CONFIG_FILE, data)
 
 
 def load_model(

@@ -14,12 +14,20 @@ from pathlib import Path
 
 import torch
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {}
+INIT_CHARS = [chr(i) for i in range(32, 127)] + ["\n"]
+"""`quill init`'s vocabulary when no other is given: printable ASCII and the newline."""
+
+Flags = Callable[[argparse.ArgumentParser], None]
+Command = Callable[[argparse.Namespace], int | None]
+COMMANDS: dict[str, tuple[str, Flags, Command]] = {}
+"""The command table: subcommand name → (help, the function adding its flags, the function running it)."""
 
 
-def command(name: str):
-    def register(fn):
-        COMMANDS[name] = fn
+def command(name: str, help: str, flags: Flags):
+    """Register a subcommand; its flags are declared by `flags`, written just above it."""
+
+    def register(fn: Command) -> Command:
+        COMMANDS[name] = (help, flags, fn)
         return fn
 
     return register
@@ -28,7 +36,7 @@ def command(name: str):
 def _user_errors() -> tuple[type[BaseException], ...]:
     from quillgpt.checkpoint import CheckpointError
     from quillgpt.config import ConfigError
-    from quillgpt.generate import SamplingError
+    from quillgpt.sampling import SamplingError
     from quillgpt.tokenizer import TokenizerError
 
     errors: list[type[BaseException]] = [CheckpointError, ConfigError, SamplingError, TokenizerError, OSError]
@@ -48,36 +56,36 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    """Flags for `SamplingParams`; unset ones (None) take the defaults of `quillgpt.sampling.LIMITS`."""
+    from quillgpt.sampling import LIMITS
+
+    default = {name: limit.default for name, limit in LIMITS.items()}
+    p.add_argument("--max-new-tokens", type=int, help=f"tokens to generate (default {default['max_new_tokens']})")
+    p.add_argument("--temperature", type=float, help=f"0 = greedy (default {default['temperature']:g})")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float, help=f"nucleus sampling (default {default['top_p']:g}: off)")
+    p.add_argument("--repetition-penalty", type=float, help="> 1 discourages repeats (default 1: off)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int)
 
 
-def sampling_params(args: argparse.Namespace):
-    from quillgpt.generate import SamplingParams
-
-    return SamplingParams(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty,
-        stop=tuple(args.stop),
-        seed=args.seed,
-    )
+def generate_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="bundled model name or model directory (default: the bundled one)")
+    p.add_argument("--prompt", default="", help="text to continue (empty: the tokenizer's start token)")
+    add_sampling_args(p)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quantize", choices=["int8"], default=None, help="int8 weights: faster CPU decoding")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True)
 
 
-@command("generate")
+@command("generate", "generate text from a model", generate_flags)
 def cmd_generate(args: argparse.Namespace) -> int:
     from quillgpt.checkpoint import default_model, load_model
     from quillgpt.device import resolve_device
     from quillgpt.generate import generate, stream
+    from quillgpt.sampling import sampling_params
 
-    params = sampling_params(args)
+    params = sampling_params(vars(args))
     loaded = load_model(args.model or default_model(), device=resolve_device(args.device), quantize=args.quantize)
     if args.stream:
         sys.stdout.write(args.prompt)
@@ -91,7 +99,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("info")
+def info_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model")
+    p.add_argument("--json", action="store_true")
+
+
+@command("info", "parameters, config and provenance of a model", info_flags)
 def cmd_info(args: argparse.Namespace) -> int:
     from quillgpt.checkpoint import load_model
 
@@ -114,22 +127,26 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("init")
+def init_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--chars", default=None, help="build a char tokenizer from these characters")
+    p.add_argument("--gpt2-dir", default=None, help="folder with GPT-2's vocab.json and merges.txt")
+
+
+@command("init", "write a randomly initialised model (for tests and benchmarks)", init_flags)
 def cmd_init(args: argparse.Namespace) -> int:
     from quillgpt.checkpoint import save_model
     from quillgpt.config import load_train_config
     from quillgpt.model import GPT
-    from quillgpt.tokenizer import BPETokenizer, CharTokenizer
+    from quillgpt.tokenizer import build_tokenizer
 
     cfg = load_train_config(args.config, args.set)
-    if cfg.encode is not None:
-        tokenizer = CharTokenizer.from_maps(cfg.encode, cfg.decode)
-    elif args.chars is not None:
-        tokenizer = CharTokenizer(sorted(set(args.chars)))
-    elif cfg.tokenizer == "gpt2" and args.gpt2_dir:
-        tokenizer = BPETokenizer.from_gpt2_files(f"{args.gpt2_dir}/vocab.json", f"{args.gpt2_dir}/merges.txt")
-    else:
-        tokenizer = CharTokenizer([chr(i) for i in range(32, 127)] + ["\n"])
+    chars = sorted(set(args.chars)) if args.chars is not None else None
+    if chars is None and not (cfg.tokenizer == "gpt2" and args.gpt2_dir):
+        chars = INIT_CHARS  # there is no text to take characters from or train a BPE on
+    tokenizer = build_tokenizer(cfg, chars=chars, gpt2_dir=args.gpt2_dir)
     cfg.model.vocab_size = max(cfg.model.vocab_size if cfg.vocab_size else 0, tokenizer.vocab_size)
     torch.manual_seed(cfg.seed)
     model = GPT(cfg.model)
@@ -138,7 +155,17 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("train")
+def train_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="JSON training config (see configs/)")
+    p.add_argument("--data", default=None, help="text file, folder of .txt files or dataset name")
+    p.add_argument("--out", default=None, help="output model directory (default runs/<config name>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous run in --out")
+    p.add_argument("--init-from", default=None, help="start from this model's weights (fine-tuning)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+
+
+@command("train", "train a model from a JSON config", train_flags)
 def cmd_train(args: argparse.Namespace) -> int:
     from quillgpt.config import load_train_config
     from quillgpt.train import train
@@ -159,7 +186,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 130 if s.interrupted else 0
 
 
-@command("data")
+def data_flags(p: argparse.ArgumentParser) -> None:
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    data_sub.add_parser("list", help="registered datasets")
+    g = data_sub.add_parser("get", help="download (or copy --from a local path) and verify a dataset")
+    g.add_argument("name")
+    g.add_argument("--from", dest="source", default=None, help="local file or folder holding the files")
+
+
+@command("data", "list or fetch registered datasets", data_flags)
 def cmd_data(args: argparse.Namespace) -> int:
     from quillgpt.data import REGISTRY, cache_dir, get_dataset
 
@@ -175,7 +210,17 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("eval")
+def eval_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model")
+    p.add_argument("--data", required=True, help="dataset name, text file or folder")
+    p.add_argument("--split", choices=["val", "train", "all"], default="val")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quantize", choices=["int8"], default=None, help="evaluate with int8 weights")
+    p.add_argument("--json", action="store_true", help="end with one JSON line")
+
+
+@command("eval", "loss over a whole split, in consecutive windows", eval_flags)
 def cmd_eval(args: argparse.Namespace) -> int:
     from quillgpt.checkpoint import load_model
     from quillgpt.device import resolve_device
@@ -195,7 +240,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("serve")
+def serve_flags(p: argparse.ArgumentParser) -> None:
+    try:
+        from quillgpt.serve.server import add_serve_arguments
+    except ImportError:  # the `serve` extra is not installed; say so when the command runs
+        p.set_defaults(missing_extra="serve")
+        return
+    add_serve_arguments(p)
+
+
+@command("serve", "serve models over HTTP (OpenAI-compatible API)", serve_flags)
 def cmd_serve(args: argparse.Namespace) -> int:
     if getattr(args, "missing_extra", None):
         print("quill serve: error: the server needs the serve extra: pip install 'quillgpt[serve]'", file=sys.stderr)
@@ -205,77 +259,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve_from_args(args)
 
 
-@command("playground")
+def playground_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", action="append", default=[], help="bundled model name or model directory (repeatable)")
+    p.add_argument("--api-url", default=None, help="use a running `quill serve` instead of loading models here")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8501)
+
+
+@command("playground", "the Streamlit playground in a browser", playground_flags)
 def cmd_playground(args: argparse.Namespace) -> int:
     from quillgpt.playground import launch
 
     return launch(args.model, args.api_url, args.host, args.port)
 
 
-def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
-    try:
-        from quillgpt.serve.server import add_serve_arguments
-    except ImportError:  # the `serve` extra is not installed; say so when the command runs
-        p.set_defaults(missing_extra="serve")
-        return
-    add_serve_arguments(p)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quill", description="QuillGPT: train, run and serve small GPTs.")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("generate", help="generate text from a model")
-    p.add_argument("--model", default=None, help="bundled model name or model directory (default: the bundled one)")
-    p.add_argument("--prompt", default="", help="text to continue (empty: the tokenizer's start token)")
-    add_sampling_args(p)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--quantize", choices=["int8"], default=None, help="int8 weights: faster CPU decoding")
-    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True)
-
-    p = sub.add_parser("info", help="parameters, config and provenance of a model")
-    p.add_argument("model")
-    p.add_argument("--json", action="store_true")
-
-    p = sub.add_parser("init", help="write a randomly initialised model (for tests and benchmarks)")
-    p.add_argument("--config", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--chars", default=None, help="build a char tokenizer from these characters")
-    p.add_argument("--gpt2-dir", default=None, help="folder with GPT-2's vocab.json and merges.txt")
-    p = sub.add_parser("train", help="train a model from a JSON config")
-    p.add_argument("config", help="JSON training config (see configs/)")
-    p.add_argument("--data", default=None, help="text file, folder of .txt files or dataset name")
-    p.add_argument("--out", default=None, help="output model directory (default runs/<config name>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
-    p.add_argument("--overwrite", action="store_true", help="replace a previous run in --out")
-    p.add_argument("--init-from", default=None, help="start from this model's weights (fine-tuning)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-
-    p = sub.add_parser("data", help="list or fetch registered datasets")
-    data_sub = p.add_subparsers(dest="data_command", required=True)
-    data_sub.add_parser("list", help="registered datasets")
-    g = data_sub.add_parser("get", help="download (or copy --from a local path) and verify a dataset")
-    g.add_argument("name")
-    g.add_argument("--from", dest="source", default=None, help="local file or folder holding the files")
-
-    p = sub.add_parser("eval", help="loss over a whole split, in consecutive windows")
-    p.add_argument("model")
-    p.add_argument("--data", required=True, help="dataset name, text file or folder")
-    p.add_argument("--split", choices=["val", "train", "all"], default="val")
-    p.add_argument("--val-fraction", type=float, default=0.1)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--quantize", choices=["int8"], default=None, help="evaluate with int8 weights")
-    p.add_argument("--json", action="store_true", help="end with one JSON line")
-
-    p = sub.add_parser("serve", help="serve models over HTTP (OpenAI-compatible API)")
-    _add_serve_arguments(p)
-
-    p = sub.add_parser("playground", help="the Streamlit playground in a browser")
-    p.add_argument("--model", action="append", default=[], help="bundled model name or model directory (repeatable)")
-    p.add_argument("--api-url", default=None, help="use a running `quill serve` instead of loading models here")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8501)
+    for name, (help, flags, _) in COMMANDS.items():
+        flags(sub.add_parser(name, help=help))
     return parser
 
 
@@ -293,7 +295,8 @@ def run_with_clear_errors(name: str, fn: Callable[[argparse.Namespace], int | No
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_with_clear_errors(f"quill {args.command}", COMMANDS[args.command], args)
+    _, _, run = COMMANDS[args.command]
+    return run_with_clear_errors(f"quill {args.command}", run, args)
 
 
 if __name__ == "__main__":

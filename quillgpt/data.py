@@ -10,18 +10,23 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import shutil
-import tempfile
 import urllib.request
 import warnings
 import zipfile
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+from quillgpt.fileio import atomic_write, write_bytes
+
+if TYPE_CHECKING:
+    from quillgpt.tokenizer import TextTokenizer
 
 
 class DataError(ValueError):
@@ -176,7 +181,7 @@ def get_dataset(name: str, source: str | Path | None = None, download: bool = Tr
             continue
         dest.parent.mkdir(parents=True, exist_ok=True)
         if found is not None:
-            shutil.copyfile(found, dest)
+            atomic_write(dest, partial(shutil.copyfile, found))
         elif source is not None:
             raise DataError(f"{f.path} not found under {source}")
         elif not download:
@@ -209,11 +214,7 @@ def _download(f: DataFile, dest: Path, quiet: bool) -> None:
         data = data[: f.max_bytes]
     if hashlib.sha256(data).hexdigest() != f.sha256:
         raise DataError(f"downloaded {f.path} from {f.url} does not match its registered sha256")
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, suffix=".tmp")
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, dest)
+    write_bytes(dest, data)
 
 
 def resolve_data(source: str | Path) -> list[Path]:
@@ -274,25 +275,19 @@ class TokenSplits:
     data_sha256: str
 
 
-def tokenize_splits(text: str, tokenizer, val_fraction: float = 0.1, cache: Path | None = None) -> TokenSplits:
+def tokenize_splits(
+    text: str, tokenizer: TextTokenizer, val_fraction: float = 0.1, cache: Path | None = None
+) -> TokenSplits:
     """Encode both splits once into memory-mapped token files keyed by the text and tokenizer."""
-    spec = json.dumps(tokenizer.to_spec(), sort_keys=True)
-    if hasattr(tokenizer, "tokenizer"):  # BPE: the spec only names a file, so hash the vocabulary itself
-        spec += tokenizer.tokenizer.to_str()
     data_hash = text_sha256(text)
-    key = hashlib.sha256(f"{data_hash}|{spec}|{val_fraction}".encode()).hexdigest()[:24]
+    key = hashlib.sha256(f"{data_hash}|{tokenizer.fingerprint()}|{val_fraction}".encode()).hexdigest()[:24]
     folder = (cache or cache_dir() / "tokens") / key
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
     paths = {name: folder / f"{name}.bin" for name in ("train", "val")}
     if not all(p.is_file() for p in paths.values()):
         folder.mkdir(parents=True, exist_ok=True)
         for name, part in zip(("train", "val"), split_text(text, val_fraction)):
-            ids = np.asarray(tokenizer.encode(part), dtype=dtype)
-            fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-            with os.fdopen(fd, "wb") as out:
-                out.write(ids.tobytes())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, paths[name])
+            write_bytes(paths[name], np.asarray(tokenizer.encode(part), dtype=dtype).tobytes())
     train, val = (np.memmap(paths[n], dtype=dtype, mode="r") for n in ("train", "val"))
     return TokenSplits(train, val, data_hash)
 

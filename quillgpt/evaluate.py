@@ -1,4 +1,5 @@
-"""Deterministic loss of a model over a whole split: every token once, in consecutive windows.
+"""Deterministic loss of a model over a whole split: every token once, in consecutive windows;
+and `estimate_loss`, the quick estimate on fixed random batches that training logs.
 
 Non-overlapping windows of the model's context length give each position the same spread of
 context lengths as nanoGPT's random-window estimate, so the numbers stay comparable with it; an
@@ -13,7 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from quillgpt.data import load_text, sequential_windows, tokenize_splits
+from quillgpt.config import TrainConfig
+from quillgpt.data import TokenSplits, get_batch, load_text, sequential_windows, tokenize_splits
 from quillgpt.model import GPT
 
 
@@ -51,3 +53,20 @@ def evaluate(model: GPT, tokenizer, data: str, split: str = "val", val_fraction:
         "characters": len(scored_text),
         "data_sha256": ids.data_sha256,
     }
+
+
+@torch.no_grad()
+def estimate_loss(model: GPT, splits: TokenSplits, cfg: TrainConfig, device: torch.device) -> dict[str, float]:
+    """Mean loss on fixed batches: the same `eval_iters` windows of each split at every evaluation."""
+    was_training = model.training
+    model.eval()
+    out = {}
+    for i, (name, data) in enumerate((("train", splits.train), ("val", splits.val))):
+        g = torch.Generator().manual_seed(cfg.seed + 7919 * (i + 1))
+        losses = []
+        for _ in range(cfg.eval_iters):
+            x, y = get_batch(data, cfg.batch_size, model.config.block_size, g)
+            losses.append(model(x.to(device), y.to(device))[1].item())
+        out[name] = sum(losses) / len(losses)
+    model.train(was_training)
+    return out

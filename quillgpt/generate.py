@@ -1,6 +1,6 @@
 """Generation: the sampler, a batched decoder on token ids, and the text layer over it.
 
-Layers, bottom up:
+Layers, bottom up (the settings, `SamplingParams`, are in `quillgpt.sampling`):
 - `sample_next_token`: one row of logits → one token (temperature, top-k, top-p, penalties, seed).
 - `Decoder`: continuous batching on ids. Sequences join and leave between steps; each owns one row
   of the `KVCache`, its tokens at their own positions, so rows of different lengths need no padding.
@@ -25,64 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from quillgpt.model import GPT, KVCache
+from quillgpt.sampling import SamplingError, SamplingParams  # noqa: F401 - also imported from here by playground, benchmarks
 from quillgpt.tokenizer import TextStreamer, TextTokenizer
 
 KEEP_FRACTION = 0.75
-
-
-class SamplingError(ValueError):
-    """Sampling settings outside their valid ranges."""
-
-
-@dataclass
-class SamplingParams:
-    """How to pick tokens. Defaults sample from the model's own distribution."""
-
-    max_new_tokens: int = 256
-    temperature: float = 1.0
-    """0 means greedy (argmax)."""
-    top_k: int | None = None
-    """Keep only the k most likely tokens."""
-    top_p: float = 1.0
-    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
-    repetition_penalty: float = 1.0
-    """CTRL/HF-style: logits of tokens already in the prompt or output are divided by it (>1 discourages)."""
-    presence_penalty: float = 0.0
-    """OpenAI-style: subtracted once from the logit of every token already generated."""
-    frequency_penalty: float = 0.0
-    """OpenAI-style: subtracted per occurrence of a token already generated."""
-    stop: tuple[str, ...] = ()
-    """Text that ends generation; it is not included in the output."""
-    seed: int | None = None
-    """Seeds this sequence's own torch.Generator: same seed, same output, alone or batched."""
-    logprobs: int | None = None
-    """Return the chosen tokens' log-probabilities and this many top alternatives (0: chosen only)."""
-
-    def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            self.stop = (self.stop,)
-        self.stop = tuple(self.stop)
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise SamplingError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
-        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
-            raise SamplingError(f"temperature must be >= 0, got {self.temperature!r}")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
-            raise SamplingError(f"top_k must be an integer >= 1, got {self.top_k!r}")
-        if not 0 < self.top_p <= 1:
-            raise SamplingError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not (self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty)):
-            raise SamplingError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if not -2 <= getattr(self, name) <= 2:
-                raise SamplingError(f"{name} must be in [-2, 2], got {getattr(self, name)!r}")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise SamplingError("stop strings must be non-empty strings")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise SamplingError(f"logprobs must be in [0, 20], got {self.logprobs!r}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
 
 
 @dataclass
@@ -127,7 +73,7 @@ def sample_next_token(
 
 
 @dataclass
-class Sequence:
+class SequenceState:
     """One prompt being decoded: its ids, settings, random generator and progress."""
 
     prompt: list[int]
@@ -196,10 +142,10 @@ class Decoder:
         self.device = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
         self.cache = KVCache.allocate(self.config, max_batch, self.device, dtype) if use_cache else None
-        self.active: list[Sequence] = []
+        self.active: list[SequenceState] = []
         self.keep = max(1, math.ceil(KEEP_FRACTION * self.config.block_size))
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: SequenceState) -> None:
         if len(self.active) >= self.max_batch:
             raise RuntimeError(f"decoder is full ({self.max_batch} sequences)")
         V, block = self.config.vocab_size, self.config.block_size
@@ -210,7 +156,7 @@ class Decoder:
         seq.cached = 0
         self.active.append(seq)
 
-    def remove(self, seq: Sequence) -> None:
+    def remove(self, seq: SequenceState) -> None:
         """Drop a sequence (finished or cancelled); the last row moves into its cache row."""
         i = self.active.index(seq)
         last = len(self.active) - 1
@@ -222,7 +168,7 @@ class Decoder:
         self.active.pop()
 
     @torch.inference_mode()
-    def step(self, on_token: Callable[[Sequence, int], None] | None = None) -> list[tuple[Sequence, int]]:
+    def step(self, on_token: Callable[[SequenceState, int], None] | None = None) -> list[tuple[SequenceState, int]]:
         """One decode step for every active sequence. `on_token(seq, token)` runs for each new token
         before finished sequences leave the batch, so it may finish a sequence itself (stop strings)."""
         if not self.active:
@@ -241,7 +187,7 @@ class Decoder:
             self.remove(seq)
         return out
 
-    def _append(self, seq: Sequence, token: int) -> None:
+    def _append(self, seq: SequenceState, token: int) -> None:
         seq.tokens.append(token)
         seq.counts[token] += 1
         if token in seq.stop_ids:
@@ -333,8 +279,8 @@ class TextRequest:
             ids = list(prompt) or tokenizer.start_ids()
             if any(not isinstance(i, int) or not 0 <= i < tokenizer.vocab_size for i in ids):
                 raise ValueError(f"prompt token ids must be integers in [0, {tokenizer.vocab_size})")
-        eot = getattr(tokenizer, "eot_id", None)
-        self.seq = Sequence(ids, params, stop_ids=frozenset() if eot is None else frozenset({eot}))
+        eot = tokenizer.eot_id
+        self.seq = SequenceState(ids, params, stop_ids=frozenset() if eot is None else frozenset({eot}))
         self.streamer = TextStreamer(tokenizer)
         self.stops = StopStrings(params.stop)
         self.text = ""
@@ -346,7 +292,7 @@ class TextRequest:
         piece, stopped = self.stops.feed(self.streamer.push(token))
         if stopped:
             self.seq.finish("stop")
-            self.streamer.pending.clear()
+            self.streamer.discard()
         elif self.seq.done:
             piece += self._flush()
         self.text += piece

@@ -6,11 +6,16 @@ model directory stores beside the weights, so a model always travels with its ow
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+if TYPE_CHECKING:
+    from quillgpt.config import TrainConfig
 
 EOT = "<|endoftext|>"
 BPE_FILE = "tokenizer.json"
@@ -21,12 +26,29 @@ class TokenizerError(ValueError):
 
 
 class TextTokenizer(Protocol):
+    """What generation, training data and serving need from a tokenizer (both tokenizers here are one)."""
+
     vocab_size: int
+    eot_id: int | None
+    """The end-of-text token, which ends generation; None when the vocabulary has none (characters)."""
 
     def encode(self, text: str) -> list[int]: ...
     def decode(self, ids: Iterable[int]) -> str: ...
-    def start_ids(self) -> list[int]: ...
-    def to_spec(self) -> dict[str, Any]: ...
+    def start_ids(self) -> list[int]:
+        """What an empty prompt starts from."""
+        ...
+
+    def to_spec(self) -> dict[str, Any]:
+        """The small dict a model's config.json stores to rebuild the tokenizer."""
+        ...
+
+    def fingerprint(self) -> str:
+        """A hash of the whole vocabulary: equal fingerprints encode text identically."""
+        ...
+
+
+def _fingerprint(spec: dict[str, Any], vocabulary: str = "") -> str:
+    return hashlib.sha256((json.dumps(spec, sort_keys=True) + vocabulary).encode("utf-8")).hexdigest()
 
 
 class CharTokenizer:
@@ -35,6 +57,8 @@ class CharTokenizer:
     Encoding a character outside the vocabulary raises a TokenizerError naming the characters,
     unless `unk_char` (a character of the vocabulary) is given to stand in for them.
     """
+
+    eot_id = None  # no end-of-text character: generation ends on length or stop strings
 
     def __init__(self, chars: Iterable[str], unk_char: str | None = None):
         self.chars = list(chars)
@@ -97,6 +121,9 @@ class CharTokenizer:
             spec["unk_char"] = self.unk_char
         return spec
 
+    def fingerprint(self) -> str:
+        return _fingerprint(self.to_spec())  # the spec holds the whole vocabulary
+
 
 class BPETokenizer:
     """Byte-level BPE (GPT-2's scheme) backed by HuggingFace `tokenizers`: any text encodes."""
@@ -156,6 +183,13 @@ class BPETokenizer:
     def to_spec(self) -> dict[str, Any]:
         return {"type": "bpe", "file": BPE_FILE}
 
+    def fingerprint(self) -> str:
+        return _fingerprint(self.to_spec(), self.tokenizer.to_str())  # the spec only names a file
+
+    def save(self, path: str | Path) -> None:
+        """Write the vocabulary and merges as HF `tokenizer.json` (the file `to_spec` names)."""
+        self.tokenizer.save(str(path))
+
 
 def tokenizer_from_spec(spec: dict[str, Any], directory: str | Path | None = None) -> CharTokenizer | BPETokenizer:
     """Rebuild a tokenizer from the spec stored in a model's config.json."""
@@ -174,6 +208,35 @@ def tokenizer_from_spec(spec: dict[str, Any], directory: str | Path | None = Non
     raise TokenizerError(f"unknown tokenizer type {kind!r} (expected 'char' or 'bpe')")
 
 
+def build_tokenizer(
+    cfg: TrainConfig,
+    text: str = "",
+    *,
+    chars: Iterable[str] | None = None,
+    gpt2_dir: str | Path | None = None,
+) -> CharTokenizer | BPETokenizer:
+    """A new model's tokenizer, as a training config asks for it (`quill train` and `quill init`).
+
+    First match wins: the config's own `encode`/`decode` maps (the original QuillGPT's configs);
+    `chars`, an explicit vocabulary in its order; then `cfg.tokenizer`: "char" takes the sorted
+    characters of `text`, "bpe" trains on the training split of `text`, and "gpt2" reads GPT-2's
+    `vocab.json` and `merges.txt` from `gpt2_dir` (default: the registered `gpt2` dataset).
+    """
+    from quillgpt.data import get_dataset, split_text
+
+    if cfg.encode is not None:
+        return CharTokenizer.from_maps(cfg.encode, cfg.decode)
+    if chars is not None:
+        return CharTokenizer(chars)
+    if cfg.tokenizer == "char":
+        return CharTokenizer.from_text(text)
+    if cfg.tokenizer == "bpe":
+        train_text, _ = split_text(text, cfg.val_fraction)
+        return BPETokenizer.train([train_text], cfg.bpe_vocab_size)
+    folder = Path(gpt2_dir) if gpt2_dir is not None else get_dataset("gpt2", quiet=True)
+    return BPETokenizer.from_gpt2_files(folder / "vocab.json", folder / "merges.txt")
+
+
 class TextStreamer:
     """Turns token ids into text pieces as they arrive, never splitting a UTF-8 character.
 
@@ -183,21 +246,27 @@ class TextStreamer:
 
     def __init__(self, tokenizer: TextTokenizer, max_hold: int = 8):
         self.tokenizer = tokenizer
-        self.pending: list[int] = []
         self.max_hold = max_hold
+        self._pending: list[int] = []
 
     def push(self, token_id: int) -> str:
-        self.pending.append(token_id)
-        text = self.tokenizer.decode(self.pending)
-        if text.endswith("\ufffd") and len(self.pending) < self.max_hold:
+        """The text this token completes ("" while it holds part of a character)."""
+        self._pending.append(token_id)
+        text = self.tokenizer.decode(self._pending)
+        if text.endswith("\ufffd") and len(self._pending) < self.max_hold:
             return ""
-        self.pending.clear()
+        self._pending.clear()
         return text
 
     def flush(self) -> str:
-        text = self.tokenizer.decode(self.pending) if self.pending else ""
-        self.pending.clear()
+        """Whatever is held back, as text (generation has ended)."""
+        text = self.tokenizer.decode(self._pending) if self._pending else ""
+        self._pending.clear()
         return text
+
+    def discard(self) -> None:
+        """Drop what is held back (generation ended on a stop string: nothing more is shown)."""
+        self._pending.clear()
 
 
 def iter_text_pieces(tokenizer: TextTokenizer, ids: Iterable[int]) -> Iterator[str]:

@@ -1,4 +1,4 @@
-"""The training loop: optimizers, LR schedule, evaluation, checkpoints, exact resume, DDP.
+"""The training loop: evaluation, checkpoints, exact resume, data parallelism, mixed precision.
 
 Output directory of a run:
     config.json, model.safetensors (+ tokenizer.json)   the best model by val loss (`quill generate OUT`);
@@ -6,8 +6,10 @@ Output directory of a run:
     last/                                              the latest state, for --resume
     metrics.jsonl, loss.png, train_config.json         what happened, and the exact resolved config
 
-Under `torchrun --nproc_per_node=N` every process draws the same global batch and trains on its own
-rows of it (DistributedDataParallel averages the gradients); rank 0 alone evaluates, logs and saves.
+`train()` reads top to bottom in phases: prepare (check everything, build or restore the run), then
+per step: step, log, evaluate-and-save; then finish. Under `torchrun --nproc_per_node=N` every
+process trains on its own rows of each batch (`quillgpt.distributed`); rank 0 alone evaluates, logs
+and saves. Optimizers and schedule: `quillgpt.optim`; metrics.jsonl and loss.png: `quillgpt.trainlog`.
 """
 
 from __future__ import annotations
@@ -22,13 +24,13 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from quillgpt.checkpoint import (
     CONFIG_FILE,
@@ -37,20 +39,22 @@ from quillgpt.checkpoint import (
     load_weights,
     read_model_config,
     save_model,
-    save_torch_atomic,
     update_provenance,
-    write_text_atomic,
 )
 from quillgpt.config import TrainConfig, train_config_from_dict
-from quillgpt.data import DataError, TokenSplits, get_batch, get_dataset, load_text, split_text, tokenize_splits
+from quillgpt.data import DataError, TokenSplits, get_batch, load_text, tokenize_splits
 from quillgpt.device import resolve_device
-from quillgpt.evaluate import evaluate_ids
+from quillgpt.distributed import Processes, init_distributed
+from quillgpt.evaluate import estimate_loss, evaluate_ids
+from quillgpt.fileio import atomic_write, write_json
 from quillgpt.model import GPT
-from quillgpt.tokenizer import BPETokenizer, CharTokenizer, TokenizerError, tokenizer_from_spec
+from quillgpt.optim import build_optimizers, lr_factor, new_ema
+from quillgpt.tokenizer import CharTokenizer, TokenizerError, build_tokenizer, tokenizer_from_spec
+from quillgpt.trainlog import METRICS_FILE, PLOT_FILE, MetricsLog, plot_metrics, progress_bar, update_bar
 
 LAST_DIR = "last"
 STATE_FILE = "train_state.pt"
-RUN_FILES = (CONFIG_FILE, WEIGHTS_FILE, "tokenizer.json", "metrics.jsonl", "loss.png", "train_config.json", LAST_DIR)
+RUN_FILES = (CONFIG_FILE, WEIGHTS_FILE, "tokenizer.json", METRICS_FILE, PLOT_FILE, "train_config.json", LAST_DIR)
 
 
 class TrainError(RuntimeError):
@@ -72,65 +76,7 @@ class TrainSummary:
     """Loss of the best model over the whole validation split (when `final_eval` is on)."""
 
 
-# ---------------------------------------------------------------- optimizers and schedule
-
-
-def build_optimizers(model: GPT, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
-    """AdamW with decay on matrices only; with `optimizer="muon"`, Muon takes the blocks' matrices."""
-    embeddings = {id(model.transformer.wte.weight)}
-    if model.transformer.wpe is not None:
-        embeddings.add(id(model.transformer.wpe.weight))
-    muon, decay, no_decay = [], [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if cfg.optimizer == "muon" and p.ndim == 2 and name.startswith("transformer.h."):
-            muon.append(p)
-        elif p.ndim >= 2 and id(p) not in embeddings:
-            decay.append(p)
-        else:
-            no_decay.append(p)
-    kw: dict = {"lr": cfg.learning_rate, "betas": (cfg.beta1, cfg.beta2)}
-    if next(model.parameters()).device.type in ("cpu", "cuda"):
-        kw["fused"] = True
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizers: list[torch.optim.Optimizer] = [torch.optim.AdamW([g for g in groups if g["params"]], **kw)]
-    if muon:
-        optimizers.append(
-            torch.optim.Muon(
-                muon,
-                lr=cfg.muon_lr,
-                momentum=cfg.muon_momentum,
-                nesterov=True,
-                weight_decay=cfg.weight_decay,
-                adjust_lr_fn="original",
-            )
-        )
-    for opt in optimizers:
-        for g in opt.param_groups:
-            g["base_lr"] = g["lr"]
-    return optimizers
-
-
-def lr_factor(cfg: TrainConfig, step: int, progress: float) -> float:
-    """Multiplier on each group's base LR: linear warmup, then the schedule over progress in [0, 1]."""
-    if step < cfg.warmup_iters:
-        return (step + 1) / (cfg.warmup_iters + 1)
-    floor = cfg.min_lr / cfg.learning_rate
-    p = min(max(progress, 0.0), 1.0)
-    if cfg.lr_schedule == "constant":
-        return 1.0
-    if cfg.lr_schedule == "linear":
-        return 1.0 - (1.0 - floor) * p
-    if cfg.lr_schedule == "trapezoid":
-        hold = 1.0 - cfg.decay_frac
-        return 1.0 if p <= hold else floor + (1.0 - floor) * (1.0 - p) / cfg.decay_frac
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * p))
-
-
-def new_ema(model: GPT, cfg: TrainConfig) -> AveragedModel:
-    """An exponential moving average of `model`'s weights; its first update copies them."""
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay))
+# ---------------------------------------------------------------- precision, evaluation and measurement
 
 
 def autocast_context(dtype: str, device: torch.device):
@@ -140,26 +86,6 @@ def autocast_context(dtype: str, device: torch.device):
     if dtype == "float32":
         return nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-# ---------------------------------------------------------------- evaluation and measurement
-
-
-@torch.no_grad()
-def estimate_loss(model: GPT, splits: TokenSplits, cfg: TrainConfig, device: torch.device) -> dict[str, float]:
-    """Mean loss on fixed batches: the same `eval_iters` windows of each split at every evaluation."""
-    was_training = model.training
-    model.eval()
-    out = {}
-    for i, (name, data) in enumerate((("train", splits.train), ("val", splits.val))):
-        g = torch.Generator().manual_seed(cfg.seed + 7919 * (i + 1))
-        losses = []
-        for _ in range(cfg.eval_iters):
-            x, y = get_batch(data, cfg.batch_size, model.config.block_size, g)
-            losses.append(model(x.to(device), y.to(device))[1].item())
-        out[name] = sum(losses) / len(losses)
-    model.train(was_training)
-    return out
 
 
 def flops_per_token(model: GPT) -> float:
@@ -182,25 +108,6 @@ def measure_matmul_peak(seconds: float = 1.0, n: int = 1024) -> float:
 # ---------------------------------------------------------------- run setup
 
 
-@dataclass
-class _Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def _init_distributed(device: torch.device) -> _Dist:
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return _Dist()
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-
-
 def _check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
     if resume:
         if not (out / LAST_DIR / STATE_FILE).is_file():
@@ -213,21 +120,6 @@ def _check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
     probe = out if out.is_dir() else next((p for p in out.parents if p.exists()), Path("."))
     if not os.access(probe, os.W_OK):
         raise TrainError(f"output dir {out} is not writable")
-
-
-def _build_tokenizer(cfg: TrainConfig, text: str, train_text: str):
-    if cfg.encode is not None:
-        tok = CharTokenizer.from_maps(cfg.encode, cfg.decode)
-    elif cfg.tokenizer == "char":
-        tok = CharTokenizer.from_text(text)
-    elif cfg.tokenizer == "bpe":
-        tok = BPETokenizer.train([train_text], cfg.bpe_vocab_size)
-    else:  # GPT-2's own BPE files, from the dataset registry
-        folder = get_dataset("gpt2", quiet=True)
-        tok = BPETokenizer.from_gpt2_files(folder / "vocab.json", folder / "merges.txt")
-    if cfg.vocab_size is not None and cfg.vocab_size != tok.vocab_size:
-        raise TrainError(f"config vocab_size is {cfg.vocab_size} but the tokenizer has {tok.vocab_size} tokens")
-    return tok
 
 
 def _check_encodable(tokenizer, text: str, source: str) -> None:
@@ -267,7 +159,6 @@ def _prepare(cfg: TrainConfig, out: Path, data, resume: bool, init_from):
     except DataError as e:
         raise TrainError(str(e)) from None
     cfg = dataclasses.replace(cfg, data_path=str(source))
-    train_text, _ = split_text(text, cfg.val_fraction)
 
     if resume:
         last = read_model_config(out / LAST_DIR)
@@ -279,9 +170,13 @@ def _prepare(cfg: TrainConfig, out: Path, data, resume: bool, init_from):
         model_cfg = dataclasses.replace(base.model.config, dropout=cfg.model.dropout)
     else:
         try:
-            tokenizer = _build_tokenizer(cfg, text, train_text)
+            tokenizer = build_tokenizer(cfg, text)
         except TokenizerError as e:
             raise TrainError(str(e)) from None
+        if cfg.vocab_size is not None and cfg.vocab_size != tokenizer.vocab_size:
+            raise TrainError(
+                f"config vocab_size is {cfg.vocab_size} but the tokenizer has {tokenizer.vocab_size} tokens"
+            )
         model_cfg = dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size)
     _check_encodable(tokenizer, text, str(source))
     cfg = dataclasses.replace(cfg, model=model_cfg)
@@ -294,6 +189,56 @@ def _prepare(cfg: TrainConfig, out: Path, data, resume: bool, init_from):
         raise TrainError(f"validation split has {len(splits.val)} tokens: too short for block_size {T} (+1)")
 
     return cfg, tokenizer, splits, state, base
+
+
+@dataclass
+class _Run:
+    """What a checkpoint saves and --resume restores: the model, optimizers, EMA, data order, progress."""
+
+    model: GPT
+    optimizers: list[torch.optim.Optimizer]
+    batch_gen: torch.Generator
+    ema: AveragedModel | None = None
+    step: int = 0
+    tokens_seen: int = 0
+    best_val: float | None = None
+    elapsed_before: float = 0.0
+    """Training seconds of the runs this one resumes."""
+    started: float = field(default_factory=time.perf_counter)
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.started
+
+    @property
+    def averaged(self) -> GPT:
+        """The model that is evaluated and saved: the weight average once it has started."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def provenance(self, base: dict) -> dict:
+        return base | {"steps": self.step, "tokens": self.tokens_seen, "wall_time_s": round(self.elapsed(), 1)}
+
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "elapsed": self.elapsed(),
+            "best_val": self.best_val,
+            "optimizers": [o.state_dict() for o in self.optimizers],
+            "batch_rng": self.batch_gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+        }
+
+    def load_state_dict(self, state: dict, cfg: TrainConfig) -> None:
+        for opt, sd in zip(self.optimizers, state["optimizers"]):
+            opt.load_state_dict(sd)
+        self.batch_gen.set_state(state["batch_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.elapsed_before, self.best_val = state["elapsed"], state["best_val"]
+        if state.get("ema") is not None:
+            self.ema = new_ema(self.model, cfg)
+            self.ema.load_state_dict(state["ema"])
 
 
 def train(
@@ -309,151 +254,77 @@ def train(
     on_step: Callable[[int, float], None] | None = None,
 ) -> TrainSummary:
     """Train per `cfg`, writing into `out_dir`. Everything that can be checked is checked first."""
+    # prepare: check the output dir, data, tokenizer and run to resume; then build or restore the run
     out = Path(out_dir)
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     _check_out_dir(out, resume, overwrite)
-
-    cfg, tokenizer, splits, state, base = _prepare(cfg, out, data, resume, init_from)
-    model_cfg, T = cfg.model, cfg.model.block_size
-
-    ddp = _init_distributed(device)
+    cfg, tokenizer, splits, saved, base = _prepare(cfg, out, data, resume, init_from)
+    ddp = init_distributed(device)
     if device.type == "cuda" and ddp.world > 1:
         device = torch.device("cuda", ddp.local_rank)
-    torch.manual_seed(cfg.seed)
-    model = GPT(model_cfg)
-    if base is not None:
-        model.load_state_dict(base.model.state_dict())
-    if resume:
-        load_weights(model, out / LAST_DIR / WEIGHTS_FILE)
-    model.to(device)
-    optimizers = build_optimizers(model, cfg)
-    batch_gen = torch.Generator().manual_seed(cfg.seed)
-    step, tokens_seen, elapsed_before, best_val, ema = 0, 0, 0.0, None, None
-    if state is not None:
-        for opt, sd in zip(optimizers, state["optimizers"]):
-            opt.load_state_dict(sd)
-        batch_gen.set_state(state["batch_rng"])
-        torch.set_rng_state(state["torch_rng"])
-        step, tokens_seen = state["step"], state["tokens_seen"]
-        elapsed_before, best_val = state["elapsed"], state["best_val"]
-        if state.get("ema") is not None:
-            ema = new_ema(model, cfg)
-            ema.load_state_dict(state["ema"])
-
+    run = _restore(cfg, out, device, saved, base)
     if ddp.main:
-        out.mkdir(parents=True, exist_ok=True)
-        if overwrite and not resume:
-            for name in RUN_FILES:
-                p = out / name
-                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-        write_text_atomic(out / "train_config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
-
-    train_model = torch.compile(model) if cfg.compile else model
+        _start_out_dir(out, cfg, fresh=overwrite and not resume)
+    train_model = torch.compile(run.model) if cfg.compile else run.model
     if ddp.world > 1:
         train_model = DDP(train_model, device_ids=[ddp.local_rank] if device.type == "cuda" else None)
     autocast = autocast_context(cfg.dtype, device)
-    provenance_base = {
+    provenance = {
         "data": cfg.data_path,
         "data_sha256": splits.data_sha256,
         "split": f"first {1 - cfg.val_fraction:.0%} train, last {cfg.val_fraction:.0%} val",
     }
-    metrics_path = out / "metrics.jsonl"
-    if ddp.main and state is not None:
-        _truncate_metrics(metrics_path, step)
+    log = MetricsLog(out / METRICS_FILE, run.step if saved is not None else None) if ddp.main else None
     stopping = stop or threading.Event()
-    restore_signals = (
-        _install_signal_handlers(stopping) if threading.current_thread() is threading.main_thread() else None
-    )
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    restore_signals = _install_signal_handlers(stopping) if on_main_thread else None
 
-    def save(last_loss: float | None) -> None:
-        if not ddp.main:
-            return
-        prov = provenance_base | {"steps": step, "tokens": tokens_seen, "wall_time_s": round(elapsed(), 1)}
-        save_model(out / LAST_DIR, model, tokenizer, provenance=prov | {"train_loss": last_loss})
-        save_torch_atomic(
-            {
-                "step": step,
-                "tokens_seen": tokens_seen,
-                "elapsed": elapsed(),
-                "best_val": best_val,
-                "optimizers": [o.state_dict() for o in optimizers],
-                "batch_rng": batch_gen.get_state(),
-                "torch_rng": torch.get_rng_state(),
-                "ema": ema.state_dict() if ema is not None else None,
-            },
-            out / LAST_DIR / STATE_FILE,
-        )
-
-    start = time.perf_counter()
-    elapsed = lambda: elapsed_before + time.perf_counter() - start  # noqa: E731
+    T = cfg.model.block_size
     tokens_per_step = cfg.batch_size * cfg.grad_accum * ddp.world * T
-    rows = slice(ddp.rank * cfg.batch_size, (ddp.rank + 1) * cfg.batch_size)
+    rows = slice(ddp.rank * cfg.batch_size, (ddp.rank + 1) * cfg.batch_size)  # this process's rows of a batch
 
     def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = get_batch(splits.train, cfg.batch_size * ddp.world, T, batch_gen, rows)
+        x, y = get_batch(splits.train, cfg.batch_size * ddp.world, T, run.batch_gen, rows)
         return x.to(device), y.to(device)
 
     budget = cfg.max_minutes * 60 if cfg.max_minutes else None
-    bar = _progress_bar(cfg, step, enabled=progress and ddp.main)
-    metrics = open(metrics_path, "a", encoding="utf-8") if ddp.main else None
-    loss_value, interrupted = None, False
-    model.train()
+    bar = progress_bar(cfg.max_iters, run.step, time_budgeted=bool(budget)) if progress and ddp.main else None
+    loss, interrupted = None, False
+    run.started = time.perf_counter()
+    run.model.train()
     try:
-        while step < cfg.max_iters and not (budget and elapsed() >= budget):
-            progress = max(step / cfg.max_iters, elapsed() / budget if budget else 0.0)
-            factor = lr_factor(cfg, step, progress)
-            for opt in optimizers:
+        while run.step < cfg.max_iters and not (budget and run.elapsed() >= budget):
+            # step: set the learning rate, one optimizer step, update the weight average
+            done = max(run.step / cfg.max_iters, run.elapsed() / budget if budget else 0.0)
+            factor = lr_factor(cfg, run.step, done)
+            for opt in run.optimizers:
                 for g in opt.param_groups:
                     g["lr"] = g["base_lr"] * factor
-            loss_value = _optimizer_step(train_model, model, optimizers, cfg, next_batch, autocast, ddp)
-            step += 1
-            tokens_seen += tokens_per_step
-            if cfg.ema_decay > 0 and (ema is not None or progress >= cfg.ema_start):
-                ema = ema or new_ema(model, cfg)
-                ema.update_parameters(model)
-            if metrics is not None:
-                record = {"step": step, "loss": round(loss_value, 5), "lr": factor * cfg.learning_rate}
-                metrics.write(json.dumps(record | {"tokens": tokens_seen, "time_s": round(elapsed(), 2)}) + "\n")
+            loss = _optimizer_step(train_model, run.model, run.optimizers, cfg, next_batch, autocast, ddp)
+            run.step += 1
+            run.tokens_seen += tokens_per_step
+            if cfg.ema_decay > 0 and (run.ema is not None or done >= cfg.ema_start):
+                run.ema = run.ema or new_ema(run.model, cfg)
+                run.ema.update_parameters(run.model)
+
+            # log: metrics.jsonl, the progress bar, the caller's hook
+            if log is not None:
+                log.step(run.step, loss, factor * cfg.learning_rate, run.tokens_seen, run.elapsed())
             if bar is not None:
-                bar.update(1)
-                info = {"loss": f"{loss_value:.4f}", "tok_s": f"{tokens_seen / max(elapsed(), 1e-9):,.0f}"}
-                if budget:
-                    info["min_left"] = f"{max(budget - elapsed(), 0) / 60:.1f}"
-                bar.set_postfix(info, refresh=False)
+                update_bar(bar, loss, run.tokens_seen, run.elapsed(), budget)
             if on_step is not None:
-                on_step(step, loss_value)
-            last = step == cfg.max_iters or (budget is not None and elapsed() >= budget)
-            if step % cfg.eval_interval == 0 or last:
+                on_step(run.step, loss)
+
+            # evaluate and save: the best model by val loss into out/, the latest state into out/last/
+            last = run.step == cfg.max_iters or (budget is not None and run.elapsed() >= budget)
+            if run.step % cfg.eval_interval == 0 or last:
                 if ddp.main:
-                    current = ema.module if ema is not None else model
-                    losses = estimate_loss(current, splits, cfg, device)
-                    improved = best_val is None or losses["val"] < best_val
-                    if improved:
-                        best_val = losses["val"]
-                    metrics.write(json.dumps({"step": step, "eval": losses, "time_s": round(elapsed(), 2)}) + "\n")
-                    metrics.flush()
-                    if improved:
-                        prov = provenance_base | {
-                            "steps": step,
-                            "tokens": tokens_seen,
-                            "wall_time_s": round(elapsed(), 1),
-                            "val_loss": round(best_val, 4),
-                        }
-                        if ema is not None:
-                            prov["ema_decay"] = cfg.ema_decay
-                        save_model(out, current, tokenizer, provenance=prov)
-                    save(loss_value)
-                    plot_metrics(metrics_path, out / "loss.png")
-                    if bar is not None:
-                        bar.write(
-                            f"step {step}: train {losses['train']:.4f}, val {losses['val']:.4f}"
-                            f" ({elapsed() / 60:.1f} min)"
-                        )
+                    _evaluate_and_save(run, cfg, out, splits, tokenizer, provenance, loss, log, bar, device)
                 if ddp.world > 1:
                     dist.barrier()
-            if _agree(stopping.is_set(), ddp, device):
+            if ddp.any(stopping.is_set(), device):
                 interrupted = True
                 break
     finally:
@@ -461,37 +332,82 @@ def train(
             bar.close()
         if restore_signals is not None:
             restore_signals()
-    if interrupted:
-        save(loss_value)
-    wall = elapsed()
+
+    # finish: a checkpoint to resume an interrupted run, the whole-split evaluation, the summary
+    if interrupted and ddp.main:
+        _save_last(run, out, tokenizer, provenance, loss)
+    wall = run.elapsed()
     full_val = None
-    if metrics is not None:
-        if not interrupted and cfg.final_eval and best_val is not None:
+    if log is not None:
+        if not interrupted and cfg.final_eval and run.best_val is not None:
             full_val = _final_eval(out, splits, device)
-            metrics.write(json.dumps({"step": step, "final_eval": full_val, "time_s": round(wall, 2)}) + "\n")
-        metrics.close()
-    tok_s = tokens_seen / wall if wall > 0 else 0.0
+            log.final_eval(run.step, full_val, wall)
+        log.close()
+    tok_s = run.tokens_seen / wall if wall > 0 else 0.0
     mfu = None
     if device.type == "cpu" and ddp.main:
-        mfu = flops_per_token(model) * tok_s / measure_matmul_peak(0.3)
+        mfu = flops_per_token(run.model) * tok_s / measure_matmul_peak(0.3)
     if ddp.world > 1:
         dist.barrier()
         dist.destroy_process_group()
+    full_val_loss = full_val["val_loss"] if full_val else None
     return TrainSummary(
-        str(out),
-        step,
-        tokens_seen,
-        wall,
-        tok_s,
-        best_val,
-        loss_value,
-        mfu,
-        interrupted,
-        full_val["val_loss"] if full_val else None,
+        str(out), run.step, run.tokens_seen, wall, tok_s, run.best_val, loss, mfu, interrupted, full_val_loss
     )
 
 
-def _optimizer_step(train_model, model, optimizers, cfg: TrainConfig, next_batch, autocast, ddp: _Dist) -> float:
+def _restore(cfg: TrainConfig, out: Path, device: torch.device, saved: dict | None, base) -> _Run:
+    """A new run: seeded weights (or the fine-tuning base's, or the resumed run's) and optimizers."""
+    torch.manual_seed(cfg.seed)
+    model = GPT(cfg.model)
+    if base is not None:
+        model.load_state_dict(base.model.state_dict())
+    if saved is not None:
+        load_weights(model, out / LAST_DIR / WEIGHTS_FILE)
+    model.to(device)
+    run = _Run(model, build_optimizers(model, cfg), torch.Generator().manual_seed(cfg.seed))
+    if saved is not None:
+        run.load_state_dict(saved, cfg)
+    return run
+
+
+def _start_out_dir(out: Path, cfg: TrainConfig, fresh: bool) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    if fresh:  # --overwrite: the previous run's files go
+        for name in RUN_FILES:
+            p = out / name
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    write_json(out / "train_config.json", cfg.to_dict())
+
+
+def _evaluate_and_save(run: _Run, cfg, out, splits, tokenizer, provenance, loss, log, bar, device) -> None:
+    """Estimate the losses; save the model if val improved, and the latest state; redraw loss.png."""
+    losses = estimate_loss(run.averaged, splits, cfg, device)
+    improved = run.best_val is None or losses["val"] < run.best_val
+    if improved:
+        run.best_val = losses["val"]
+    log.eval(run.step, losses, run.elapsed())
+    if improved:
+        prov = run.provenance(provenance) | {"val_loss": round(run.best_val, 4)}
+        if run.ema is not None:
+            prov["ema_decay"] = cfg.ema_decay
+        save_model(out, run.averaged, tokenizer, provenance=prov)
+    _save_last(run, out, tokenizer, provenance, loss)
+    plot_metrics(log.path, out / PLOT_FILE)
+    if bar is not None:
+        bar.write(
+            f"step {run.step}: train {losses['train']:.4f}, val {losses['val']:.4f} ({run.elapsed() / 60:.1f} min)"
+        )
+
+
+def _save_last(run: _Run, out: Path, tokenizer, provenance: dict, loss: float | None) -> None:
+    """The latest model and training state, into out/last/ (what --resume continues from)."""
+    save_model(out / LAST_DIR, run.model, tokenizer, provenance=run.provenance(provenance) | {"train_loss": loss})
+    state = run.state_dict()
+    atomic_write(out / LAST_DIR / STATE_FILE, lambda tmp: torch.save(state, tmp))
+
+
+def _optimizer_step(train_model, model, optimizers, cfg: TrainConfig, next_batch, autocast, ddp: Processes) -> float:
     """One optimizer step over `grad_accum` micro-batches; returns the mean loss over all processes.
     Under DDP, gradients are all-reduced only on the last micro-batch (`no_sync` before it)."""
     loss_sum = 0.0
@@ -525,15 +441,6 @@ def _final_eval(out: Path, splits: TokenSplits, device: torch.device) -> dict:
     return result
 
 
-def _agree(flag: bool, ddp: _Dist, device: torch.device) -> bool:
-    """Whether any process wants to stop (so all stop at the same step)."""
-    if ddp.world == 1:
-        return flag
-    t = torch.tensor(float(flag), device=device)
-    dist.all_reduce(t)
-    return t.item() > 0
-
-
 def _install_signal_handlers(event: threading.Event) -> Callable[[], None]:
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
 
@@ -550,59 +457,3 @@ def _install_signal_handlers(event: threading.Event) -> Callable[[], None]:
             signal.signal(s, h)
 
     return restore
-
-
-def _progress_bar(cfg: TrainConfig, step: int, enabled: bool):
-    """Steps, loss, tokens/s and ETA; a time-budgeted run shows the minutes left instead of an ETA."""
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    total = None if cfg.max_minutes else cfg.max_iters
-    return tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop lines logged after the checkpoint we resume from."""
-    if not path.is_file():
-        return
-    keep = [line for line in path.read_text(encoding="utf-8").splitlines() if json.loads(line)["step"] <= step]
-    write_text_atomic(path, "".join(line + "\n" for line in keep))
-
-
-def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:
-    """(per-step records, evaluation records) of a run's metrics.jsonl."""
-    records = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
-    return [r for r in records if "loss" in r], [r for r in records if "eval" in r]
-
-
-def plot_metrics(metrics_path: str | Path, png_path: str | Path, title: str | None = None) -> None:
-    """Train loss per step (smoothed) and eval train/val losses, written atomically as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps, evals = read_metrics(metrics_path)
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    if steps:
-        xs = [r["step"] for r in steps]
-        ys, ema = [], None
-        for r in steps:
-            ema = r["loss"] if ema is None else 0.95 * ema + 0.05 * r["loss"]
-            ys.append(ema)
-        ax.plot(xs, ys, color="tab:blue", alpha=0.5, lw=1, label="train (batch, smoothed)")
-    for split, colour in (("train", "tab:blue"), ("val", "tab:orange")):
-        ys = [r["eval"][split] for r in evals]
-        ax.plot([r["step"] for r in evals], ys, "o-", color=colour, ms=3, label=f"{split} (eval)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.set_title(title or "training loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    png_path = Path(png_path)
-    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, png_path)

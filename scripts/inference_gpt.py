@@ -12,12 +12,13 @@ import sys
 
 from quillgpt.checkpoint import load_from_train_config
 from quillgpt.cli import run_with_clear_errors
-from quillgpt.generate import SamplingParams, stream
+from quillgpt.generate import stream
+from quillgpt.sampling import sampling_params
 
 
 def run(args: argparse.Namespace) -> int:
     loaded = load_from_train_config(args.config_path, args.weights_path)
-    params = SamplingParams(max_new_tokens=args.max_length, temperature=args.temperature, seed=args.seed)
+    params = sampling_params(vars(args), max_new_tokens=args.max_length)
     sys.stdout.write(args.prompt)
     for piece in stream(loaded.model, loaded.tokenizer, args.prompt, params):
         sys.stdout.write(piece)

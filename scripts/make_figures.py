@@ -19,6 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from quillgpt.checkpoint import default_model, load_model  # noqa: E402
+from quillgpt.trainlog import save_figure  # noqa: E402
 
 VERSE = "ROMEO:\nBut soft, what light through yonder window breaks?"
 
@@ -44,7 +45,7 @@ def attention_figure(model, tokenizer, path: Path, text: str = VERSE) -> None:
         ax.set_ylabel("token (query)")
     fig.suptitle("Where each character looks: attention probabilities (rows sum to 1; the future is masked)")
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -79,7 +80,7 @@ def positions_figure(model, path: Path) -> None:
         a2.set_ylabel("normalised score")
         a2.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -98,7 +99,7 @@ def embeddings_figure(model, tokenizer, path: Path) -> None:
     ax.set_title("Character embeddings, first two principal components (upper case red, lower case blue)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
 
 

@@ -15,7 +15,9 @@ import json
 from pathlib import Path
 
 from quillgpt.checkpoint import load_model
-from quillgpt.generate import SamplingParams, generate
+from quillgpt.fileio import write_text
+from quillgpt.generate import generate
+from quillgpt.sampling import SamplingParams
 
 
 def card(model_dir: Path, config_path: Path, title: str, prompts: list[str], command: str) -> str:
@@ -84,7 +86,7 @@ def main() -> None:
     args = p.parse_args()
     command = args.command or f"quill train {args.config} --out {args.model_dir}"
     text = card(args.model_dir, args.config, args.title or args.model_dir.name, args.prompt or ["ROMEO:"], command)
-    (args.model_dir / "README.md").write_text(text, encoding="utf-8")
+    write_text(args.model_dir / "README.md", text)
     print(f"wrote {args.model_dir / 'README.md'}")
 
 

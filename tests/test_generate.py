@@ -3,15 +3,14 @@ import torch
 
 from quillgpt.generate import (
     Decoder,
-    SamplingError,
-    SamplingParams,
-    Sequence,
+    SequenceState,
     StopStrings,
     generate,
     sample_next_token,
     stream,
 )
 from quillgpt.model import GPT
+from quillgpt.sampling import SamplingError, SamplingParams
 from quillgpt.tokenizer import BPETokenizer
 from tests.conftest import tiny_config
 
@@ -55,7 +54,7 @@ def test_continuous_batching_sequences_join_and_leave(char_tokenizer):
     expected = [generate(model, char_tokenizer, p, greedy)[0].tokens for p in PROMPTS]
     decoder = Decoder(model, max_batch=3)
     seqs = [
-        Sequence(char_tokenizer.encode(p), SamplingParams(max_new_tokens=n, temperature=0))
+        SequenceState(char_tokenizer.encode(p), SamplingParams(max_new_tokens=n, temperature=0))
         for p, n in zip(PROMPTS, (10, 30, 20, 30))
     ]
     decoder.add(seqs[0])

@@ -13,8 +13,10 @@ import torch
 from quillgpt.checkpoint import load_model, save_model
 from quillgpt.config import train_config_from_dict
 from quillgpt.model import GPT
+from quillgpt.optim import lr_factor
 from quillgpt.tokenizer import CharTokenizer
-from quillgpt.train import TrainError, autocast_context, lr_factor, read_metrics, train
+from quillgpt.train import TrainError, autocast_context, train
+from quillgpt.trainlog import read_metrics
 from tests.conftest import REPO, SAMPLE_TEXT, tiny_config
 
 TINY = dict(

@@ -21,9 +21,9 @@ from quillgpt.device import resolve_device
 from quillgpt.serve.deps import ServeState, require_api_key
 from quillgpt.serve.engine import Engine
 from quillgpt.serve.errors import install_error_handlers
-from quillgpt.serve.logs import configure_logging
 from quillgpt.serve.metrics import Metrics
 from quillgpt.serve.middleware import REQUEST_ID_HEADER, RequestContextMiddleware
+from quillgpt.serve.process import setup_process
 from quillgpt.serve.routes import health, legacy, openai, tokenize
 from quillgpt.serve.settings import ServeSettings, parse_model_spec
 
@@ -123,9 +123,6 @@ def create_app(settings: ServeSettings | None = None, *, models: Mapping[str, Lo
 
 def app_from_env() -> FastAPI:
     """Factory for `uvicorn --factory` (one call per worker process): settings from QUILL_* variables."""
-    from quillgpt.serve.server import set_torch_threads
-
     settings = ServeSettings()
-    configure_logging(settings.log_level, settings.log_json)  # a worker process starts with none
-    set_torch_threads(settings)
+    setup_process(settings)  # a worker process starts with no log handlers and default threads
     return create_app(settings)

@@ -23,8 +23,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from quillgpt.checkpoint import LoadedModel
-from quillgpt.generate import Decoder, SamplingParams, TextRequest, TokenLogprob
-from quillgpt.generate import Sequence as TokenSequence
+from quillgpt.generate import Decoder, SamplingParams, SequenceState, TextRequest, TokenLogprob
 
 log = logging.getLogger("quillgpt.serve.engine")
 
@@ -376,7 +375,7 @@ class Engine:
         for loop, items in by_loop.items():
             _post(loop, items)
 
-    def _on_token(self, seq: TokenSequence, token: int) -> None:
+    def _on_token(self, seq: SequenceState, token: int) -> None:
         generation, i = self._running[id(seq)]
         text = generation.requests[i].push(token)
         if generation.first_token_at is None:

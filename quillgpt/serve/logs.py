@@ -44,7 +44,7 @@ class TextFormatter(logging.Formatter):
 
 
 def configure_logging(level: str = "info", json_lines: bool = True) -> None:
-    """Send QuillGPT's and uvicorn's logs to stderr in one format. Called by `run`, not on import."""
+    """Send QuillGPT's and uvicorn's logs to stderr in one format. Called by `setup_process`, not on import."""
     handler = logging.StreamHandler()
     handler.setFormatter(JSONFormatter() if json_lines else TextFormatter())
     root = logging.getLogger()

@@ -4,7 +4,7 @@ Requests follow OpenAI's completions and chat schemas (plus a few extensions: `t
 `repetition_penalty`). Fields that OpenAI defines but QuillGPT cannot honour are refused with a
 clear 422 rather than ignored; unknown extra fields are ignored, as chat tools send many. Limits
 that depend on the server's settings (prompt length, max_tokens cap, choices per request) are
-checked by the routes; the ranges here are fixed.
+checked by the routes; the sampling settings' ranges and defaults come from `quillgpt.sampling.LIMITS`.
 """
 
 from __future__ import annotations
@@ -13,34 +13,47 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from quillgpt.sampling import LIMITS
+
+_FROM_TABLE: Any = object()
+
+
+def sampling_field(name: str, default: Any = _FROM_TABLE) -> Any:
+    """A request field with the range, and unless given the default, of sampling setting `name`."""
+    limit = LIMITS[name]
+    return Field(limit.default if default is _FROM_TABLE else default, **limit.api_bounds())
+
+
 SEED_MAX = 2**63 - 1
 StopString = Annotated[str, Field(min_length=1, max_length=256)]
 Stop = StopString | Annotated[list[StopString], Field(max_length=4)] | None
 ModelName = Annotated[str, Field(min_length=1, max_length=256)]
 
 
-class Request(BaseModel):
+class RequestBody(BaseModel):
+    """A request body: unknown fields are ignored (chat tools send many)."""
+
     model_config = ConfigDict(extra="ignore")
 
 
-class StreamOptions(Request):
+class StreamOptions(RequestBody):
     include_usage: bool = False
     """Send one more chunk before `[DONE]` with the request's usage and no choices."""
 
 
-class SamplingRequest(Request):
+class SamplingRequest(RequestBody):
     """Fields shared by completions and chat completions."""
 
     model: ModelName | None = None
     """A served model's name; omitted: the first model the server serves."""
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int | None = Field(None, ge=1, le=100_000)
+    temperature: float = sampling_field("temperature")
+    top_p: float = sampling_field("top_p")
+    top_k: int | None = sampling_field("top_k")
     """Extension: keep only the k most likely tokens."""
-    repetition_penalty: float = Field(1.0, gt=0, le=10)
+    repetition_penalty: float = sampling_field("repetition_penalty")
     """Extension: CTRL-style penalty on tokens already in the prompt or output."""
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    presence_penalty: float = sampling_field("presence_penalty")
+    frequency_penalty: float = sampling_field("frequency_penalty")
     n: int = Field(1, ge=1, le=128)
     stop: Stop = None
     seed: int | None = Field(None, ge=0, le=SEED_MAX)
@@ -59,12 +72,6 @@ class SamplingRequest(Request):
         return value
 
     @property
-    def stops(self) -> tuple[str, ...]:
-        if self.stop is None:
-            return ()
-        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
-
-    @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
@@ -80,9 +87,9 @@ class CompletionRequest(SamplingRequest):
         | Annotated[list[TokenIds], Field(min_length=1, max_length=64)]
     ) = ""
     """Text, several texts, token ids, or several lists of token ids. Empty: the tokenizer's start token."""
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = sampling_field("max_new_tokens", 16)
     """Tokens to generate per choice (OpenAI's default: 16). null: the server's cap."""
-    logprobs: int | None = Field(None, ge=0, le=20)
+    logprobs: int | None = sampling_field("logprobs")
     """Return the chosen tokens' log-probabilities and this many most likely alternatives."""
     echo: bool = False
     suffix: str | None = None
@@ -113,12 +120,12 @@ class CompletionRequest(SamplingRequest):
         return list(p)
 
 
-class TextPart(Request):
+class TextPart(RequestBody):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(Request):
+class ChatMessage(RequestBody):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | Annotated[list[TextPart], Field(max_length=64)] | None = None
     name: str | None = None
@@ -134,12 +141,12 @@ class ChatMessage(Request):
 
 class ChatRequest(SamplingRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=512)]
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = sampling_field("max_new_tokens", None)
     """Tokens to generate per choice; null: 256 (or the server's cap, if lower)."""
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = sampling_field("max_new_tokens", None)
     """OpenAI's newer name for max_tokens; wins when both are given."""
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = sampling_field("logprobs")
     tools: list[Any] | None = None
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
@@ -159,21 +166,21 @@ class ChatRequest(SamplingRequest):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
-class LegacyGenerateRequest(Request):
+class LegacyGenerateRequest(RequestBody):
     """The original QuillGPT's /generate parameters (query string or JSON body), with extensions."""
 
     prompt: str
-    max_length: int = Field(500, ge=1)
-    """Tokens to generate."""
-    temperature: float = Field(0.7, ge=0, le=2)
-    top_k: int | None = Field(None, ge=1, le=100_000)
-    top_p: float = Field(1.0, gt=0, le=1)
+    max_length: int = sampling_field("max_new_tokens", 500)
+    """Tokens to generate (the original's default: 500)."""
+    temperature: float = sampling_field("temperature")
+    top_k: int | None = sampling_field("top_k")
+    top_p: float = sampling_field("top_p")
     seed: int | None = Field(None, ge=0, le=SEED_MAX)
     stop: Stop = None
     model: ModelName | None = None
 
 
-class LegacyGenerateBody(Request):
+class LegacyGenerateBody(RequestBody):
     """The same fields, all optional: a JSON body may leave some to the query string."""
 
     prompt: str | None = None
@@ -186,12 +193,12 @@ class LegacyGenerateBody(Request):
     model: ModelName | None = None
 
 
-class TokenizeRequest(Request):
+class TokenizeRequest(RequestBody):
     model: ModelName | None = None
     text: str
 
 
-class DetokenizeRequest(Request):
+class DetokenizeRequest(RequestBody):
     model: ModelName | None = None
     tokens: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=1_000_000)]
 
@@ -230,18 +237,20 @@ class CompletionResponse(BaseModel):
     system_fingerprint: str | None = None
 
 
-class TopLogprob(BaseModel):
+class ChatTopLogprob(BaseModel):
     token: str
     logprob: float
     bytes: list[int]
 
 
-class TokenLogprob(TopLogprob):
-    top_logprobs: list[TopLogprob]
+class ChatTokenLogprob(ChatTopLogprob):
+    """A chosen token in chat logprobs (the ids and values come from `quillgpt.generate.TokenLogprob`)."""
+
+    top_logprobs: list[ChatTopLogprob]
 
 
 class ChatLogprobs(BaseModel):
-    content: list[TokenLogprob]
+    content: list[ChatTokenLogprob]
 
 
 class ChatResponseMessage(BaseModel):
@@ -266,7 +275,9 @@ class ChatCompletionResponse(BaseModel):
     system_fingerprint: str | None = None
 
 
-class ModelCard(BaseModel):
+class ModelObject(BaseModel):
+    """OpenAI's model object: one entry of /v1/models, with QuillGPT's facts about the model."""
+
     id: str
     object: Literal["model"] = "model"
     created: int
@@ -281,7 +292,7 @@ class ModelCard(BaseModel):
 
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
-    data: list[ModelCard]
+    data: list[ModelObject]
 
 
 class LegacyGenerateResponse(BaseModel):

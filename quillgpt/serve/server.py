@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
+from quillgpt.serve.process import setup_process
 from quillgpt.serve.settings import ServeSettings, parse_model_spec
 
 
@@ -60,22 +61,12 @@ def check_models(settings: ServeSettings) -> None:
         resolve_model_path(parse_model_spec(spec)[1])
 
 
-def set_torch_threads(settings: ServeSettings) -> None:
-    """Process-wide, so set by the process's entry point (here, or each worker's factory)."""
-    import torch
-
-    torch.set_num_threads(settings.resolved_torch_threads())
-
-
 def run(settings: ServeSettings) -> None:
     """Serve until interrupted. Several workers each load every model (scale-up on one machine)."""
     import uvicorn
 
-    from quillgpt.serve.logs import configure_logging
-
-    configure_logging(settings.log_level, settings.log_json)
     check_models(settings)
-    set_torch_threads(settings)
+    setup_process(settings)
     options = dict(
         host=settings.host,
         port=settings.port,

@@ -2,7 +2,8 @@ import asyncio
 
 import pytest
 
-from quillgpt.generate import SamplingParams, generate
+from quillgpt.generate import generate
+from quillgpt.sampling import SamplingParams
 from quillgpt.serve.engine import (
     Engine,
     EngineClosed,

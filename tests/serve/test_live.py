@@ -12,7 +12,8 @@ import httpx
 import openai
 import pytest
 
-from quillgpt.generate import SamplingParams, generate
+from quillgpt.generate import generate
+from quillgpt.sampling import SamplingParams
 from quillgpt.serve.chat import TURN_END, render_chat
 from tests.serve.conftest import wait_until
 

@@ -27,7 +27,7 @@ def test_flags_override_the_environment(monkeypatch):
 
 def test_missing_model_exits_2_before_serving(monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("QUILL_MODELS_DIR", str(tmp_path))
-    monkeypatch.setattr("quillgpt.serve.logs.configure_logging", lambda *a: None)
+    monkeypatch.setattr("quillgpt.serve.server.setup_process", lambda settings: None)
     monkeypatch.setattr("uvicorn.run", lambda *a, **k: pytest.fail("the server must not start"))
     assert main(["--model", "no-such-model"]) == 2
     assert "no-such-model" in capsys.readouterr().err
@@ -40,8 +40,7 @@ def test_invalid_setting_exits_2(capsys):
 
 def test_run_starts_uvicorn_with_the_app(monkeypatch, tiny_model_dir):
     seen = {}
-    monkeypatch.setattr("quillgpt.serve.logs.configure_logging", lambda *a: None)
-    monkeypatch.setattr("quillgpt.serve.server.set_torch_threads", lambda settings: None)
+    monkeypatch.setattr("quillgpt.serve.server.setup_process", lambda settings: None)
     monkeypatch.setattr("uvicorn.run", lambda app, **kw: seen.update(app=app, **kw))
     assert main(["--model", str(tiny_model_dir), "--port", "0"]) == 0
     assert seen["app"].state.serve.settings.models == [str(tiny_model_dir)]
@@ -50,8 +49,7 @@ def test_run_starts_uvicorn_with_the_app(monkeypatch, tiny_model_dir):
 
 def test_several_workers_use_the_factory(monkeypatch, tiny_model_dir):
     seen = {}
-    monkeypatch.setattr("quillgpt.serve.logs.configure_logging", lambda *a: None)
-    monkeypatch.setattr("quillgpt.serve.server.set_torch_threads", lambda settings: None)
+    monkeypatch.setattr("quillgpt.serve.server.setup_process", lambda settings: None)
     monkeypatch.setattr("uvicorn.run", lambda app, **kw: seen.update(app=app, **kw))
     monkeypatch.setattr(os, "environ", dict(os.environ))  # run() exports QUILL_* for the workers: keep them here
     assert main(["--model", str(tiny_model_dir), "--workers", "3"]) == 0

@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse, Response
 from pydantic import ValidationError
 
-from quillgpt.generate import SamplingParams
+from quillgpt.sampling import sampling_params
 from quillgpt.serve import schemas as s
 from quillgpt.serve.deps import State, check_max_tokens, check_prompt_length, get_engine
 from quillgpt.serve.engine import EngineError, Generation
@@ -40,14 +40,7 @@ def _merge(query: dict, body: s.LegacyGenerateBody | None) -> s.LegacyGenerateRe
 def _start(state: State, req: s.LegacyGenerateRequest) -> Generation:
     engine = get_engine(state, req.model)
     check_prompt_length(state, req.prompt)
-    params = SamplingParams(
-        max_new_tokens=check_max_tokens(state, req.max_length, "max_length"),
-        temperature=req.temperature,
-        top_k=req.top_k,
-        top_p=req.top_p,
-        seed=req.seed,
-        stop=() if req.stop is None else ((req.stop,) if isinstance(req.stop, str) else tuple(req.stop)),
-    )
+    params = sampling_params(req.model_dump(), max_new_tokens=check_max_tokens(state, req.max_length, "max_length"))
     try:
         text_request = engine.new_request(req.prompt, params)
     except ValueError as e:
@@ -57,7 +50,7 @@ def _start(state: State, req: s.LegacyGenerateRequest) -> Generation:
 
 Prompt = Annotated[str | None, Query(description="Text to continue.")]
 MaxLength = Annotated[int | None, Query(description="Tokens to generate (default 500).")]
-Temperature = Annotated[float | None, Query(description="Sampling temperature (default 0.7; 0 = greedy).")]
+Temperature = Annotated[float | None, Query(description="Sampling temperature (default 1.0; 0 = greedy).")]
 LegacyBody = Annotated[s.LegacyGenerateBody | None, Body()]
 
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from quillgpt.generate import SamplingParams, TokenLogprob
+from quillgpt.generate import TokenLogprob
+from quillgpt.sampling import SamplingParams, normalize_stop, sampling_params
 from quillgpt.serve import schemas as s
 from quillgpt.serve.chat import TURN_END, render_chat
 from quillgpt.serve.deps import (
@@ -24,7 +26,7 @@ from quillgpt.serve.deps import (
     check_prompt_length,
     get_engine,
 )
-from quillgpt.serve.engine import Engine, EngineError, FinishEvent, Generation
+from quillgpt.serve.engine import Engine, EngineError, FinishEvent, Generation, TokenEvent
 from quillgpt.serve.errors import APIError, error_event, from_engine_error
 from quillgpt.serve.logs import request_id
 from quillgpt.serve.streaming import GenerationStream, finish_or_disconnect, sse
@@ -43,9 +45,9 @@ ERROR_RESPONSES = {
 CLIENT_CLOSED = 499  # nginx's code for "client closed the request": only ever seen in logs and metrics
 
 
-def model_card(name: str, engine: Engine, created: int) -> s.ModelCard:
+def describe_model(name: str, engine: Engine, created: int) -> s.ModelObject:
     model = engine.loaded.model
-    return s.ModelCard(
+    return s.ModelObject(
         id=name,
         created=created,
         context_length=engine.context_length,
@@ -56,25 +58,12 @@ def model_card(name: str, engine: Engine, created: int) -> s.ModelCard:
     )
 
 
-def choice_params(
-    body: s.CompletionRequest | s.ChatRequest, max_tokens: int, stop: tuple[str, ...], logprobs: int | None
-) -> list[SamplingParams]:
+def choice_params(body: s.CompletionRequest | s.ChatRequest, **overrides) -> list[SamplingParams]:
     """One SamplingParams per choice (`n`); choice i gets seed + i, so choices differ but repeat.
-    SamplingParams' own checks raise SamplingError (→ 422)."""
+    Out-of-range values raise SamplingError (→ 422)."""
+    values = body.model_dump(exclude={"logprobs"})  # chat's logprobs is a flag: callers pass the count
     return [
-        SamplingParams(
-            max_new_tokens=max_tokens,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            top_k=body.top_k,
-            repetition_penalty=body.repetition_penalty,
-            presence_penalty=body.presence_penalty,
-            frequency_penalty=body.frequency_penalty,
-            stop=stop,
-            seed=None if body.seed is None else body.seed + i,
-            logprobs=logprobs,
-        )
-        for i in range(body.n)
+        sampling_params(values, seed=None if body.seed is None else body.seed + i, **overrides) for i in range(body.n)
     ]
 
 
@@ -82,12 +71,12 @@ def choice_params(
 async def list_models(state: State) -> s.ModelList:
     get_engine(state, None)  # 503 while loading
     created = int(state.started)
-    return s.ModelList(data=[model_card(name, e, created) for name, e in state.engines.items()])
+    return s.ModelList(data=[describe_model(name, e, created) for name, e in state.engines.items()])
 
 
-@router.get("/v1/models/{model_id}", response_model=s.ModelCard, responses=ERROR_RESPONSES)
-async def get_model(model_id: str, state: State) -> s.ModelCard:
-    return model_card(model_id, get_engine(state, model_id), int(state.started))
+@router.get("/v1/models/{model_id}", response_model=s.ModelObject, responses=ERROR_RESPONSES)
+async def get_model(model_id: str, state: State) -> s.ModelObject:
+    return describe_model(model_id, get_engine(state, model_id), int(state.started))
 
 
 def _submit(state: State, engine: Engine, prompts: list[str | list[int]], params: list, param: str) -> Generation:
@@ -132,7 +121,7 @@ def _chat_logprobs(tokenizer: TextTokenizer, logprobs: list[TokenLogprob]) -> s.
 
     return s.ChatLogprobs(
         content=[
-            s.TokenLogprob(**entry(lp.token, lp.logprob), top_logprobs=[entry(t, v) for t, v in lp.top])
+            s.ChatTokenLogprob(**entry(lp.token, lp.logprob), top_logprobs=[entry(t, v) for t, v in lp.top])
             for lp in logprobs
         ]
     )
@@ -140,6 +129,51 @@ def _chat_logprobs(tokenizer: TextTokenizer, logprobs: list[TokenLogprob]) -> s.
 
 def _new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+@dataclass
+class ChunkShape:
+    """How a streamed chunk's choice looks: completions carry `text`, chat completions a `delta`."""
+
+    object: str
+    content: Callable[[str | None], dict]
+    """A token's text → the choice's content fields; None: those of the finishing chunk."""
+    logprobs: Callable[[TokenEvent], dict]
+    opening: list[tuple[int, dict]]
+    """(choice index, content) chunks sent before any token: echoed prompts, chat's role."""
+
+
+async def stream_chunks(
+    generation: Generation, meta: dict, body: s.SamplingRequest, shape: ChunkShape
+) -> AsyncIterator[str]:
+    """The Server-Sent Events of a streamed completion or chat completion, ending with [DONE]."""
+
+    def chunk(index: int, content: dict, logprobs: dict | None = None, finish: str | None = None) -> str:
+        choice = {"index": index, **content, "logprobs": logprobs, "finish_reason": finish}
+        return sse({**meta, "object": shape.object, "choices": [choice]})
+
+    try:
+        for index, content in shape.opening:
+            yield chunk(index, content)
+        async for batch in generation.batches():
+            out = []
+            for event in batch:
+                if isinstance(event, FinishEvent):
+                    out.append(chunk(event.index, shape.content(None), finish=event.reason))
+                elif event.logprob is not None:
+                    out.append(chunk(event.index, shape.content(event.text), shape.logprobs(event)))
+                elif event.text:
+                    out.append(chunk(event.index, shape.content(event.text)))
+            if out:
+                yield "".join(out)  # everything that arrived together goes out in one write
+        if body.include_usage:
+            usage = _usage(generation, body.n).model_dump()
+            yield sse({**meta, "object": shape.object, "choices": [], "usage": usage})
+    except EngineError as e:
+        yield sse(error_event(from_engine_error(e)))
+    finally:
+        generation.cancel()
+    yield sse("[DONE]")
 
 
 @router.post("/v1/completions", response_model=s.CompletionResponse, responses=ERROR_RESPONSES)
@@ -150,12 +184,12 @@ async def create_completion(body: s.CompletionRequest, request: Request, state: 
     max_tokens = check_max_tokens(state, body.max_tokens or state.settings.max_tokens_cap, "max_tokens")
     for p in prompts:
         check_prompt_length(state, p)
-    params = choice_params(body, max_tokens, body.stops, body.logprobs)
+    params = choice_params(body, max_new_tokens=max_tokens, logprobs=body.logprobs)
     generation = _submit(state, engine, prompts, params, "prompt")
     meta = {"id": _new_id("cmpl"), "created": int(time.time()), "model": engine.name}
     if body.stream:
-        chunks = _completion_chunks(generation, meta, body, engine.tokenizer)
-        return GenerationStream(chunks, generation)
+        shape = _completion_shape(generation, body, engine.tokenizer)
+        return GenerationStream(stream_chunks(generation, meta, body, shape), generation)
     if not await finish_or_disconnect(generation, request):
         return Response(status_code=CLIENT_CLOSED)
     choices = []
@@ -176,40 +210,21 @@ def _prompt_text(tokenizer: TextTokenizer, prompt: str | list[int]) -> str:
     return prompt if isinstance(prompt, str) else tokenizer.decode(prompt)
 
 
-async def _completion_chunks(
-    generation: Generation, meta: dict, body: s.CompletionRequest, tokenizer: TextTokenizer
-) -> AsyncIterator[str]:
-    def chunk(index: int, text: str, logprobs: dict | None = None, finish: str | None = None) -> str:
-        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
-        return sse({**meta, "object": "text_completion", "choices": [choice]})
+def _completion_shape(generation: Generation, body: s.CompletionRequest, tokenizer: TextTokenizer) -> ChunkShape:
+    offsets = [0] * len(generation.requests)  # each choice's logprob text_offset so far
 
-    offsets = [0] * len(generation.requests)
-    try:
-        if body.echo:
-            for index in range(len(generation.requests)):
-                yield chunk(index, _prompt_text(tokenizer, body.prompts[index // body.n]))
-        async for batch in generation.batches():
-            out = []
-            for event in batch:
-                if isinstance(event, FinishEvent):
-                    out.append(chunk(event.index, "", finish=event.reason))
-                elif event.logprob is not None:
-                    lp = _completion_logprobs(tokenizer, [event.logprob], body.logprobs or 0, offsets[event.index])
-                    offsets[event.index] += len(lp.tokens[0])
-                    out.append(chunk(event.index, event.text, lp.model_dump()))
-                elif event.text:
-                    out.append(chunk(event.index, event.text))
-            if out:
-                yield "".join(out)  # everything that arrived together goes out in one write
-        if body.include_usage:
-            yield sse(
-                {**meta, "object": "text_completion", "choices": [], "usage": _usage(generation, body.n).model_dump()}
-            )
-    except EngineError as e:
-        yield sse(error_event(from_engine_error(e)))
-    finally:
-        generation.cancel()
-    yield sse("[DONE]")
+    def logprobs(event: TokenEvent) -> dict:
+        lp = _completion_logprobs(tokenizer, [event.logprob], body.logprobs or 0, offsets[event.index])
+        offsets[event.index] += len(lp.tokens[0])
+        return lp.model_dump()
+
+    echoed = range(len(generation.requests)) if body.echo else ()
+    return ChunkShape(
+        object="text_completion",
+        content=lambda text: {"text": text or ""},
+        logprobs=logprobs,
+        opening=[(i, {"text": _prompt_text(tokenizer, body.prompts[i // body.n])}) for i in echoed],
+    )
 
 
 @router.post("/v1/chat/completions", response_model=s.ChatCompletionResponse, responses=ERROR_RESPONSES)
@@ -224,11 +239,13 @@ async def create_chat_completion(body: s.ChatRequest, request: Request, state: S
     prompt = render_chat((m.role, m.text) for m in body.messages)
     check_prompt_length(state, prompt, "messages")
     top = body.top_logprobs or 0
-    params = choice_params(body, max_tokens, (TURN_END, *body.stops), top if body.logprobs else None)
+    stop = (TURN_END, *normalize_stop(body.stop))
+    params = choice_params(body, max_new_tokens=max_tokens, stop=stop, logprobs=top if body.logprobs else None)
     generation = _submit(state, engine, [prompt], params, "messages")
     meta = {"id": _new_id("chatcmpl"), "created": int(time.time()), "model": engine.name}
     if body.stream:
-        return GenerationStream(_chat_chunks(generation, meta, body, engine.tokenizer), generation)
+        shape = _chat_shape(generation, engine.tokenizer)
+        return GenerationStream(stream_chunks(generation, meta, body, shape), generation)
     if not await finish_or_disconnect(generation, request):
         return Response(status_code=CLIENT_CLOSED)
     choices = [
@@ -243,39 +260,10 @@ async def create_chat_completion(body: s.ChatRequest, request: Request, state: S
     return s.ChatCompletionResponse(**meta, choices=choices, usage=_usage(generation, body.n))
 
 
-async def _chat_chunks(
-    generation: Generation, meta: dict, body: s.ChatRequest, tokenizer: TextTokenizer
-) -> AsyncIterator[str]:
-    def chunk(index: int, delta: dict, logprobs: dict | None = None, finish: str | None = None) -> str:
-        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-        return sse({**meta, "object": "chat.completion.chunk", "choices": [choice]})
-
-    try:
-        for index in range(len(generation.requests)):
-            yield chunk(index, {"role": "assistant", "content": ""})
-        async for batch in generation.batches():
-            out = []
-            for event in batch:
-                if isinstance(event, FinishEvent):
-                    out.append(chunk(event.index, {}, finish=event.reason))
-                elif event.logprob is not None:
-                    logprobs = _chat_logprobs(tokenizer, [event.logprob]).model_dump()
-                    out.append(chunk(event.index, {"content": event.text}, logprobs))
-                elif event.text:
-                    out.append(chunk(event.index, {"content": event.text}))
-            if out:
-                yield "".join(out)
-        if body.include_usage:
-            yield sse(
-                {
-                    **meta,
-                    "object": "chat.completion.chunk",
-                    "choices": [],
-                    "usage": _usage(generation, body.n).model_dump(),
-                }
-            )
-    except EngineError as e:
-        yield sse(error_event(from_engine_error(e)))
-    finally:
-        generation.cancel()
-    yield sse("[DONE]")
+def _chat_shape(generation: Generation, tokenizer: TextTokenizer) -> ChunkShape:
+    return ChunkShape(
+        object="chat.completion.chunk",
+        content=lambda text: {"delta": {} if text is None else {"content": text}},
+        logprobs=lambda event: _chat_logprobs(tokenizer, [event.logprob]).model_dump(),
+        opening=[(i, {"delta": {"role": "assistant", "content": ""}}) for i in range(len(generation.requests))],
+    )

@@ -1,6 +1,7 @@
 """The original QuillGPT's /generate and /generate_stream."""
 
-from quillgpt.generate import SamplingParams, generate
+from quillgpt.generate import generate
+from quillgpt.sampling import SamplingParams
 
 
 def test_generate_with_query_parameters(client):

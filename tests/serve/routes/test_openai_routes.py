@@ -2,7 +2,8 @@
 
 import json
 
-from quillgpt.generate import SamplingParams, generate
+from quillgpt.generate import generate
+from quillgpt.sampling import SamplingParams
 from quillgpt.serve.chat import render_chat
 
 
