@@ -21,7 +21,7 @@ from safetensors.torch import save_model as st_save_model
 
 from quillgpt.config import ConfigError, GPTConfig
 from quillgpt.fileio import atomic_write, write_json
-from quillgpt.model import GPT, quantize_int8
+from quillgpt.model import GPT, INFERENCE_WEIGHTS, prepare_for_inference
 from quillgpt.tokenizer import BPE_FILE, BPETokenizer, CharTokenizer, TokenizerError, tokenizer_from_spec
 
 WEIGHTS_FILE = "model.safetensors"
@@ -143,14 +143,24 @@ def update_provenance(directory: str | Path, **values: Any) -> None:
 
 
 def load_model(
-    name_or_path: str | Path, device: str | torch.device = "cpu", quantize: str | None = None
+    name_or_path: str | Path,
+    device: str | torch.device = "cpu",
+    weights: str = "float32",
+    *,
+    quantize: str | None = None,
 ) -> LoadedModel:
     """Load a model directory (or bundled model by name) with its tokenizer, in eval mode.
 
-    `quantize="int8"` stores the linear weights in int8 for faster CPU decoding (see quantize_int8).
+    `weights` other than "float32" readies the model for fast decoding (`prepare_for_inference`):
+    "auto" (what the CLI, the server and the playground use), "bfloat16" or "int8".
+    `quantize="int8"` is the older spelling of `weights="int8"`.
     """
-    if quantize not in (None, "int8"):
-        raise CheckpointError(f"unknown quantization {quantize!r} (supported: int8)")
+    if quantize is not None:
+        if quantize != "int8":
+            raise CheckpointError(f"unknown quantization {quantize!r} (supported: int8)")
+        weights = "int8"
+    if weights not in INFERENCE_WEIGHTS:
+        raise CheckpointError(f"unknown weights {weights!r} (choose from {', '.join(INFERENCE_WEIGHTS)})")
     directory = resolve_model_path(name_or_path)
     data = read_model_config(directory)
     try:
@@ -165,10 +175,10 @@ def load_model(
     model = GPT(config)
     load_weights(model, directory / WEIGHTS_FILE)
     model.to(device).eval()
-    if quantize == "int8":
-        if torch.device(device).type != "cpu":
-            raise CheckpointError("int8 quantization runs on the CPU only")
-        quantize_int8(model)
+    if weights == "int8" and torch.device(device).type != "cpu":
+        raise CheckpointError("int8 quantization runs on the CPU only")
+    if weights != "float32":
+        prepare_for_inference(model, weights)
     card = {k: v for k, v in data.items() if k not in ("model", "tokenizer", "provenance")}
     return LoadedModel(model, tokenizer, directory, data.get("provenance", {}), card)
 

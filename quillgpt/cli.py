@@ -69,12 +69,24 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int)
 
 
+def add_weights_arg(p: argparse.ArgumentParser, default: str) -> None:
+    from quillgpt.model import INFERENCE_WEIGHTS
+
+    p.add_argument(
+        "--weights",
+        choices=INFERENCE_WEIGHTS,
+        default=default,
+        help=f"float32 (exact), bfloat16, int8, or auto: bfloat16 on CPUs that have it natively (default {default})",
+    )
+    p.add_argument("--quantize", choices=["int8"], dest="weights", help=argparse.SUPPRESS)  # older spelling
+
+
 def generate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="bundled model name or model directory (default: the bundled one)")
     p.add_argument("--prompt", default="", help="text to continue (empty: the tokenizer's start token)")
     add_sampling_args(p)
     p.add_argument("--device", default="auto")
-    p.add_argument("--quantize", choices=["int8"], default=None, help="int8 weights: faster CPU decoding")
+    add_weights_arg(p, "auto")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True)
 
 
@@ -86,7 +98,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from quillgpt.sampling import sampling_params
 
     params = sampling_params(vars(args))
-    loaded = load_model(args.model or default_model(), device=resolve_device(args.device), quantize=args.quantize)
+    loaded = load_model(args.model or default_model(), device=resolve_device(args.device), weights=args.weights)
     if args.stream:
         sys.stdout.write(args.prompt)
         for piece in stream(loaded.model, loaded.tokenizer, args.prompt, params):
@@ -216,7 +228,7 @@ def eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", choices=["val", "train", "all"], default="val")
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--device", default="auto")
-    p.add_argument("--quantize", choices=["int8"], default=None, help="evaluate with int8 weights")
+    add_weights_arg(p, "float32")
     p.add_argument("--json", action="store_true", help="end with one JSON line")
 
 
@@ -226,7 +238,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from quillgpt.device import resolve_device
     from quillgpt.evaluate import evaluate
 
-    loaded = load_model(args.model, device=resolve_device(args.device), quantize=args.quantize)
+    loaded = load_model(args.model, device=resolve_device(args.device), weights=args.weights)
     result = evaluate(loaded.model, loaded.tokenizer, args.data, split=args.split, val_fraction=args.val_fraction)
     result = {"model": str(loaded.path), "data": str(args.data), **result}
     key = "val_loss" if args.split == "val" else "loss"

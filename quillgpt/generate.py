@@ -1,7 +1,7 @@
 """Generation: the sampler, a batched decoder on token ids, and the text layer over it.
 
 Layers, bottom up (the settings, `SamplingParams`, are in `quillgpt.sampling`):
-- `sample_next_token`: one row of logits → one token (temperature, top-k, top-p, penalties, seed).
+- the sampler (`quillgpt.sampling.sample_next_tokens`): a batch of logits rows → one token per row.
 - `Decoder`: continuous batching on ids. Sequences join and leave between steps; each owns one row
   of the `KVCache`, its tokens at their own positions, so rows of different lengths need no padding.
 - `TextRequest`, `generate`, `stream`: text in, text out — detokenizing without splitting UTF-8
@@ -17,7 +17,6 @@ A prompt longer than the context keeps its last `block_size` tokens (`prompt_tru
 from __future__ import annotations
 
 import math
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -25,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from quillgpt.model import GPT, KVCache
-from quillgpt.sampling import SamplingError, SamplingParams  # noqa: F401 - also imported from here by playground, benchmarks
+from quillgpt.sampling import SamplingError, SamplingParams, sample_next_token, sample_next_tokens  # noqa: F401 - re-exported
 from quillgpt.tokenizer import TextStreamer, TextTokenizer
 
 KEEP_FRACTION = 0.75
@@ -36,40 +35,6 @@ class TokenLogprob:
     token: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)
-
-
-def sample_next_token(
-    logits: torch.Tensor,
-    params: SamplingParams,
-    generator: torch.Generator | None = None,
-    seen: torch.Tensor | None = None,
-    counts: torch.Tensor | None = None,
-) -> int:
-    """Pick one token from a (V,) row of logits.
-
-    `seen` (bool, V) marks tokens in the prompt or output, for the repetition penalty; `counts`
-    (float, V) counts generated tokens, for presence and frequency penalties.
-    """
-    logits = logits.float()
-    if params.repetition_penalty != 1.0 and seen is not None:
-        penalised = torch.where(logits > 0, logits / params.repetition_penalty, logits * params.repetition_penalty)
-        logits = torch.where(seen, penalised, logits)
-    if counts is not None and (params.presence_penalty or params.frequency_penalty):
-        logits = logits - (params.frequency_penalty * counts + params.presence_penalty * (counts > 0).float())
-    if params.greedy:
-        return int(torch.argmax(logits))
-    logits = logits / params.temperature  # a new tensor: the filters below may write into it
-    if params.top_k is not None and params.top_k < logits.numel():
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits[logits < kth] = -math.inf
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        # drop a token when the tokens before it already reach top_p; the first always stays
-        drop = (torch.cumsum(probs, dim=-1) - probs) >= params.top_p
-        logits[order[drop]] = -math.inf
-    probs = torch.softmax(logits, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 @dataclass
@@ -89,8 +54,10 @@ class SequenceState:
     prompt_truncated: bool = False
     generator: torch.Generator | None = field(init=False, default=None, repr=False)
     """This sequence's own random stream (seeded from `params.seed`), or the global one."""
-    counts: Counter[int] = field(init=False, default_factory=Counter, repr=False)
-    """How often each token was generated (presence and frequency penalties)."""
+    seen: torch.Tensor | None = field(init=False, default=None, repr=False)
+    """(V,) bool: tokens in the prompt or output, kept only when the repetition penalty is on."""
+    counts: torch.Tensor | None = field(init=False, default=None, repr=False)
+    """(V,) float: how often each token was generated, kept only for presence/frequency penalties."""
 
     def __post_init__(self) -> None:
         if not self.prompt:
@@ -100,18 +67,23 @@ class SequenceState:
         if self.params.seed is not None:
             self.generator = torch.Generator().manual_seed(self.params.seed)
 
-    def penalty_inputs(self, vocab_size: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """`seen` and `counts` tensors for sample_next_token, built only when a penalty asks for them."""
+    def track_penalties(self, vocab_size: int) -> None:
+        """Start the `seen`/`counts` rows the penalties read, if this sequence's settings use them."""
         p = self.params
-        seen = counts = None
-        if p.repetition_penalty != 1.0:
-            seen = torch.zeros(vocab_size, dtype=torch.bool)
-            seen[list(set(self.tokens))] = True
-        if p.presence_penalty or p.frequency_penalty:
-            counts = torch.zeros(vocab_size)
-            if self.counts:
-                counts[list(self.counts)] = torch.tensor(list(self.counts.values()), dtype=torch.float)
-        return seen, counts
+        if p.repetition_penalty != 1.0 and self.seen is None:
+            self.seen = torch.zeros(vocab_size, dtype=torch.bool)
+            self.seen[self.tokens] = True
+        if (p.presence_penalty or p.frequency_penalty) and self.counts is None:
+            self.counts = torch.zeros(vocab_size)
+            for token in self.generated:
+                self.counts[token] += 1
+
+    def record(self, token: int) -> None:
+        self.tokens.append(token)
+        if self.seen is not None:
+            self.seen[token] = True
+        if self.counts is not None:
+            self.counts[token] += 1
 
     @property
     def generated(self) -> list[int]:
@@ -154,6 +126,7 @@ class Decoder:
         if len(seq.tokens) > block:
             seq.start, seq.prompt_truncated = len(seq.tokens) - block, True
         seq.cached = 0
+        seq.track_penalties(V)
         self.active.append(seq)
 
     def remove(self, seq: SequenceState) -> None:
@@ -174,9 +147,11 @@ class Decoder:
         if not self.active:
             return []
         logits = self._forward_cached() if self.use_cache else self._forward_uncached()  # (B, V)
+        tokens = sample_next_tokens(
+            logits, [s.params for s in self.active], [s.generator for s in self.active], *self._penalty_rows()
+        ).tolist()
         out = []
-        for seq, row in zip(self.active, logits):
-            token = sample_next_token(row, seq.params, seq.generator, *seq.penalty_inputs(self.config.vocab_size))
+        for seq, row, token in zip(self.active, logits, tokens):
             if seq.params.logprobs is not None:
                 seq.logprobs.append(_logprob(row, token, seq.params.logprobs))
             self._append(seq, token)
@@ -187,9 +162,20 @@ class Decoder:
             self.remove(seq)
         return out
 
+    def _penalty_rows(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(B, V) `seen` and `counts` for the sampler, or None where no active sequence needs them."""
+        V = self.config.vocab_size
+        seen = counts = None
+        if any(s.seen is not None for s in self.active):
+            no_row = torch.zeros(V, dtype=torch.bool)
+            seen = torch.stack([no_row if s.seen is None else s.seen for s in self.active])
+        if any(s.counts is not None for s in self.active):
+            no_row = torch.zeros(V)
+            counts = torch.stack([no_row if s.counts is None else s.counts for s in self.active])
+        return seen, counts
+
     def _append(self, seq: SequenceState, token: int) -> None:
-        seq.tokens.append(token)
-        seq.counts[token] += 1
+        seq.record(token)
         if token in seq.stop_ids:
             seq.finish("stop")
         elif len(seq.tokens) - len(seq.prompt) >= seq.params.max_new_tokens:

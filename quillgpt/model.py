@@ -292,6 +292,71 @@ class GPT(nn.Module):
         return logits, loss
 
 
+INFERENCE_WEIGHTS = ("auto", "float32", "bfloat16", "int8")
+
+
+class PackedLinear(nn.Module):
+    """An inference-only `nn.Linear` whose weight oneDNN has laid out for its own CPU kernels.
+
+    Decoding reads every weight once per token, so a decode step is a chain of matmuls with 1 to 16
+    rows. PyTorch's default CPU path for those (MKL sgemm on a row-major weight) streams weights
+    at a fraction of the memory's speed on the 2-core machines here; oneDNN's matmul on a weight
+    reordered once ahead of time is 1.3-2x faster (docs/results.md). `weight` stays, so the module
+    still counts, saves and inspects like a Linear; `forward` reads only the packed copy.
+    """
+
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype | None = None, batch_hint: int = 16):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias  # the same parameters: tied weights stay tied
+        self.dtype = dtype or linear.weight.dtype
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach().to(self.dtype), batch_hint)
+        self.packed_bias = None if self.bias is None else self.bias.detach().to(self.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.packed, self.packed_bias, "none", [], "")
+        return y.to(x.dtype)
+
+
+def prepare_for_inference(model: GPT, weights: str = "float32") -> GPT:
+    """Put a model in the form decoding runs fastest in, in place, in eval mode; returns it.
+
+    `weights`:
+    - "float32": exact. On CPU the linear layers become `PackedLinear`s (same arithmetic, faster).
+    - "bfloat16": the linear layers' weights in bfloat16, packed the same way: half the bytes to
+      read per token. Activations, norms, attention and the KV cache stay float32 (bfloat16
+      attention is slower on CPUs, and float32 keeps the residual stream exact). Worth it only where
+      the CPU computes in bfloat16 natively (AVX512-BF16, AMX).
+    - "int8": int8 linear weights (`quantize_int8`), CPU only.
+    - "auto": on CPU, "bfloat16" where the CPU has native bfloat16, else "float32"; elsewhere the
+      model is left as it is. What each costs in loss on the shipped models is in docs/results.md.
+    """
+    if weights not in INFERENCE_WEIGHTS:
+        raise ValueError(f"unknown inference weights {weights!r} (choose from {', '.join(INFERENCE_WEIGHTS)})")
+    model.eval()
+    cpu = next(model.parameters()).device.type == "cpu"
+    if weights == "auto":
+        if not cpu:
+            return model
+        weights = "bfloat16" if native_bfloat16() else "float32"
+    if weights == "int8":
+        return quantize_int8(model)
+    if cpu and torch.backends.mkldnn.is_available():
+        dtype = torch.bfloat16 if weights == "bfloat16" else None
+        for module in list(model.modules()):
+            for name, child in list(module.named_children()):
+                if type(child) is nn.Linear:
+                    setattr(module, name, PackedLinear(child, dtype))
+    elif weights == "bfloat16":
+        raise ValueError("bfloat16 inference weights need a CPU with oneDNN (torch.backends.mkldnn)")
+    return model
+
+
+def native_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX)."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 def quantize_int8(model: GPT) -> GPT:
     """Store the linear layers' weights in int8 (activations are quantized on the fly), for CPU decoding.
 

@@ -4,15 +4,18 @@ the shells (CLI, HTTP API, playground) build them.
 `LIMITS` is read three times and written once: by `SamplingParams`' validation, by the API's
 request schemas (pydantic `Field` bounds, so /docs shows them), and for the defaults. The HTTP
 API may cap a setting lower than the library does (`api_high`: OpenAI's range for temperature, a
-sanity cap for top-k), never differently otherwise. The sampler itself is in `quillgpt.generate`.
+sanity cap for top-k), never differently otherwise. `sample_next_tokens` is the sampler: a batch of
+logits rows in, one token per row out, each row with its own settings and random stream.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
+
+import torch
 
 
 class SamplingError(ValueError):
@@ -120,3 +123,74 @@ def sampling_params(values: Mapping[str, Any], **overrides: Any) -> SamplingPara
     names = {f.name for f in fields(SamplingParams)}
     settings = {k: v for k, v in values.items() if k in names and v is not None}
     return SamplingParams(**(settings | overrides))
+
+
+FLOAT_MAX = torch.finfo(torch.float32).max
+
+
+def sample_next_tokens(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+    seen: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Pick one token per row of (B, V) logits, each row with its own settings and random stream.
+
+    The whole batch goes through one set of tensor ops (no loop over rows but one random draw per
+    row), so a row's token depends only on its own logits, settings and generator: batched output
+    equals unbatched output. `seen` (bool, B×V) marks tokens in each prompt or output, for the
+    repetition penalty; `counts` (float, B×V) counts generated tokens, for presence and frequency
+    penalties; either may be None when no row asks for that penalty.
+
+    Finite logits never become NaN: values pushed past float32's range by a penalty or a tiny
+    temperature are clamped to its largest finite value, which leaves the limit the setting tends
+    to (the largest logits share the mass; a temperature near 0 is greedy).
+    """
+    logits = logits.float()
+    B, V = logits.shape
+    column = lambda values: torch.tensor(values, dtype=torch.float32).unsqueeze(1)  # noqa: E731 - (B, 1)
+    if seen is not None and any(p.repetition_penalty != 1.0 for p in params):
+        penalty = column([p.repetition_penalty for p in params])
+        penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+        logits = torch.where(seen, penalised, logits)
+    if counts is not None and any(p.presence_penalty or p.frequency_penalty for p in params):
+        frequency, presence = (
+            column([p.frequency_penalty for p in params]),
+            column([p.presence_penalty for p in params]),
+        )
+        logits = logits - (frequency * counts + presence * (counts > 0).float())
+    greedy = torch.tensor([p.greedy for p in params])
+    if bool(greedy.all()):
+        return torch.argmax(logits, dim=-1)
+    temperature = column([1.0 if p.greedy else p.temperature for p in params])
+    logits = torch.nan_to_num(logits / temperature, nan=0.0, posinf=FLOAT_MAX, neginf=-FLOAT_MAX)
+    if any(p.top_k is not None and p.top_k < V for p in params):
+        k = torch.tensor([min(p.top_k or V, V) for p in params]).unsqueeze(1)  # (B, 1)
+        kth = torch.sort(logits, dim=-1, descending=True).values.gather(1, k - 1)  # (B, 1)
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if any(p.top_p < 1.0 for p in params):
+        top_p = column([p.top_p for p in params])
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # drop a token when the tokens before it already reach top_p; the first always stays
+        drop = ((torch.cumsum(probs, dim=-1) - probs) >= top_p) & (top_p < 1.0)
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), -math.inf)
+    cdf = torch.cumsum(torch.softmax(logits, dim=-1), dim=-1)  # (B, V)
+    draws = [torch.zeros(()) if p.greedy else torch.rand((), generator=g) for p, g in zip(params, generators)]
+    u = torch.stack(draws).unsqueeze(1) * cdf[:, -1:]  # (B, 1), in [0, total mass)
+    # the first token whose cumulative probability passes u: a token with zero probability never does
+    sampled = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=V - 1)
+    return torch.where(greedy, torch.argmax(logits, dim=-1), sampled)
+
+
+def sample_next_token(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator | None = None,
+    seen: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
+) -> int:
+    """Pick one token from a (V,) row of logits: `sample_next_tokens` for a batch of one."""
+    row = lambda t: None if t is None else t.unsqueeze(0)  # noqa: E731
+    return int(sample_next_tokens(logits.unsqueeze(0), [params], [generator], row(seen), row(counts))[0])

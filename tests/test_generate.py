@@ -7,6 +7,7 @@ from quillgpt.generate import (
     StopStrings,
     generate,
     sample_next_token,
+    sample_next_tokens,
     stream,
 )
 from quillgpt.model import GPT
@@ -181,3 +182,37 @@ def test_bpe_stream_yields_whole_characters():
     pieces = list(stream(model, tok, "é", SamplingParams(max_new_tokens=40, seed=1)))
     text = "".join(pieces)  # random bytes need not be valid UTF-8; pieces must still add up exactly
     assert len(pieces) > 1 and text == generate(model, tok, "é", SamplingParams(max_new_tokens=40, seed=1))[0].text
+
+
+def test_batched_sampler_rows_equal_each_row_alone():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 40) * 3
+    settings = [
+        SamplingParams(seed=1),
+        SamplingParams(temperature=0.5, top_k=5, seed=2),
+        SamplingParams(top_p=0.6, seed=3),
+        SamplingParams(temperature=0),
+        SamplingParams(repetition_penalty=1.5, presence_penalty=0.7, frequency_penalty=0.3, seed=4),
+        SamplingParams(temperature=1.7, top_k=3, top_p=0.9, seed=5),
+    ]
+    seen = torch.rand(6, 40) < 0.3
+    counts = torch.randint(0, 3, (6, 40)).float()
+    for _ in range(20):
+        batch_generators = [None if p.seed is None else torch.Generator().manual_seed(p.seed) for p in settings]
+        alone_generators = [None if p.seed is None else torch.Generator().manual_seed(p.seed) for p in settings]
+        batched = sample_next_tokens(logits, settings, batch_generators, seen, counts).tolist()
+        alone = [
+            sample_next_token(logits[i], p, alone_generators[i], seen[i], counts[i]) for i, p in enumerate(settings)
+        ]
+        assert batched == alone
+        logits = torch.randn(6, 40) * 3
+
+
+def test_sampler_never_returns_a_token_the_filters_removed():
+    logits = torch.tensor([[0.0, 5.0, 4.0, 3.0, -2.0]] * 4)
+    params = [SamplingParams(top_k=2), SamplingParams(top_p=0.5), SamplingParams(top_k=3, temperature=3.0)] * 1
+    params.append(SamplingParams(temperature=1e-30))  # float32 underflows to 0: greedy in the limit
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        tokens = sample_next_tokens(logits, params, [g] * 4).tolist()
+        assert tokens[0] in (1, 2) and tokens[1] == 1 and tokens[2] in (1, 2, 3) and tokens[3] == 1

@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -5,7 +6,7 @@ import torch
 
 from quillgpt.checkpoint import gpt_from_hf_gpt2
 from quillgpt.config import ConfigError, GPTConfig
-from quillgpt.model import GPT, KVCache
+from quillgpt.model import GPT, KVCache, PackedLinear, prepare_for_inference
 from tests.conftest import tiny_config
 
 MODERN = dict(
@@ -155,3 +156,40 @@ def test_attention_maps_match_the_fused_attention(variant):
     _, _, v = block.attn.qkv(block.ln_1(x), rope)
     y = (maps[0][None] @ v).transpose(1, 2).reshape(1, 10, -1)
     torch.testing.assert_close(block.attn.c_proj(y), block.attn(block.ln_1(x), rope), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "modern", "odd-heads"])
+def test_inference_weights_float32_is_exact_and_bfloat16_close(variant):
+    torch.manual_seed(0)
+    model = GPT(tiny_config(**VARIANTS[variant])).eval()
+    for p in model.parameters():  # zero-initialised projections would hide a wrong packed weight
+        p.data.normal_(0, 0.3)
+    idx = torch.randint(0, model.config.vocab_size, (3, model.config.block_size))
+    reference, _ = model(idx)
+    packed = prepare_for_inference(copy.deepcopy(model), "float32")
+    assert any(isinstance(m, PackedLinear) for m in packed.modules())
+    assert packed.num_params() == model.num_params()
+    assert torch.allclose(packed(idx)[0], reference, atol=1e-5)
+    bf16 = prepare_for_inference(copy.deepcopy(model), "bfloat16")
+    logits, _ = bf16(idx)
+    assert logits.dtype == torch.float32  # bfloat16 weights, float32 activations
+    assert 0 < (logits - reference).abs().max() < 0.05 * reference.abs().max()
+
+
+def test_inference_weights_decode_with_the_cache_like_the_plain_model(char_tokenizer):
+    from quillgpt.generate import generate
+    from quillgpt.sampling import SamplingParams
+
+    torch.manual_seed(0)
+    model = GPT(tiny_config(**MODERN, vocab_size=char_tokenizer.vocab_size)).eval()
+    for p in model.parameters():
+        p.data.normal_(0, 0.3)
+    params = SamplingParams(max_new_tokens=40, temperature=0)
+    plain = [c.text for c in generate(model, char_tokenizer, ["All:", "Speak", "S"], params)]
+    packed = prepare_for_inference(copy.deepcopy(model), "float32")
+    assert [c.text for c in generate(packed, char_tokenizer, ["All:", "Speak", "S"], params)] == plain
+
+
+def test_unknown_inference_weights_are_refused():
+    with pytest.raises(ValueError, match="float32, bfloat16"):
+        prepare_for_inference(GPT(tiny_config()), "float16")

@@ -36,7 +36,7 @@ def load_models(settings: ServeSettings) -> dict[str, LoadedModel]:
     models: dict[str, LoadedModel] = {}
     for spec in settings.models:
         alias, target = parse_model_spec(spec)
-        loaded = load_model(target, device=device, quantize=settings.quantize)
+        loaded = load_model(target, device=device, weights=settings.quantize or settings.weights)
         name = alias or loaded.name
         if name in models:
             raise ValueError(f"two models are named {name!r}: give one an alias (ALIAS=PATH)")

@@ -36,8 +36,11 @@ class ServeSettings(BaseSettings):
     """Let browsers send cookies/auth to the allowed origins; refused together with origin "*"."""
     device: str = "auto"
     """Where the models run: auto, cpu, cuda, cuda:N or mps."""
+    weights: Literal["auto", "float32", "bfloat16", "int8"] = "auto"
+    """How the models decode (`prepare_for_inference`): auto is bfloat16 on CPUs with native bfloat16
+    (its cost in loss is measured in docs/results.md) and exact float32 elsewhere."""
     quantize: Literal["int8"] | None = None
-    """"int8": int8 linear weights (CPU only), faster decoding at a small cost in loss."""
+    """The older spelling of weights=int8."""
     torch_threads: int | None = Field(None, ge=1, le=1024)
     """PyTorch's intra-op threads; unset: one per core but one, which stays free for the event loop
     (on a small CPU, model threads that take every core starve the HTTP side)."""
