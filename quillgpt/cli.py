@@ -207,7 +207,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 @command("playground")
 def cmd_playground(args: argparse.Namespace) -> int:
-    from quillgpt.playground import launch
+    from quillgpt.playground.launch import launch
 
     return launch(args.model, args.api_url, args.host, args.port)
 

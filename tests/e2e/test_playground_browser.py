@@ -12,7 +12,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,12 +19,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from quillgpt.playground import LocalBackend
+from quillgpt.playground.launch import streamlit_command
+from quillgpt.playground.local import LocalBackend
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync"]  # fmt: skip
-PAGE = Path(__file__).resolve().parents[2] / "quillgpt" / "playground.py"
 
 pytestmark = pytest.mark.slow
 
@@ -64,12 +63,7 @@ def model(tiny_model_dir) -> str:
 def playground_url(chromium, tmp_path, model) -> Iterator[str]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [
-        sys.executable, "-m", "streamlit", "run", str(PAGE),
-        "--server.headless=true", "--server.address=127.0.0.1", f"--server.port={port}",
-        "--browser.gatherUsageStats=false", "--server.fileWatcherType=none", "--client.toolbarMode=minimal",
-        "--", "--model", model,
-    ]  # fmt: skip
+    cmd = streamlit_command([model], port=port)
     log_path = tmp_path / "streamlit.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
