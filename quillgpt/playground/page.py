@@ -38,7 +38,10 @@ log = logging.getLogger(__name__)
 
 # Module-level strings would be drawn on the page by Streamlit's "magic" when this file is the
 # script being run, so the constants here are explained in comments.
-REDRAW_SECONDS = 0.1  # how often the page redraws while text streams in
+# How often the page redraws while text streams in; tokens arriving in between wait for the next
+# redraw. Each redraw costs the browser tens of milliseconds of CPU whatever its size, on the same
+# CPU as the model (docs/playground.md, "Speed"): every 0.1 s, that slowed generation by a third.
+REDRAW_SECONDS = 0.25
 
 NO_MODELS = """**No model to run yet.** The bundled Shakespeare model (`models/shakespeare-char`) is not in
 this checkout, and no model directory was given.
@@ -325,9 +328,8 @@ def run_generation(backend: Backend, params: dict, results: dict[str, Result], o
             if res.status != "running":
                 del streams[side]
         if time.monotonic() - last > REDRAW_SECONDS and streams:
-            for side, res in results.items():
-                with outputs[side].container():
-                    st.html(render_tokens(res.prompt, res.text, res.tokens, cursor=res.status == "running"))
+            for side, res in results.items():  # the element itself, not a new container: cheaper to swap
+                outputs[side].html(render_tokens(res.prompt, res.text, res.tokens, live=res.status == "running"))
             last = time.monotonic()
 
 

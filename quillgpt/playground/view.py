@@ -26,10 +26,13 @@ def token_tip(t: TokenView) -> str:
     return head + "\nmost likely here:\n" + "\n".join(f"  {_shown(a)}  {p:.1%}" for a, p in t.top)
 
 
-def render_tokens(prompt: str, text: str, tokens: list[TokenView], cursor: bool = False) -> str:
+def render_tokens(prompt: str, text: str, tokens: list[TokenView], live: bool = False) -> str:
     """HTML for the prompt then the generated text, each token coloured by its probability, with its
     alternatives in a tooltip (on hover, or on focus: click a token). `text` is the truth: token texts
-    are laid over it, so a stop string's tokens, generated but not shown, fall off the end."""
+    are laid over it, so a stop string's tokens, generated but not shown, fall off the end.
+
+    `live`: the text is still streaming in: a cursor ends it, and the tooltips wait for the last
+    redraw (they are most of the HTML, and the browser re-reads all of it at every redraw)."""
     parts = ['<div class="quill-output">', f'<span class="quill-prompt">{html.escape(prompt)}</span>']
     pos = 0
     for i, t in enumerate(tokens):
@@ -41,13 +44,11 @@ def render_tokens(prompt: str, text: str, tokens: list[TokenView], cursor: bool 
         body = html.escape(piece)
         if piece.strip("\n") == "":  # a newline token: give it something to hover
             body = '<span class="quill-nl">↵</span>' + body
-        parts.append(
-            f'<span class="quill-tok" tabindex="0" data-i="{i}"{style} data-tip="{html.escape(token_tip(t))}">'
-            f"{body}</span>"
-        )
+        tip = "" if live else f' tabindex="0" data-i="{i}" data-tip="{html.escape(token_tip(t))}"'
+        parts.append(f'<span class="quill-tok"{style}{tip}>{body}</span>')
     if pos < len(text):
         parts.append(html.escape(text[pos:]))
-    if cursor:
+    if live:
         parts.append('<span class="quill-cursor">▌</span>')
     parts.append("</div>")
     return "".join(parts)

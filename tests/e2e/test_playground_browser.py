@@ -9,9 +9,11 @@ To refresh the README's screenshot with a real model:
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from quillgpt.checkpoint import bundled_models
 from quillgpt.playground.launch import streamlit_command
 from quillgpt.playground.local import LocalBackend
 
@@ -137,3 +140,53 @@ def test_type_prompt_generate_and_see_text(chromium, playground_url, model, tmp_
             browser.close()
     if target := os.environ.get("QUILL_SCREENSHOT_TO"):
         shutil.copyfile(shot, target)
+
+
+# `quill generate`'s path (`stream`), timed in a fresh process like the page's, with the page's defaults
+LIBRARY_RATE = """
+import sys, time
+from quillgpt.checkpoint import load_model
+from quillgpt.generate import SamplingParams, stream
+m = load_model(sys.argv[1])
+params = SamplingParams(max_new_tokens=300, temperature=0.8, seed=1)
+t0 = time.monotonic()
+n = sum(1 for _ in stream(m.model, m.tokenizer, "ROMEO:", params))
+print(n / (time.monotonic() - t0))
+"""
+
+
+@pytest.mark.parametrize("model", ["shakespeare-char"])
+def test_page_streams_at_the_models_speed(chromium, model, playground_url, capsys):
+    """300 tokens of the bundled model: the page's own rate beside the library's, printed.
+
+    No bound is asserted (tests are not timed here); the figures go in the output and docs/playground.md.
+    """
+    from playwright.sync_api import sync_playwright
+
+    if model not in bundled_models():
+        pytest.skip(f"the bundled model {model} is not in this checkout")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(chromium), headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 1100})
+            page.goto(playground_url)
+            page.get_by_label("Prompt").wait_for(timeout=60_000)
+            seed = page.get_by_role("textbox", name="Seed")
+            seed.fill("1")
+            seed.press("Enter")
+            started = time.monotonic()
+            page.get_by_role("button", name="Generate").click()
+            status = page.get_by_text(re.compile(r"^finished.* tokens/s$"))
+            status.wait_for(timeout=120_000)
+            wall = time.monotonic() - started
+            n, rate = map(int, re.search(r"(\d+) tokens · (\d+) tokens/s", status.inner_text()).groups())
+        finally:
+            browser.close()
+    out = subprocess.run([sys.executable, "-c", LIBRARY_RATE, model], capture_output=True, text=True, check=True)
+    library = float(out.stdout)
+    assert n == 300  # the page's defaults: 300 new tokens, ROMEO:, temperature 0.8 (the seed as set above)
+    with capsys.disabled():
+        print(
+            f"\nplayground, {model}, 300 tokens: page {rate} tokens/s (status line; {n / wall:.0f} from click to "
+            f"finished), library (stream) {library:.0f} tokens/s; page/library {rate / library:.0%}"
+        )
