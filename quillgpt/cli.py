@@ -280,7 +280,7 @@ def playground_flags(p: argparse.ArgumentParser) -> None:
 
 @command("playground", "the Streamlit playground in a browser", playground_flags)
 def cmd_playground(args: argparse.Namespace) -> int:
-    from quillgpt.playground import launch
+    from quillgpt.playground.launch import launch
 
     return launch(args.model, args.api_url, args.host, args.port)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -12,20 +13,15 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 import quillgpt.checkpoint as checkpoint
-from quillgpt import playground
 from quillgpt.checkpoint import LoadedModel, save_model
 from quillgpt.generate import SamplingParams, generate
-from quillgpt.playground import (
-    ApiBackend,
-    BackendError,
-    LocalBackend,
-    Result,
-    TokenView,
-    default_prompt,
-    parse_stop_strings,
-    read_settings,
-    render_tokens,
-)
+from quillgpt.playground import launch, page
+from quillgpt.playground.api import ApiBackend
+from quillgpt.playground.backend import TOP_ALTERNATIVES, BackendError, TokenView, default_prompt, provenance_facts
+from quillgpt.playground.local import LocalBackend
+from quillgpt.playground.page import Result
+from quillgpt.playground.settings import PlaygroundSettings, parse_stop_strings, read_settings
+from quillgpt.playground.view import render_tokens
 
 APP = Path(__file__).resolve().parent.parent / "app.py"
 
@@ -86,13 +82,13 @@ def test_generate_streams_coloured_tokens(monkeypatch, tiny_model_dir):
     res = generated(at)
     assert res.status == "done" and res.finish_reason == "length"
     assert len(res.tokens) == 24 and res.text == "".join(t.text for t in res.tokens)
-    assert all(0 < t.prob <= 1 and len(t.top) == playground.TOP_ALTERNATIVES for t in res.tokens)
+    assert all(0 < t.prob <= 1 and len(t.top) == TOP_ALTERNATIVES for t in res.tokens)
     html = "".join(h.value for h in at.html)
     assert html.count('class="quill-tok"') == 24 and "First" in html
     assert any("finished" in c.value for c in at.caption)
-    # the same seed through quillgpt.generate gives the same text
-    loaded = checkpoint.load_model(tiny_model_dir)
-    params = SamplingParams(max_new_tokens=24, temperature=0.8, seed=7)
+    # the same seed through quillgpt.generate gives the same text (the page's defaults and weights)
+    loaded = checkpoint.load_model(tiny_model_dir, weights="auto")
+    params = SamplingParams(max_new_tokens=24, seed=7)
     assert res.text == generate(loaded.model, loaded.tokenizer, "First", params)[0].text
 
 
@@ -168,7 +164,7 @@ def test_compare_mode_runs_two_settings_side_by_side(monkeypatch, tiny_model_dir
     assert not at.exception and not errors(at)
     a, b = generated(at, "a"), generated(at, "b")
     assert (len(a.tokens), len(b.tokens)) == (10, 15)
-    assert a.settings == "greedy" and b.settings == "temperature 0.8 · seed 3"
+    assert a.settings == "greedy" and b.settings == "temperature 1 · seed 3"  # the one default (LIMITS)
 
 
 def test_interrupted_generation_is_kept_as_stopped(monkeypatch, tiny_model_dir):
@@ -250,7 +246,7 @@ def test_api_backend_streams_text_and_logprobs():
 
 def test_page_in_api_mode(monkeypatch):
     client = fake_server([], "http://quill.test")
-    monkeypatch.setattr(playground, "_api_backend", lambda url: ApiBackend(url, client=client))
+    monkeypatch.setattr(page, "_api_backend", lambda url: ApiBackend(url, client=client))
     at = app(monkeypatch, api_url="http://quill.test")
     assert not at.exception and not errors(at)
     assert at.text_area(key="prompt").value == "ROMEO:"
@@ -304,9 +300,9 @@ def test_parse_stop_strings():
 
 def test_read_settings_from_arguments_then_environment():
     env = {"QUILL_PLAYGROUND_MODELS": "a:b", "QUILL_API_URL": "http://x"}
-    assert read_settings([], env) == playground.PlaygroundSettings(["a", "b"], "http://x")
+    assert read_settings([], env) == PlaygroundSettings(["a", "b"], "http://x")
     args = ["--model", "m1", "--model", "m2", "--api-url", "http://y", "--other"]
-    assert read_settings(args, env) == playground.PlaygroundSettings(["m1", "m2"], "http://y")
+    assert read_settings(args, env) == PlaygroundSettings(["m1", "m2"], "http://y")
 
 
 def test_default_prompt():
@@ -334,9 +330,9 @@ def test_launch_runs_streamlit_headless(monkeypatch, capsys, tiny_model_dir):
             return 0
 
     monkeypatch.setattr(subprocess, "Popen", FakePopen)
-    assert playground.launch([str(tiny_model_dir), "shakespeare-char"], "http://api", "0.0.0.0", 8123) == 0
+    assert launch.launch([str(tiny_model_dir), "shakespeare-char"], "http://api", "0.0.0.0", 8123) == 0
     cmd = seen["cmd"]
-    assert cmd[1:4] == ["-m", "streamlit", "run"] and cmd[4].endswith("playground.py")
+    assert cmd[1:4] == ["-m", "streamlit", "run"] and cmd[4].endswith("playground/page.py")
     assert {"--server.headless=true", "--server.address=0.0.0.0", "--server.port=8123"} <= set(cmd)
     assert cmd[cmd.index("--") :] == [
         "--", "--model", str(tiny_model_dir), "--model", "shakespeare-char", "--api-url", "http://api"
@@ -344,9 +340,17 @@ def test_launch_runs_streamlit_headless(monkeypatch, capsys, tiny_model_dir):
     assert "http://localhost:8123" in capsys.readouterr().out
 
 
-def test_card_prefers_the_whole_split_val_loss():
-    from quillgpt.playground import provenance_facts
+def test_launcher_does_not_import_streamlit():
+    """`quill playground` only starts a subprocess: the CLI must not pay for importing Streamlit."""
+    code = (
+        "import sys; from quillgpt import cli; from quillgpt.playground.launch import launch; "
+        "cli.build_parser(); print(sorted(m for m in sys.modules if m.split('.')[0] == 'streamlit'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
+
+def test_card_prefers_the_whole_split_val_loss():
     facts = provenance_facts({"val_loss": 1.4918, "val_loss_full_split": 1.4667})
     assert facts["Val loss"] == "1.4667 (whole split)"
     assert provenance_facts({"val_loss": 1.4918})["Val loss"] == "1.4918"

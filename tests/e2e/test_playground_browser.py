@@ -9,6 +9,7 @@ To refresh the README's screenshot with a real model:
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -20,12 +21,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from quillgpt.playground import LocalBackend
+from quillgpt.checkpoint import bundled_models
+from quillgpt.playground.launch import streamlit_command
+from quillgpt.playground.local import LocalBackend
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync"]  # fmt: skip
-PAGE = Path(__file__).resolve().parents[2] / "quillgpt" / "playground.py"
 
 pytestmark = pytest.mark.slow
 
@@ -64,12 +66,7 @@ def model(tiny_model_dir) -> str:
 def playground_url(chromium, tmp_path, model) -> Iterator[str]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [
-        sys.executable, "-m", "streamlit", "run", str(PAGE),
-        "--server.headless=true", "--server.address=127.0.0.1", f"--server.port={port}",
-        "--browser.gatherUsageStats=false", "--server.fileWatcherType=none", "--client.toolbarMode=minimal",
-        "--", "--model", model,
-    ]  # fmt: skip
+    cmd = streamlit_command([model], port=port)
     log_path = tmp_path / "streamlit.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
@@ -143,3 +140,54 @@ def test_type_prompt_generate_and_see_text(chromium, playground_url, model, tmp_
             browser.close()
     if target := os.environ.get("QUILL_SCREENSHOT_TO"):
         shutil.copyfile(shot, target)
+
+
+# `quill generate`'s path (`stream`), timed in a fresh process like the page's, with the page's defaults
+LIBRARY_RATE = """
+import sys, time
+from quillgpt.checkpoint import load_model
+from quillgpt.generate import stream
+from quillgpt.sampling import SamplingParams
+m = load_model(sys.argv[1], weights="auto")
+params = SamplingParams(max_new_tokens=300, seed=1)
+t0 = time.monotonic()
+n = sum(1 for _ in stream(m.model, m.tokenizer, "ROMEO:", params))
+print(n / (time.monotonic() - t0))
+"""
+
+
+@pytest.mark.parametrize("model", ["shakespeare-char"])
+def test_page_streams_at_the_models_speed(chromium, model, playground_url, capsys):
+    """300 tokens of the bundled model: the page's own rate beside the library's, printed.
+
+    No bound is asserted (tests are not timed here); the figures go in the output and docs/playground.md.
+    """
+    from playwright.sync_api import sync_playwright
+
+    if model not in bundled_models():
+        pytest.skip(f"the bundled model {model} is not in this checkout")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(chromium), headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 1100})
+            page.goto(playground_url)
+            page.get_by_label("Prompt").wait_for(timeout=60_000)
+            seed = page.get_by_role("textbox", name="Seed")
+            seed.fill("1")
+            seed.press("Enter")
+            started = time.monotonic()
+            page.get_by_role("button", name="Generate").click()
+            status = page.get_by_text(re.compile(r"^finished.* tokens/s$"))
+            status.wait_for(timeout=120_000)
+            wall = time.monotonic() - started
+            n, rate = map(int, re.search(r"(\d+) tokens · (\d+) tokens/s", status.inner_text()).groups())
+        finally:
+            browser.close()
+    out = subprocess.run([sys.executable, "-c", LIBRARY_RATE, model], capture_output=True, text=True, check=True)
+    library = float(out.stdout)
+    assert n == 300  # the page's defaults: 300 new tokens, ROMEO:, the default temperature (the seed as set above)
+    with capsys.disabled():
+        print(
+            f"\nplayground, {model}, 300 tokens: page {rate} tokens/s (status line; {n / wall:.0f} from click to "
+            f"finished), library (stream) {library:.0f} tokens/s; page/library {rate / library:.0%}"
+        )

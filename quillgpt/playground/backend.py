@@ -1,0 +1,106 @@
+"""What every playground backend gives the page: models, their cards, and streamed `Chunk`s of text.
+
+Two backends implement `Backend`: `LocalBackend` (quillgpt/playground/local.py) runs models in this
+process; `ApiBackend` (quillgpt/playground/api.py) asks a running `quill serve`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from quillgpt.sampling import SamplingParams
+
+TOP_ALTERNATIVES = 5  # alternatives shown per token (OpenAI's completions API allows at most 5)
+SHAKESPEARE_PROMPT = "ROMEO:"
+
+
+class BackendError(RuntimeError):
+    """A problem the user can fix: a missing model, an unreachable API, a prompt the model cannot read."""
+
+
+@dataclass
+class TokenView:
+    """One generated token as the page shows it."""
+
+    text: str
+    prob: float | None
+    """The model's own probability for the token (before temperature and filters); None if unknown."""
+    top: list[tuple[str, float]] = field(default_factory=list)
+    """The most likely tokens at that position, (text, probability), most likely first."""
+
+
+@dataclass
+class Chunk:
+    text: str
+    """New text that may be shown (never a stop string)."""
+    tokens: list[TokenView] = field(default_factory=list)
+    finish_reason: str | None = None
+    note: str | None = None
+
+
+@dataclass
+class ModelCard:
+    name: str
+    source: str
+    parameters: int | None = None
+    facts: dict[str, str] = field(default_factory=dict)
+    """Training data, val loss, steps, tokenizer, ... as label → text, in display order."""
+    description: str | None = None
+    """The model directory's README.md."""
+    loss_curve: Path | None = None
+    default_prompt: str = ""
+
+
+class Backend(Protocol):
+    label: str
+    local: bool
+
+    def models(self) -> list[str]: ...
+    def card(self, name: str) -> ModelCard: ...
+    def stream(self, name: str, prompt: str, params: SamplingParams) -> Iterator[Chunk]: ...
+
+
+def default_prompt(name: str, info: dict[str, Any]) -> str:
+    """An explicit `default_prompt` in the model's provenance or card; "ROMEO:" for Shakespeare."""
+    if isinstance(info.get("default_prompt"), str):
+        return info["default_prompt"]
+    data = str(info.get("dataset") or info.get("data") or "")
+    return SHAKESPEARE_PROMPT if "shakespeare" in f"{name} {data}".lower() else ""
+
+
+def provenance_facts(prov: dict[str, Any]) -> dict[str, str]:
+    facts: dict[str, str] = {}
+    data, sha = prov.get("dataset") or prov.get("data"), prov.get("data_sha256")
+    if isinstance(data, dict):  # a dataset described by its fields rather than named
+        data, sha = data.get("name") or data.get("dataset") or data.get("path"), sha or data.get("sha256")
+    if data:
+        facts["Training data"] = f"{data}" + (f" (sha256 {str(sha)[:12]}…)" if sha else "")
+    if isinstance(prov.get("val_loss_full_split"), int | float):  # every character of the split
+        facts["Val loss"] = f"{prov['val_loss_full_split']:.4f} (whole split)"
+    elif isinstance(prov.get("val_loss"), int | float):  # the training loop's estimate
+        facts["Val loss"] = f"{prov['val_loss']:.4f}"
+    if isinstance(prov.get("steps"), int):
+        facts["Training steps"] = f"{prov['steps']:,}"
+    if isinstance(prov.get("tokens"), int | float):
+        facts["Tokens seen"] = _human(prov["tokens"])
+    if isinstance(prov.get("wall_time_s"), int | float):
+        facts["Training time"] = _duration(prov["wall_time_s"])
+    return facts
+
+
+def _human(n: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return f"{n:.0f}"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
