@@ -179,8 +179,12 @@ def load_model(
 
     `quantize="int8"` stores the linear weights in int8 for faster CPU decoding (see quantize_int8).
     """
+    from quillgpt.interop.quillgpt_v1 import find_files
+
     if quantize not in (None, "int8"):
         raise CheckpointError(f"unknown quantization {quantize!r} (supported: int8)")
+    if (original := find_files(name_or_path)) is not None:  # the original QuillGPT's .pt + config JSON
+        return _quantized(load_from_train_config(*original, device), device, quantize)
     directory = resolve_model_path(name_or_path)
     data = read_model_config(directory)
     try:
@@ -195,12 +199,16 @@ def load_model(
     model = GPT(config)
     load_weights(model, directory / WEIGHTS_FILE)
     model.to(device).eval()
+    card = {k: v for k, v in data.items() if k not in ("model", "tokenizer", "provenance")}
+    return _quantized(LoadedModel(model, tokenizer, directory, data.get("provenance", {}), card), device, quantize)
+
+
+def _quantized(loaded: LoadedModel, device, quantize: str | None) -> LoadedModel:
     if quantize == "int8":
         if torch.device(device).type != "cpu":
             raise CheckpointError("int8 quantization runs on the CPU only")
-        quantize_int8(model)
-    card = {k: v for k, v in data.items() if k not in ("model", "tokenizer", "provenance")}
-    return LoadedModel(model, tokenizer, directory, data.get("provenance", {}), card)
+        quantize_int8(loaded.model)
+    return loaded
 
 
 def load_weights(model: GPT, path: str | Path) -> None:
@@ -263,13 +271,18 @@ def gpt_from_hf_gpt2(hf_model) -> GPT:
 
 def load_from_train_config(config_path: str | Path, weights_path: str | Path, device="cpu") -> LoadedModel:
     """The original QuillGPT's pair: a JSON training config (model keys, `encode`/`decode` maps) and
-    a weights file (`.pt` state dict or `.safetensors`). A model directory works as either argument."""
+    a weights file: a `.pt` state dict in the original layout or ours, or `.safetensors`. A model
+    directory works as either argument."""
     from quillgpt.config import load_train_config
 
     for p in (Path(weights_path), Path(config_path)):
         directory = p if p.is_dir() else p.parent
         if _is_model_dir(directory):
             return load_model(directory, device)
+    from quillgpt.interop.quillgpt_v1 import load_if_original
+
+    if (original := load_if_original(config_path, weights_path, device)) is not None:
+        return original  # the original QuillGPT's layout (per-head q/k/v, biased lm_head)
     cfg = load_train_config(config_path)
     if cfg.encode is None:
         raise CheckpointError(f"{config_path} has no 'encode' map, so the tokenizer is unknown; use a model directory")

@@ -195,6 +195,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("import")
+def cmd_import(args: argparse.Namespace) -> int:
+    from quillgpt.checkpoint import load_model
+    from quillgpt.interop import import_model
+
+    out = import_model(args.format, args.sources, args.out)
+    print(f"imported {args.format} ({load_model(out).model.num_params():,} parameters) into {out}")
+    return 0
+
+
+@command("export")
+def cmd_export(args: argparse.Namespace) -> int:
+    from quillgpt.checkpoint import load_model
+
+    loaded = load_model(args.model)
+    if args.format == "hf":
+        from quillgpt.interop.export_hf import export_hf as exporter
+    else:
+        from quillgpt.interop.export_onnx import export_onnx as exporter
+    print(f"exported {loaded.name} to {exporter(loaded, args.out)}")
+    return 0
+
+
 @command("serve")
 def cmd_serve(args: argparse.Namespace) -> int:
     if getattr(args, "missing_extra", None):
@@ -267,6 +290,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--quantize", choices=["int8"], default=None, help="evaluate with int8 weights")
     p.add_argument("--json", action="store_true", help="end with one JSON line")
+
+    p = sub.add_parser("import", help="convert another project's weights into a model directory")
+    p.add_argument("format", choices=["quillgpt-v1", "nanogpt", "hf-gpt2"])
+    p.add_argument(
+        "sources",
+        nargs="+",
+        help="quillgpt-v1: CONFIG.json WEIGHTS.pt; nanogpt: ckpt.pt [meta.pkl]; hf-gpt2: a directory",
+    )
+    p.add_argument("--out", required=True, help="model directory to write")
+
+    p = sub.add_parser("export", help="write a model for HuggingFace transformers or ONNX Runtime")
+    p.add_argument("format", choices=["hf", "onnx"])
+    p.add_argument("model", help="bundled model name or model directory")
+    p.add_argument("--out", required=True, help="hf: a directory; onnx: a .onnx file")
 
     p = sub.add_parser("serve", help="serve models over HTTP (OpenAI-compatible API)")
     _add_serve_arguments(p)
