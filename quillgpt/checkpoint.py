@@ -243,32 +243,6 @@ def load_weights(model: GPT, path: str | Path) -> None:
         )
 
 
-def gpt_from_hf_gpt2(hf_model) -> GPT:
-    """Copy a HuggingFace `GPT2LMHeadModel` into an equivalent `GPT` (same names, Conv1D transposed)."""
-    c = hf_model.config
-    config = GPTConfig(
-        vocab_size=c.vocab_size,
-        block_size=c.n_positions,
-        n_layer=c.n_layer,
-        n_head=c.n_head,
-        n_embd=c.n_embd,
-        mlp_hidden=c.n_inner,
-        norm_eps=c.layer_norm_epsilon,
-        activation="gelu",
-    )
-    model = GPT(config)
-    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-    state = {}
-    for key, value in hf_model.state_dict().items():
-        if key.endswith((".attn.bias", ".attn.masked_bias")):
-            continue  # causal-mask buffers of older transformers versions
-        state[key] = value.t() if key.endswith(conv1d) else value
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or set(missing) - {"lm_head.weight"}:
-        raise CheckpointError(f"GPT-2 weights do not map: missing {missing}, unexpected {unexpected}")
-    return model
-
-
 def load_from_train_config(config_path: str | Path, weights_path: str | Path, device="cpu") -> LoadedModel:
     """The original QuillGPT's pair: a JSON training config (model keys, `encode`/`decode` maps) and
     a weights file: a `.pt` state dict in the original layout or ours, or `.safetensors`. A model
