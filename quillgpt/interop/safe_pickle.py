@@ -9,6 +9,7 @@ metadata such as nanoGPT's `meta.pkl`. Anything more is refused with one line na
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +50,10 @@ def load_torch_file(path: str | Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line or "Unsupported" in line), "")
-        hint = f" ({reason})" if reason else ""
+        needs = re.search(r"GLOBAL (\S+)", str(e))
+        hint = f" ({needs[1]})" if needs else ""
         raise CheckpointError(
-            f"refusing to load {path}: it needs arbitrary unpickling, which could run code{hint}"
+            f"refusing to load {path}: it needs arbitrary unpickling{hint}, which could run code"
         ) from None
     except Exception as e:  # torch.load raises many kinds on a corrupt or foreign file
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
