@@ -30,11 +30,14 @@ REMOTE_CODE = Path(__file__).with_name("hf_remote_code.py")
 GPT2_ACTIVATIONS = {"gelu": "gelu_new", "gelu_exact": "gelu", "relu": "relu"}
 
 
+def _failing(checks: list[tuple[str, bool]]) -> list[str]:
+    return [reason for reason, bad in checks if bad]
+
+
 def gpt2_mismatches(c: GPTConfig) -> list[str]:
     """What stops `c` from being an exact GPT2LMHeadModel (empty: nothing)."""
-    return [
-        reason
-        for reason, bad in [
+    return _failing(
+        [
             (f"pos_emb={c.pos_emb!r}", c.pos_emb != "learned"),
             (f"norm={c.norm!r}", c.norm != "layernorm"),
             (f"activation={c.activation!r}", c.activation not in GPT2_ACTIVATIONS),
@@ -43,15 +46,13 @@ def gpt2_mismatches(c: GPTConfig) -> list[str]:
             ("lm_head_bias", c.lm_head_bias),
             ("head_size * n_head != n_embd", c.head_dim * c.n_head != c.n_embd),
         ]
-        if bad
-    ]
+    )
 
 
 def nanochat_mismatches(c: GPTConfig) -> list[str]:
     """What stops `c` from being the NanoChat-based architecture (empty: nothing)."""
-    return [
-        reason
-        for reason, bad in [
+    return _failing(
+        [
             (f"pos_emb={c.pos_emb!r}", c.pos_emb != "rope"),
             (f"norm={c.norm!r}", c.norm != "rmsnorm"),
             ("norm_affine", c.norm_affine),
@@ -61,8 +62,7 @@ def nanochat_mismatches(c: GPTConfig) -> list[str]:
             ("lm_head_bias", c.lm_head_bias),
             ("head_size * n_head != n_embd", c.head_dim * c.n_head != c.n_embd),
         ]
-        if bad
-    ]
+    )
 
 
 def export_hf(loaded: LoadedModel, out: str | Path) -> Path:
