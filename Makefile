@@ -18,7 +18,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[serve,ui,dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[serve,ui,dev,interop]'
 	touch $@
 
 run: venv

@@ -155,12 +155,16 @@ def load_model(
     "auto" (what the CLI, the server and the playground use), "bfloat16" or "int8".
     `quantize="int8"` is the older spelling of `weights="int8"`.
     """
+    from quillgpt.interop.quillgpt_v1 import find_files
+
     if quantize is not None:
         if quantize != "int8":
             raise CheckpointError(f"unknown quantization {quantize!r} (supported: int8)")
         weights = "int8"
     if weights not in INFERENCE_WEIGHTS:
         raise CheckpointError(f"unknown weights {weights!r} (choose from {', '.join(INFERENCE_WEIGHTS)})")
+    if (original := find_files(name_or_path)) is not None:  # the original QuillGPT's .pt + config JSON
+        return _for_inference(load_from_train_config(*original, device), device, weights)
     directory = resolve_model_path(name_or_path)
     data = read_model_config(directory)
     try:
@@ -175,12 +179,16 @@ def load_model(
     model = GPT(config)
     load_weights(model, directory / WEIGHTS_FILE)
     model.to(device).eval()
+    card = {k: v for k, v in data.items() if k not in ("model", "tokenizer", "provenance")}
+    return _for_inference(LoadedModel(model, tokenizer, directory, data.get("provenance", {}), card), device, weights)
+
+
+def _for_inference(loaded: LoadedModel, device, weights: str) -> LoadedModel:
     if weights == "int8" and torch.device(device).type != "cpu":
         raise CheckpointError("int8 quantization runs on the CPU only")
     if weights != "float32":
-        prepare_for_inference(model, weights)
-    card = {k: v for k, v in data.items() if k not in ("model", "tokenizer", "provenance")}
-    return LoadedModel(model, tokenizer, directory, data.get("provenance", {}), card)
+        prepare_for_inference(loaded.model, weights)
+    return loaded
 
 
 def load_weights(model: GPT, path: str | Path) -> None:
@@ -215,41 +223,20 @@ def load_weights(model: GPT, path: str | Path) -> None:
         )
 
 
-def gpt_from_hf_gpt2(hf_model) -> GPT:
-    """Copy a HuggingFace `GPT2LMHeadModel` into an equivalent `GPT` (same names, Conv1D transposed)."""
-    c = hf_model.config
-    config = GPTConfig(
-        vocab_size=c.vocab_size,
-        block_size=c.n_positions,
-        n_layer=c.n_layer,
-        n_head=c.n_head,
-        n_embd=c.n_embd,
-        mlp_hidden=c.n_inner,
-        norm_eps=c.layer_norm_epsilon,
-        activation="gelu",
-    )
-    model = GPT(config)
-    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-    state = {}
-    for key, value in hf_model.state_dict().items():
-        if key.endswith((".attn.bias", ".attn.masked_bias")):
-            continue  # causal-mask buffers of older transformers versions
-        state[key] = value.t() if key.endswith(conv1d) else value
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or set(missing) - {"lm_head.weight"}:
-        raise CheckpointError(f"GPT-2 weights do not map: missing {missing}, unexpected {unexpected}")
-    return model
-
-
 def load_from_train_config(config_path: str | Path, weights_path: str | Path, device="cpu") -> LoadedModel:
     """The original QuillGPT's pair: a JSON training config (model keys, `encode`/`decode` maps) and
-    a weights file (`.pt` state dict or `.safetensors`). A model directory works as either argument."""
+    a weights file: a `.pt` state dict in the original layout or ours, or `.safetensors`. A model
+    directory works as either argument."""
     from quillgpt.config import load_train_config
 
     for p in (Path(weights_path), Path(config_path)):
         directory = p if p.is_dir() else p.parent
         if _is_model_dir(directory):
             return load_model(directory, device)
+    from quillgpt.interop.quillgpt_v1 import load_if_original
+
+    if (original := load_if_original(config_path, weights_path, device)) is not None:
+        return original  # the original QuillGPT's layout (per-head q/k/v, biased lm_head)
     cfg = load_train_config(config_path)
     if cfg.encode is None:
         raise CheckpointError(f"{config_path} has no 'encode' map, so the tokenizer is unknown; use a model directory")

@@ -252,6 +252,45 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def import_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("format", choices=["quillgpt-v1", "nanogpt", "hf-gpt2"])
+    p.add_argument(
+        "sources",
+        nargs="+",
+        help="quillgpt-v1: CONFIG.json WEIGHTS.pt; nanogpt: ckpt.pt [meta.pkl]; hf-gpt2: a directory",
+    )
+    p.add_argument("--out", required=True, help="model directory to write")
+
+
+@command("import", "convert another project's weights into a model directory", import_flags)
+def cmd_import(args: argparse.Namespace) -> int:
+    from quillgpt.checkpoint import load_model
+    from quillgpt.interop import import_model
+
+    out = import_model(args.format, args.sources, args.out)
+    print(f"imported {args.format} ({load_model(out).model.num_params():,} parameters) into {out}")
+    return 0
+
+
+def export_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("format", choices=["hf", "onnx"])
+    p.add_argument("model", help="bundled model name or model directory")
+    p.add_argument("--out", required=True, help="hf: a directory; onnx: a .onnx file")
+
+
+@command("export", "write a model for HuggingFace transformers or ONNX Runtime", export_flags)
+def cmd_export(args: argparse.Namespace) -> int:
+    from quillgpt.checkpoint import load_model
+
+    loaded = load_model(args.model)
+    if args.format == "hf":
+        from quillgpt.interop.export_hf import export_hf as exporter
+    else:
+        from quillgpt.interop.export_onnx import export_onnx as exporter
+    print(f"exported {loaded.name} to {exporter(loaded, args.out)}")
+    return 0
+
+
 def serve_flags(p: argparse.ArgumentParser) -> None:
     try:
         from quillgpt.serve.server import add_serve_arguments

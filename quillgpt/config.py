@@ -46,6 +46,11 @@ class GPTConfig:
     moves scaled_dot_product_attention off its fused kernel (about 25% slower training)."""
     bias: bool = True
     """Biases in linear layers and norms (GPT-2: yes)."""
+    qkv_bias: bool | None = None
+    """Biases on the query, key and value projections; None follows `bias`. The original QuillGPT had
+    biases everywhere except on q, k and v."""
+    lm_head_bias: bool = False
+    """A bias on the LM head (the original QuillGPT had one; GPT-2 has none)."""
     pos_emb: Literal["learned", "rope"] = "learned"
     """Learned absolute position embeddings (GPT-2) or rotary embeddings applied to q and k."""
     rope_base: float = 10000.0
@@ -56,8 +61,9 @@ class GPTConfig:
     """Whether norms have a learned scale (and, for LayerNorm with bias, a shift)."""
     norm_eps: float = 1e-5
     """Epsilon inside the norms."""
-    activation: Literal["gelu", "relu", "relu2", "swiglu"] = "gelu"
-    """MLP non-linearity. "gelu" is GPT-2's tanh approximation; "relu2" is ReLU squared."""
+    activation: Literal["gelu", "gelu_exact", "relu", "relu2", "swiglu"] = "gelu"
+    """MLP non-linearity. "gelu" is GPT-2's tanh approximation, "gelu_exact" the erf form (nanoGPT's
+    nn.GELU()); "relu2" is ReLU squared."""
     tie_embeddings: bool = True
     """Share the token embedding matrix with the LM head (GPT-2: yes)."""
     qk_norm: bool = False

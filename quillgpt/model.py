@@ -117,7 +117,8 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head, self.head_size = config.n_head, config.head_dim
         inner = config.n_head * config.head_dim
-        self.c_attn = nn.Linear(config.n_embd, 3 * inner, bias=config.bias)  # fused q, k, v
+        qkv_bias = config.bias if config.qkv_bias is None else config.qkv_bias
+        self.c_attn = nn.Linear(config.n_embd, 3 * inner, bias=qkv_bias)  # fused q, k, v
         self.c_proj = nn.Linear(inner, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout = config.dropout if config.attn_dropout is None else config.attn_dropout
@@ -163,6 +164,8 @@ class MLP(nn.Module):
         h = self.c_fc(x)
         if self.activation == "gelu":
             h = F.gelu(h, approximate="tanh")
+        elif self.activation == "gelu_exact":
+            h = F.gelu(h)
         elif self.activation == "relu":
             h = F.relu(h)
         elif self.activation == "relu2":
@@ -202,7 +205,7 @@ class GPT(nn.Module):
             )
         )
         self.rotary = Rotary(config) if config.pos_emb == "rope" else None
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=config.lm_head_bias)
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
         self.apply(self._init_weights)

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from quillgpt.checkpoint import gpt_from_hf_gpt2
 from quillgpt.config import ConfigError, GPTConfig
+from quillgpt.interop.hf_gpt2 import gpt_from_hf_gpt2
 from quillgpt.model import GPT, KVCache, PackedLinear, prepare_for_inference
 from tests.conftest import tiny_config
 
