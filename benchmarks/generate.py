@@ -12,6 +12,7 @@ Variants (`--variants`):
   fp32        prepare_for_inference(weights="float32"): oneDNN-packed linears, exact
   bf16        prepare_for_inference(weights="bfloat16")
   int8        prepare_for_inference(weights="int8"): PyTorch dynamic quantization
+  onnx        `quill export onnx` run by onnxruntime (OnnxDecoder; greedy, rows of equal length)
 `auto` (what `quill generate`, `quill serve` and the playground use) is bf16 on CPUs with native
 bfloat16 and fp32 elsewhere; the summary names which one it is here.
 
@@ -28,6 +29,7 @@ import argparse
 import copy
 import json
 import time
+from pathlib import Path
 
 import torch
 from machine import cpu_info, describe, memory_read_bandwidth
@@ -43,7 +45,7 @@ SHAPE = GPTConfig(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384
 SHAKESPEARE_CHARS = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"  # its 65 characters
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"
 WEIGHTS = {"plain-fp32": None, "fp32": "float32", "bf16": "bfloat16", "int8": "int8"}
-BYTES_PER_WEIGHT = {"plain-fp32": 4, "fp32": 4, "bf16": 2, "int8": 1}
+BYTES_PER_WEIGHT = {"plain-fp32": 4, "fp32": 4, "bf16": 2, "int8": 1, "onnx": 4}
 
 
 def timed(fn) -> float:
@@ -77,6 +79,26 @@ def decode_tokens_per_s(model, tokenizer, batch: int, new_tokens: int, use_cache
     return batch * new_tokens / seconds
 
 
+def onnx_rates(model: GPT, tokenizer, new_tokens: int) -> dict:
+    """The same figures through onnxruntime, on a graph exported to a temporary file."""
+    import tempfile
+
+    from quillgpt.checkpoint import LoadedModel
+    from quillgpt.interop.export_onnx import OnnxDecoder, export_onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_onnx(LoadedModel(model, tokenizer, Path(tmp)), Path(tmp) / "model.onnx")
+        decoder = OnnxDecoder(path, threads=torch.get_num_threads())
+        prompt = [tokenizer.encode(TEXT[:16])]
+        decoder.greedy(prompt, 4)  # warm-up
+        long = [[i % model.config.vocab_size for i in range(200)]]
+        results = {"prefill_tokens_per_s": 200 / timed(lambda: decoder.prefill(long))}
+        for batch in (1, 16):
+            rate = batch * new_tokens / timed(lambda: decoder.greedy(prompt * batch, new_tokens))
+            results[f"decode_b{batch}_cache_tokens_per_s"] = rate
+    return results
+
+
 def base_model(args) -> tuple[GPT, object]:
     if args.model:
         loaded = load_model(args.model)
@@ -99,7 +121,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=200)
     p.add_argument("--uncached-tokens", type=int, default=50, help="new tokens for the slow no-cache runs")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--variants", default="plain-fp32,fp32,bf16,int8", help=", ".join(WEIGHTS))
+    p.add_argument("--variants", default="plain-fp32,fp32,bf16,int8,onnx", help=", ".join([*WEIGHTS, "onnx"]))
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -118,6 +140,14 @@ def main() -> None:
     print(f"default path (weights=auto) on this CPU: {auto}")
     report = {}
     for variant in args.variants.split(","):
+        if variant == "onnx":
+            bound = bandwidth / (read * 4)
+            report[variant] = r = {**onnx_rates(base, tokenizer, args.new_tokens), "batch1_bound_tokens_per_s": bound}
+            print(f"[onnx] prefill (200-token prompt):       {r['prefill_tokens_per_s']:9,.0f} tokens/s")
+            b1, b16 = r["decode_b1_cache_tokens_per_s"], r["decode_b16_cache_tokens_per_s"]
+            print(f"[onnx] decode batch  1, with cache:     {b1:9,.0f} tokens/s  = {b1 / bound:.0%} of its bound")
+            print(f"[onnx] decode batch 16, with cache:     {b16:9,.0f} tokens/s (aggregate)")
+            continue
         model = copy.deepcopy(base)
         if WEIGHTS[variant] is not None:
             prepare_for_inference(model, WEIGHTS[variant])
