@@ -94,7 +94,7 @@ def onnx_rates(model: GPT, tokenizer, new_tokens: int) -> dict:
         long = [[i % model.config.vocab_size for i in range(200)]]
         results = {"prefill_tokens_per_s": 200 / timed(lambda: decoder.prefill(long))}
         for batch in (1, 16):
-            rate = batch * new_tokens / timed(lambda: decoder.greedy(prompt * batch, new_tokens))
+            rate = batch * new_tokens / timed(lambda b=batch: decoder.greedy(prompt * b, new_tokens))
             results[f"decode_b{batch}_cache_tokens_per_s"] = rate
     return results
 
