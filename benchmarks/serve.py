@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+from machine import cpu_info, describe
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_CLIENTS = 256
@@ -162,6 +163,7 @@ def start_server(args: argparse.Namespace, log_path: Path) -> tuple[subprocess.P
         str(args.queue_size),
         "--log-level",
         "warning",
+        *(["--weights", args.weights] if args.weights else []),
     ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     log = open(log_path, "wb")  # noqa: SIM115 - closed with the process
@@ -206,7 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch", type=int, default=16, help="server setting (when this script starts it)")
     p.add_argument("--queue-size", type=int, default=256, help="server setting (when this script starts it)")
     p.add_argument("--port", type=int, default=0)
+    p.add_argument("--weights", default=None, help="server setting: auto (its default), float32, bfloat16, int8")
     args = p.parse_args(argv)
+    print(describe(cpu_info()))
 
     counts = [int(c) for c in args.clients.split(",") if c.strip()]
     if not counts or any(not 1 <= c <= MAX_CLIENTS for c in counts):
@@ -268,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         "model": body.get("model"),
         "max_tokens": args.max_tokens,
         "max_batch": args.max_batch if proc is not None else None,
+        "weights": args.weights or "auto",
+        **cpu_info(),
         "runs": results,
     }
     single = next((r for r in results if r["clients"] == 1), None)

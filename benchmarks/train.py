@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
 import time
 
 import torch
+from machine import cpu_info, describe
 
 from quillgpt.config import train_config_from_dict
 from quillgpt.model import GPT
@@ -83,10 +83,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     peak = measure_matmul_peak(2.0)
-    print(
-        f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads; fp32 matmul peak {peak / 1e9:.0f} GFLOP/s"
-    )
+    machine = cpu_info()
+    print(f"{describe(machine)}; fp32 matmul peak {peak / 1e9:.0f} GFLOP/s")
     results = []
     for variant in args.variants.split(","):
         r = measure(variant, args.steps, args.warmup, args.data)
@@ -102,6 +100,7 @@ def main() -> None:
         json.dumps(
             {
                 "benchmark": "train",
+                **machine,
                 "peak_flops": peak,
                 "threads": torch.get_num_threads(),
                 "shape": SHAPE,
