@@ -1,12 +1,13 @@
+import dataclasses
 import math
 
 import pytest
 import torch
 
 from quillgpt.checkpoint import gpt_from_hf_gpt2
-from quillgpt.config import ConfigError, GPTConfig
+from quillgpt.config import ConfigError, GPTConfig, load_train_config
 from quillgpt.model import GPT, KVCache
-from tests.conftest import tiny_config
+from tests.conftest import REPO, tiny_config
 
 MODERN = dict(
     pos_emb="rope",
@@ -155,3 +156,14 @@ def test_attention_maps_match_the_fused_attention(variant):
     _, _, v = block.attn.qkv(block.ln_1(x), rope)
     y = (maps[0][None] @ v).transpose(1, 2).reshape(1, 10, -1)
     torch.testing.assert_close(block.attn.c_proj(y), block.attn(block.ln_1(x), rope), atol=1e-5, rtol=1e-5)
+
+
+def test_the_226m_config_has_the_original_shape_and_size():
+    cfg = load_train_config(REPO / "configs" / "harpoon-226m.json")
+    c = dataclasses.replace(cfg.model, vocab_size=135)  # the original's vocabulary came from its own text
+    assert (c.n_embd, c.n_head, c.head_dim, c.n_layer, c.block_size) == (1024, 12, 85, 18, 256)
+    with torch.device("meta"):
+        model = GPT(c)
+    # Biases everywhere here; the original had none on q/k/v (18 x 3,060) and one on its LM head (135):
+    # 226,977,576 - 55,080 + 135 = 226,922,631, the original's 226.9M.
+    assert model.num_params() == 226_977_576

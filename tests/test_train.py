@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import signal
 import subprocess
@@ -11,9 +12,11 @@ import pytest
 import torch
 
 from quillgpt.checkpoint import load_model, save_model
-from quillgpt.config import train_config_from_dict
+from quillgpt.config import load_train_config, train_config_from_dict
+from quillgpt.generate import generate
 from quillgpt.model import GPT
 from quillgpt.optim import lr_factor
+from quillgpt.sampling import SamplingParams
 from quillgpt.tokenizer import CharTokenizer
 from quillgpt.train import TrainError, autocast_context, train
 from quillgpt.trainlog import read_metrics
@@ -223,8 +226,28 @@ def test_fine_tuning_reuses_the_tokenizer_and_names_unseen_characters(text_file,
     assert s.steps == 5 and load_model(tmp_path / "ft").tokenizer.chars == tok.chars
     other = tmp_path / "other.txt"
     other.write_text(SAMPLE_TEXT * 10 + "Zounds! #42")
-    with pytest.raises(TrainError, match="cannot encode: '!', '#', '2', '4', 'Z'"):
+    with pytest.raises(TrainError, match="no unknown token\\): '!', '#', '2', '4', 'Z'"):
         train(config(), tmp_path / "ft2", data=other, init_from=tmp_path / "base", progress=False)
+
+
+def test_fine_tuning_a_vocabulary_with_an_unknown_token_maps_new_characters_to_it(tmp_path):
+    tok = CharTokenizer.from_text(SAMPLE_TEXT, unk=True)
+    torch.manual_seed(0)
+    save_model(tmp_path / "base", GPT(tiny_config(vocab_size=tok.vocab_size, n_embd=32)), tok)
+    other = tmp_path / "other.txt"
+    other.write_text(SAMPLE_TEXT * 10 + "Zounds! #42 — café")
+    with pytest.warns(
+        UserWarning, match="7 character\\(s\\) outside .* unknown token: '!', '#', '2', '4', 'Z', 'é', '—'"
+    ):
+        s = train(
+            config(max_iters=3, eval_interval=3),
+            tmp_path / "ft",
+            data=other,
+            init_from=tmp_path / "base",
+            progress=False,
+        )
+    tuned = load_model(tmp_path / "ft")
+    assert s.steps == 3 and tuned.tokenizer.chars == tok.chars and tuned.tokenizer.unk_id == tok.unk_id
 
 
 def test_schedules():
@@ -241,7 +264,9 @@ DDP_SCRIPT = """
 import sys, torch
 torch.set_num_threads(1)
 import torch.distributed as dist
-from quillgpt.config import train_config_from_dict
+from quillgpt.config import load_train_config, train_config_from_dict
+from quillgpt.generate import generate
+from quillgpt.sampling import SamplingParams
 from quillgpt.train import train
 import quillgpt.train as t
 
@@ -323,3 +348,27 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(text_file, tmp_path):
     done = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"done: {steps + 3} steps" in done.stdout
+
+
+def test_the_226m_geometry_trains_and_generates_at_reduced_depth_and_width(text_file, tmp_path):
+    """configs/harpoon-226m.json with heads that do not divide the width (3 x 17 = 51 of 64, as 12 x 85
+    = 1020 of 1024), fewer layers and a short context: a few steps, then generation."""
+    small = ["n_layer=2", "n_embd=64", "n_head=3", "head_size=17", "block_size=32", "batch_size=4"]
+    steps = ["max_iters=3", "eval_interval=3", "eval_iters=1", "learning_rate=1e-3"]
+    cfg = load_train_config(REPO / "configs" / "harpoon-226m.json", small + steps)
+    assert cfg.model.n_embd % cfg.model.n_head and cfg.model.n_head * cfg.model.head_size != cfg.model.n_embd
+    s = train(cfg, tmp_path / "run", data=text_file, progress=False)
+    loaded = load_model(tmp_path / "run")
+    c = loaded.model.config
+    assert s.steps == 3 and math.isfinite(s.last_train_loss)
+    assert (c.activation, c.pos_emb, c.norm, c.bias, c.tie_embeddings, c.dropout) == (
+        "relu",
+        "learned",
+        "layernorm",
+        True,
+        False,
+        0.3,
+    )
+    assert loaded.model.transformer.h[0].attn.c_attn.weight.shape == (3 * 51, 64)
+    (completion,) = generate(loaded.model, loaded.tokenizer, "First", SamplingParams(max_new_tokens=20, seed=0))
+    assert len(loaded.tokenizer.encode(completion.text)) == 20
