@@ -190,6 +190,9 @@ class TrainConfig:
     """Layout augmentation: this fraction of the training text's hard-wrapped paragraphs is re-flowed
     to one line each (in runs of paragraphs chosen at random, seeded), so the model learns both
     layouts. Validation text is left as it is."""
+    default_prompt: str | None = None
+    """Where the playground starts the trained model (saved in its provenance; default: the
+    registered dataset's, e.g. "ROMEO:" for tinyshakespeare)."""
     vocab_size: int | None = None
     """Legacy key: checked against the tokenizer if given."""
     encode: dict[str, int] | None = None

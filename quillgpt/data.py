@@ -51,6 +51,8 @@ class Dataset:
     description: str
     license: str
     files: tuple[DataFile, ...]
+    default_prompt: str = ""
+    """Where a model trained on it starts when given no prompt in a UI (a model may declare its own)."""
 
 
 _NLTK_GUTENBERG = "https://raw.githubusercontent.com/nltk/nltk_data/gh-pages/packages/corpora/gutenberg.zip"
@@ -85,6 +87,7 @@ REGISTRY: dict[str, Dataset] = {
                     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
                 ),
             ),
+            default_prompt="ROMEO:",
         ),
         Dataset(
             "gutenberg",
@@ -94,6 +97,7 @@ REGISTRY: dict[str, Dataset] = {
                 DataFile(f"gutenberg/{name}", sha, _NLTK_GUTENBERG, zip_member=f"gutenberg/{name}")
                 for name, sha in _GUTENBERG.items()
             ),
+            default_prompt="CHAPTER I\n\n",
         ),
         Dataset(
             "tinystories",
@@ -112,6 +116,7 @@ REGISTRY: dict[str, Dataset] = {
                     f"{_TINYSTORIES}/TinyStories-valid.txt",
                 ),
             ),
+            default_prompt="Once upon a time",
         ),
         Dataset(
             "gpt2",

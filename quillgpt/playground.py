@@ -35,6 +35,7 @@ from quillgpt.checkpoint import (
     CheckpointError,
     LoadedModel,
     bundled_models,
+    default_prompt,
     load_model,
     read_model_config,
     resolve_model_path,
@@ -49,7 +50,6 @@ log = logging.getLogger(__name__)
 # Module-level strings would be drawn on the page by Streamlit's "magic" when this file is the
 # script being run, so the constants here are explained in comments.
 TOP_ALTERNATIVES = 5  # alternatives shown per token (OpenAI's completions API allows at most 5)
-SHAKESPEARE_PROMPT = "ROMEO:"
 REDRAW_SECONDS = 0.1  # how often the page redraws while text streams in
 
 
@@ -100,14 +100,6 @@ class Backend(Protocol):
     def models(self) -> list[str]: ...
     def card(self, name: str) -> ModelCard: ...
     def stream(self, name: str, prompt: str, params: SamplingParams) -> Iterator[Chunk]: ...
-
-
-def default_prompt(name: str, info: dict[str, Any]) -> str:
-    """An explicit `default_prompt` in the model's provenance or card; "ROMEO:" for Shakespeare."""
-    if isinstance(info.get("default_prompt"), str):
-        return info["default_prompt"]
-    data = str(info.get("dataset") or info.get("data") or "")
-    return SHAKESPEARE_PROMPT if "shakespeare" in f"{name} {data}".lower() else ""
 
 
 def provenance_facts(prov: dict[str, Any]) -> dict[str, str]:
@@ -182,7 +174,7 @@ class LocalBackend:
             facts=facts,
             description=readme.read_text(encoding="utf-8", errors="replace") if readme.is_file() else None,
             loss_curve=loss if loss.is_file() else None,
-            default_prompt=default_prompt(loaded.name, {**loaded.card, **loaded.provenance}),
+            default_prompt=loaded.default_prompt,
         )
 
     def stream(self, name: str, prompt: str, params: SamplingParams) -> Iterator[Chunk]:
@@ -287,7 +279,7 @@ class ApiBackend:
             parameters=params if isinstance(params, int) else None,
             facts=facts,
             description=description,
-            default_prompt=default_prompt(name, {**entry, **prov}),
+            default_prompt=default_prompt({**prov, **entry}),
         )
 
     def stream(self, name: str, prompt: str, params: SamplingParams) -> Iterator[Chunk]:

@@ -294,6 +294,8 @@ def train(
     }
     if cfg.reflow_fraction > 0:
         provenance["reflow_fraction"] = cfg.reflow_fraction
+    if cfg.default_prompt is not None:
+        provenance["default_prompt"] = cfg.default_prompt
     log = MetricsLog(out / METRICS_FILE, run.step if saved is not None else None) if ddp.main else None
     stopping = stop or threading.Event()
     on_main_thread = threading.current_thread() is threading.main_thread()
