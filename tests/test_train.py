@@ -211,18 +211,16 @@ def test_unwritable_output_dir(text_file, tmp_path):
         train(config(), tmp_path / "ro" / "out", data=text_file, progress=False)
 
 
-def test_fine_tuning_reuses_the_tokenizer_and_names_unseen_characters(text_file, tmp_path):
-    tok = CharTokenizer.from_text(SAMPLE_TEXT)
+def _char_base(directory: Path, unk: bool = False) -> CharTokenizer:
+    tok = CharTokenizer.from_text(SAMPLE_TEXT, unk=unk)
     torch.manual_seed(0)
-    base = GPT(tiny_config(vocab_size=tok.vocab_size, n_embd=32))
-    save_model(tmp_path / "base", base, tok)
-    s = train(
-        config(max_iters=5, eval_interval=5),
-        tmp_path / "ft",
-        data=text_file,
-        init_from=tmp_path / "base",
-        progress=False,
-    )
+    save_model(directory, GPT(tiny_config(vocab_size=tok.vocab_size, n_embd=32)), tok)
+    return tok
+
+
+def test_fine_tuning_reuses_the_tokenizer_and_names_unseen_characters(text_file, tmp_path):
+    tok = _char_base(tmp_path / "base")
+    s = train(config(max_iters=5, eval_interval=5), tmp_path / "ft", data=text_file, init_from=tmp_path / "base")
     assert s.steps == 5 and load_model(tmp_path / "ft").tokenizer.chars == tok.chars
     other = tmp_path / "other.txt"
     other.write_text(SAMPLE_TEXT * 10 + "Zounds! #42")
@@ -231,23 +229,16 @@ def test_fine_tuning_reuses_the_tokenizer_and_names_unseen_characters(text_file,
 
 
 def test_fine_tuning_a_vocabulary_with_an_unknown_token_maps_new_characters_to_it(tmp_path):
-    tok = CharTokenizer.from_text(SAMPLE_TEXT, unk=True)
-    torch.manual_seed(0)
-    save_model(tmp_path / "base", GPT(tiny_config(vocab_size=tok.vocab_size, n_embd=32)), tok)
+    tok = _char_base(tmp_path / "base", unk=True)
     other = tmp_path / "other.txt"
     other.write_text(SAMPLE_TEXT * 10 + "Zounds! #42 — café")
-    with pytest.warns(
-        UserWarning, match="7 character\\(s\\) outside .* unknown token: '!', '#', '2', '4', 'Z', 'é', '—'"
-    ):
-        s = train(
-            config(max_iters=3, eval_interval=3),
-            tmp_path / "ft",
-            data=other,
-            init_from=tmp_path / "base",
-            progress=False,
-        )
+    new = "'!', '#', '2', '4', 'Z', 'é', '—'"
+    with pytest.warns(UserWarning, match=f"7 character\\(s\\) outside .* unknown token: {new}"):
+        s = train(config(max_iters=3, eval_interval=3), tmp_path / "ft", data=other, init_from=tmp_path / "base")
     tuned = load_model(tmp_path / "ft")
     assert s.steps == 3 and tuned.tokenizer.chars == tok.chars and tuned.tokenizer.unk_id == tok.unk_id
+    ids = tuned.tokenizer.encode("café")
+    assert ids[-1] == tok.unk_id and tuned.tokenizer.decode(ids) == "caf\ufffd"
 
 
 def test_schedules():
