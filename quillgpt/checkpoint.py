@@ -47,6 +47,26 @@ class LoadedModel:
     def name(self) -> str:
         return self.path.name
 
+    @property
+    def default_prompt(self) -> str:
+        return default_prompt({**self.provenance, **self.card})
+
+
+def default_prompt(info: dict[str, Any]) -> str:
+    """Where a UI starts a model that has no prompt yet: the model's own `default_prompt` (a top-level
+    key of its config.json, or its provenance, from the training config), else the one of the
+    registered dataset it was trained on (`data`: a name, or a path in a folder of that name)."""
+    from quillgpt.data import REGISTRY
+
+    if isinstance(info.get("default_prompt"), str):
+        return info["default_prompt"]
+    data = info.get("dataset") or info.get("data")
+    if isinstance(data, str):
+        for name in (data, Path(data).name, Path(data).parent.name):
+            if name in REGISTRY:
+                return REGISTRY[name].default_prompt
+    return ""
+
 
 def models_dirs() -> list[Path]:
     """Where bundled models are looked up by name: $QUILL_MODELS_DIR (os.pathsep-separated), then models/."""

@@ -225,27 +225,55 @@ def cmd_data(args: argparse.Namespace) -> int:
 def eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("model")
     p.add_argument("--data", required=True, help="dataset name, text file or folder")
-    p.add_argument("--split", choices=["val", "train", "all"], default="val")
+    p.add_argument("--split", choices=["val", "train", "all"], default="val", help="all: the whole text")
     p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument(
+        "--val-split",
+        choices=["concat", "per_file"],
+        default=None,
+        help="per_file: the last --val-fraction of each file, scored and reported per file "
+        "(default: the model's own split when --data is its training data, else concat)",
+    )
+    p.add_argument(
+        "--layout",
+        choices=["original", "paragraph"],
+        default="original",
+        help="paragraph: re-flow hard-wrapped paragraphs to one line each before scoring",
+    )
     p.add_argument("--device", default="auto")
     add_weights_arg(p, "float32")
     p.add_argument("--json", action="store_true", help="end with one JSON line")
 
 
-@command("eval", "loss over a whole split, in consecutive windows", eval_flags)
+@command("eval", "loss and bits per byte over a whole split, in consecutive windows", eval_flags)
 def cmd_eval(args: argparse.Namespace) -> int:
     from quillgpt.checkpoint import load_model
     from quillgpt.device import resolve_device
     from quillgpt.evaluate import evaluate
 
     loaded = load_model(args.model, device=resolve_device(args.device), weights=args.weights)
-    result = evaluate(loaded.model, loaded.tokenizer, args.data, split=args.split, val_fraction=args.val_fraction)
+    val_split = args.val_split
+    if val_split is None:  # the model's own split of its own training data
+        own = loaded.provenance.get("data") == str(args.data)
+        val_split = loaded.provenance.get("val_split", "concat") if own else "concat"
+    result = evaluate(
+        loaded.model,
+        loaded.tokenizer,
+        args.data,
+        split=args.split,
+        val_fraction=args.val_fraction,
+        val_split=val_split,
+        layout=args.layout,
+    )
     result = {"model": str(loaded.path), "data": str(args.data), **result}
     key = "val_loss" if args.split == "val" else "loss"
+    for name, f in result.get("files", {}).items():
+        print(f"  {name}: {f['bits_per_byte']:.4f} bits/byte ({f['bytes']:,} bytes)")
+    unknown = f", {result['unknown_characters']:,} unknown characters" if result["unknown_characters"] else ""
     print(
-        f"{loaded.name} on {args.data} ({args.split}): loss {result[key]:.4f} nats/token, "
-        f"{result['bits_per_char']:.4f} bits/char, {result['bits_per_byte']:.4f} bits/byte, "
-        f"{result['tokens']:,} tokens"
+        f"{loaded.name} on {args.data} ({args.split}, {val_split}, {args.layout} layout): "
+        f"loss {result[key]:.4f} nats/token, {result['bits_per_char']:.4f} bits/char, "
+        f"{result['bits_per_byte']:.4f} bits/byte, {result['tokens']:,} tokens{unknown}"
     )
     if args.json:
         print(json.dumps(result))

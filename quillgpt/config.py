@@ -183,6 +183,22 @@ class TrainConfig:
     """Vocabulary size when training a BPE tokenizer."""
     val_fraction: float = 0.1
     """The last this fraction of the text is validation (nanoGPT's and QuillGPT's split)."""
+    val_split: Literal["concat", "per_file"] = "concat"
+    """"concat": the last `val_fraction` of a folder's files joined; "per_file": the last
+    `val_fraction` of each file, so every book is in validation (`quill eval --val-split`)."""
+    unk_token: bool = False
+    """Char tokenizer: reserve an unknown-character token. The vocabulary is then the characters
+    seen at least `min_char_count` times in the training split; rarer ones (and, later, any text's
+    new characters) become the unknown token, which `quill eval` charges honestly."""
+    min_char_count: int = 1
+    """With `unk_token`: how often a character must occur in the training split to get its own id."""
+    reflow_fraction: float = 0.0
+    """Layout augmentation: this fraction of the training text's hard-wrapped paragraphs is re-flowed
+    to one line each (in runs of paragraphs chosen at random, seeded), so the model learns both
+    layouts. Validation text is left as it is."""
+    default_prompt: str | None = None
+    """Where the playground starts the trained model (saved in its provenance; default: the
+    registered dataset's, e.g. "ROMEO:" for tinyshakespeare)."""
     vocab_size: int | None = None
     """Legacy key: checked against the tokenizer if given."""
     encode: dict[str, int] | None = None
@@ -204,6 +220,10 @@ class TrainConfig:
             raise ConfigError(f"warmup_iters must be >= 0, got {self.warmup_iters}")
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if not 0 <= self.reflow_fraction <= 1:
+            raise ConfigError(f"reflow_fraction must be in [0, 1], got {self.reflow_fraction}")
+        if self.min_char_count < 1:
+            raise ConfigError(f"min_char_count must be >= 1, got {self.min_char_count}")
         if not 0 < self.decay_frac <= 1:
             raise ConfigError(f"decay_frac must be in (0, 1], got {self.decay_frac}")
         if self.max_minutes is not None and self.max_minutes <= 0:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from quillgpt.fileio import atomic_write, write_bytes
+from quillgpt.layout import normalize_newlines
 
 if TYPE_CHECKING:
     from quillgpt.tokenizer import TextTokenizer
@@ -50,6 +51,8 @@ class Dataset:
     description: str
     license: str
     files: tuple[DataFile, ...]
+    default_prompt: str = ""
+    """Where a model trained on it starts when given no prompt in a UI (a model may declare its own)."""
 
 
 _NLTK_GUTENBERG = "https://raw.githubusercontent.com/nltk/nltk_data/gh-pages/packages/corpora/gutenberg.zip"
@@ -84,6 +87,7 @@ REGISTRY: dict[str, Dataset] = {
                     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
                 ),
             ),
+            default_prompt="ROMEO:",
         ),
         Dataset(
             "gutenberg",
@@ -93,6 +97,7 @@ REGISTRY: dict[str, Dataset] = {
                 DataFile(f"gutenberg/{name}", sha, _NLTK_GUTENBERG, zip_member=f"gutenberg/{name}")
                 for name, sha in _GUTENBERG.items()
             ),
+            default_prompt="CHAPTER I\n\n",
         ),
         Dataset(
             "tinystories",
@@ -111,6 +116,7 @@ REGISTRY: dict[str, Dataset] = {
                     f"{_TINYSTORIES}/TinyStories-valid.txt",
                 ),
             ),
+            default_prompt="Once upon a time",
         ),
         Dataset(
             "gpt2",
@@ -246,13 +252,26 @@ def read_text(path: Path) -> str:
         text = raw.decode("latin-1")
     if text.startswith("\ufeff"):
         text = text[1:]
-    return text.replace("\r\n", "\n").replace("\r", "\n")
+    return normalize_newlines(text)
+
+
+def load_files(source: str | Path) -> list[tuple[str, str]]:
+    """(file name, text) of each file of a dataset, in sorted order; several files are stripped of
+    their leading and trailing blank lines (they are joined by exactly one blank line)."""
+    files = resolve_data(source)
+    texts = [(f.name, read_text(f)) for f in files]
+    if len(texts) > 1:
+        texts = [(name, text.strip("\n")) for name, text in texts]
+    return texts
 
 
 def load_text(source: str | Path) -> str:
     """All the text of a dataset: its files in sorted order, separated by a blank line."""
-    files = resolve_data(source)
-    text = "\n\n".join(read_text(f).strip("\n") for f in files) if len(files) > 1 else read_text(files[0])
+    return _joined(load_files(source), source)
+
+
+def _joined(files: list[tuple[str, str]], source: str | Path) -> str:
+    text = "\n\n".join(t for _, t in files)
     if not text.strip():
         raise DataError(f"dataset {source} is empty")
     return text
@@ -268,6 +287,60 @@ def text_sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+VAL_SPLITS = ("concat", "per_file")
+
+
+@dataclass(frozen=True)
+class TextSplit:
+    """A dataset divided into training and validation text, and how.
+
+    "concat": the last `val_fraction` of the files joined (nanoGPT's split). "per_file": the last
+    `val_fraction` of each file, so every book of a folder is in validation; the pieces are joined
+    by a blank line, and `val_files` keeps each file's piece for scoring (and reporting) apart.
+    A single file splits the same both ways.
+    """
+
+    train: str
+    val: str
+    val_files: list[tuple[str, str]]
+    """(name, validation text) per file: one entry, the dataset, for "concat"."""
+    train_files: list[tuple[str, str]]
+    data_sha256: str
+    """Hash of the whole dataset text (`load_text`), whatever the split."""
+    val_fraction: float
+    val_split: str
+
+    def describe(self) -> str:
+        train, val = f"{1 - self.val_fraction:.0%}", f"{self.val_fraction:.0%}"
+        if self.val_split == "per_file" and len(self.val_files) > 1:
+            return f"first {train} of each of {len(self.val_files)} files train, last {val} of each val"
+        return f"first {train} train, last {val} val"
+
+
+def split_dataset(source: str | Path, val_fraction: float = 0.1, val_split: str = "concat") -> TextSplit:
+    """Load a dataset and split it into training and validation text (see `TextSplit`)."""
+    if val_split not in VAL_SPLITS:
+        raise DataError(f"unknown val_split {val_split!r} (expected one of {', '.join(VAL_SPLITS)})")
+    files = load_files(source)
+    text = _joined(files, source)
+    if val_split == "concat" or len(files) == 1:
+        train, val = split_text(text, val_fraction)
+        name = files[0][0] if len(files) == 1 else str(source)
+        return TextSplit(train, val, [(name, val)], [(name, train)], text_sha256(text), val_fraction, val_split)
+    pieces = [(name, *split_text(t, val_fraction)) for name, t in files]
+    train_files = [(name, train) for name, train, _ in pieces]
+    val_files = [(name, val) for name, _, val in pieces]
+    return TextSplit(
+        "\n\n".join(t for _, t in train_files),
+        "\n\n".join(v for _, v in val_files),
+        val_files,
+        train_files,
+        text_sha256(text),
+        val_fraction,
+        val_split,
+    )
+
+
 @dataclass
 class TokenSplits:
     train: np.ndarray
@@ -275,21 +348,19 @@ class TokenSplits:
     data_sha256: str
 
 
-def tokenize_splits(
-    text: str, tokenizer: TextTokenizer, val_fraction: float = 0.1, cache: Path | None = None
-) -> TokenSplits:
-    """Encode both splits once into memory-mapped token files keyed by the text and tokenizer."""
-    data_hash = text_sha256(text)
-    key = hashlib.sha256(f"{data_hash}|{tokenizer.fingerprint()}|{val_fraction}".encode()).hexdigest()[:24]
-    folder = (cache or cache_dir() / "tokens") / key
+def tokenize_splits(split: TextSplit, tokenizer: TextTokenizer, cache: Path | None = None) -> TokenSplits:
+    """Encode both splits once into memory-mapped token files keyed by their text and the tokenizer."""
+    parts = {"train": split.train, "val": split.val}
+    key_text = "|".join([text_sha256(split.train), text_sha256(split.val), tokenizer.fingerprint()])
+    folder = (cache or cache_dir() / "tokens") / hashlib.sha256(key_text.encode()).hexdigest()[:24]
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
-    paths = {name: folder / f"{name}.bin" for name in ("train", "val")}
+    paths = {name: folder / f"{name}.bin" for name in parts}
     if not all(p.is_file() for p in paths.values()):
         folder.mkdir(parents=True, exist_ok=True)
-        for name, part in zip(("train", "val"), split_text(text, val_fraction)):
+        for name, part in parts.items():
             write_bytes(paths[name], np.asarray(tokenizer.encode(part), dtype=dtype).tobytes())
     train, val = (np.memmap(paths[n], dtype=dtype, mode="r") for n in ("train", "val"))
-    return TokenSplits(train, val, data_hash)
+    return TokenSplits(train, val, split.data_sha256)
 
 
 def get_batch(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -16,6 +17,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 if TYPE_CHECKING:
     from quillgpt.config import TrainConfig
+    from quillgpt.data import TextSplit
 
 EOT = "<|endoftext|>"
 BPE_FILE = "tokenizer.json"
@@ -51,29 +53,39 @@ def _fingerprint(spec: dict[str, Any], vocabulary: str = "") -> str:
     return hashlib.sha256((json.dumps(spec, sort_keys=True) + vocabulary).encode("utf-8")).hexdigest()
 
 
+UNK_TEXT = "\ufffd"
+"""What the unknown-character token decodes to: Unicode's replacement character."""
+
+
 class CharTokenizer:
     """One id per character, ids in sorted character order (nanoGPT's and QuillGPT's convention).
 
-    Encoding a character outside the vocabulary raises a TokenizerError naming the characters,
-    unless `unk_char` (a character of the vocabulary) is given to stand in for them.
+    With `unk=True` the vocabulary reserves one more id, the last, for every character outside it:
+    such text still encodes (the token decodes as U+FFFD), and `quill eval` charges it honestly
+    (the model's probability of the token plus 8 bits per UTF-8 byte of the character). Without it,
+    encoding a character outside the vocabulary raises a TokenizerError naming the characters.
     """
 
     eot_id = None  # no end-of-text character: generation ends on length or stop strings
 
-    def __init__(self, chars: Iterable[str], unk_char: str | None = None):
+    def __init__(self, chars: Iterable[str], unk: bool = False):
         self.chars = list(chars)
         if len(set(self.chars)) != len(self.chars) or any(len(c) != 1 for c in self.chars):
             raise TokenizerError("a character vocabulary must list distinct single characters")
         if not self.chars:
             raise TokenizerError("a character vocabulary cannot be empty")
+        if unk and UNK_TEXT in self.chars:
+            raise TokenizerError("a vocabulary with an unknown token cannot also hold U+FFFD, which it decodes to")
         self.stoi = {c: i for i, c in enumerate(self.chars)}
-        if unk_char is not None and unk_char not in self.stoi:
-            raise TokenizerError(f"unk_char {unk_char!r} is not in the vocabulary")
-        self.unk_char = unk_char
+        self.unk_id = len(self.chars) if unk else None
 
     @classmethod
-    def from_text(cls, text: str, unk_char: str | None = None) -> CharTokenizer:
-        return cls(sorted(set(text)), unk_char=unk_char)
+    def from_text(cls, text: str, unk: bool = False, min_count: int = 1) -> CharTokenizer:
+        """The sorted characters of `text`; with `unk`, only those seen at least `min_count` times."""
+        if min_count <= 1:
+            return cls(sorted(set(text)), unk=unk)
+        counts = Counter(text)
+        return cls(sorted(c for c, n in counts.items() if n >= min_count), unk=unk)
 
     @classmethod
     def from_maps(cls, encode: dict[str, int], decode: dict[str, str] | None = None) -> CharTokenizer:
@@ -90,7 +102,11 @@ class CharTokenizer:
 
     @property
     def vocab_size(self) -> int:
-        return len(self.chars)
+        return len(self.chars) + (self.unk_id is not None)
+
+    def unknown(self, text: str) -> list[str]:
+        """The distinct characters of `text` outside the vocabulary, sorted."""
+        return sorted(set(text) - self.stoi.keys())
 
     def encode(self, text: str) -> list[int]:
         stoi = self.stoi
@@ -98,16 +114,18 @@ class CharTokenizer:
             return [stoi[c] for c in text]
         except KeyError:
             pass
-        unknown = sorted({c for c in text if c not in stoi})
-        if self.unk_char is None:
+        if self.unk_id is None:
+            unknown = self.unknown(text)
             shown = ", ".join(repr(c) for c in unknown[:20]) + (" ..." if len(unknown) > 20 else "")
-            raise TokenizerError(f"{len(unknown)} character(s) not in the model's vocabulary: {shown}") from None
-        unk = stoi[self.unk_char]
-        return [stoi.get(c, unk) for c in text]
+            raise TokenizerError(
+                f"{len(unknown)} character(s) not in the model's vocabulary: {shown} (it has no unknown token)"
+            ) from None
+        return [stoi.get(c, self.unk_id) for c in text]
 
     def decode(self, ids: Iterable[int]) -> str:
+        chars = self.chars + [UNK_TEXT] if self.unk_id is not None else self.chars
         try:
-            return "".join(self.chars[i] for i in ids)
+            return "".join(chars[i] for i in ids)
         except IndexError:
             raise TokenizerError(f"token id out of range for a vocabulary of {self.vocab_size}") from None
 
@@ -117,8 +135,8 @@ class CharTokenizer:
 
     def to_spec(self) -> dict[str, Any]:
         spec: dict[str, Any] = {"type": "char", "chars": "".join(self.chars)}
-        if self.unk_char is not None:
-            spec["unk_char"] = self.unk_char
+        if self.unk_id is not None:
+            spec["unk"] = True
         return spec
 
     def fingerprint(self) -> str:
@@ -197,7 +215,7 @@ def tokenizer_from_spec(spec: dict[str, Any], directory: str | Path | None = Non
     if kind == "char":
         if not isinstance(spec.get("chars"), str):
             raise TokenizerError("char tokenizer spec needs a 'chars' string")
-        return CharTokenizer(spec["chars"], unk_char=spec.get("unk_char"))
+        return CharTokenizer(spec["chars"], unk=spec.get("unk") is True)
     if kind == "bpe":
         if directory is None:
             raise TokenizerError("a BPE tokenizer spec needs the model directory holding its file")
@@ -210,7 +228,7 @@ def tokenizer_from_spec(spec: dict[str, Any], directory: str | Path | None = Non
 
 def build_tokenizer(
     cfg: TrainConfig,
-    text: str = "",
+    split: TextSplit | None = None,
     *,
     chars: Iterable[str] | None = None,
     gpt2_dir: str | Path | None = None,
@@ -219,20 +237,24 @@ def build_tokenizer(
 
     First match wins: the config's own `encode`/`decode` maps (the original QuillGPT's configs);
     `chars`, an explicit vocabulary in its order; then `cfg.tokenizer`: "char" takes the sorted
-    characters of `text`, "bpe" trains on the training split of `text`, and "gpt2" reads GPT-2's
-    `vocab.json` and `merges.txt` from `gpt2_dir` (default: the registered `gpt2` dataset).
+    characters of the dataset (with `unk_token`: those seen `min_char_count` times in the training
+    split, plus the unknown token); "bpe" trains on the training split only, so validation text
+    never shapes the merges; "gpt2" reads GPT-2's `vocab.json` and `merges.txt` from `gpt2_dir`
+    (default: the registered `gpt2` dataset).
     """
-    from quillgpt.data import get_dataset, split_text
+    from quillgpt.data import get_dataset
 
     if cfg.encode is not None:
         return CharTokenizer.from_maps(cfg.encode, cfg.decode)
     if chars is not None:
-        return CharTokenizer(chars)
+        return CharTokenizer(chars, unk=cfg.unk_token)
+    train, val = (split.train, split.val) if split is not None else ("", "")
     if cfg.tokenizer == "char":
-        return CharTokenizer.from_text(text)
+        if cfg.unk_token:
+            return CharTokenizer.from_text(train, unk=True, min_count=cfg.min_char_count)
+        return CharTokenizer.from_text(train + val)
     if cfg.tokenizer == "bpe":
-        train_text, _ = split_text(text, cfg.val_fraction)
-        return BPETokenizer.train([train_text], cfg.bpe_vocab_size)
+        return BPETokenizer.train([train], cfg.bpe_vocab_size)
     folder = Path(gpt2_dir) if gpt2_dir is not None else get_dataset("gpt2", quiet=True)
     return BPETokenizer.from_gpt2_files(folder / "vocab.json", folder / "merges.txt")
 

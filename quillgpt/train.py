@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shutil
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -42,11 +42,12 @@ from quillgpt.checkpoint import (
     update_provenance,
 )
 from quillgpt.config import TrainConfig, train_config_from_dict
-from quillgpt.data import DataError, TokenSplits, get_batch, load_text, tokenize_splits
+from quillgpt.data import DataError, get_batch, split_dataset, tokenize_splits
 from quillgpt.device import resolve_device
 from quillgpt.distributed import Processes, init_distributed
-from quillgpt.evaluate import estimate_loss, evaluate_ids
+from quillgpt.evaluate import estimate_loss, evaluate
 from quillgpt.fileio import atomic_write, write_json
+from quillgpt.layout import mix_layouts
 from quillgpt.model import GPT
 from quillgpt.optim import build_optimizers, lr_factor, new_ema
 from quillgpt.tokenizer import CharTokenizer, TokenizerError, build_tokenizer, tokenizer_from_spec
@@ -122,12 +123,24 @@ def _check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
         raise TrainError(f"output dir {out} is not writable")
 
 
-def _check_encodable(tokenizer, text: str, source: str) -> None:
-    if isinstance(tokenizer, CharTokenizer) and tokenizer.unk_char is None:
-        unknown = sorted(set(text) - set(tokenizer.stoi))
-        if unknown:
-            shown = ", ".join(repr(c) for c in unknown[:30])
-            raise TrainError(f"{source} has {len(unknown)} character(s) the model's tokenizer cannot encode: {shown}")
+def _check_encodable(tokenizer, text: str, source: str, warn: bool) -> None:
+    """A char vocabulary must cover the text, or have an unknown token for the rest (then, when the
+    vocabulary came from another text, a warning lists the characters that become that token)."""
+    unknown = tokenizer.unknown(text) if isinstance(tokenizer, CharTokenizer) else []
+    if not unknown:
+        return
+    shown = ", ".join(repr(c) for c in unknown[:30]) + (" ..." if len(unknown) > 30 else "")
+    if tokenizer.unk_id is None:
+        raise TrainError(
+            f"{source} has {len(unknown)} character(s) the model's tokenizer cannot encode "
+            f"(its vocabulary has no unknown token): {shown}"
+        )
+    if warn:
+        warnings.warn(
+            f"{source} has {len(unknown)} character(s) outside the model's vocabulary; "
+            f"they train as its unknown token: {shown}",
+            stacklevel=3,
+        )
 
 
 # ---------------------------------------------------------------- the loop
@@ -136,7 +149,7 @@ def _check_encodable(tokenizer, text: str, source: str) -> None:
 def _prepare(cfg: TrainConfig, out: Path, data, resume: bool, init_from):
     """Everything that can fail before training: data, tokenizer, splits, the run to resume.
 
-    Returns the resolved config (data path, vocabulary size), tokenizer, token splits, the saved
+    Returns the resolved config (data path, vocabulary size), tokenizer, text and token splits, the saved
     state to resume from (or None) and the model to fine-tune from (or None).
     """
     state, base = None, None
@@ -155,9 +168,11 @@ def _prepare(cfg: TrainConfig, out: Path, data, resume: bool, init_from):
     if source is None:
         raise TrainError("no data: give --data or set data_path in the config")
     try:
-        text = load_text(source)
+        split = split_dataset(source, cfg.val_fraction, cfg.val_split)
     except DataError as e:
         raise TrainError(str(e)) from None
+    if cfg.reflow_fraction > 0:  # layout augmentation: the training text only
+        split = dataclasses.replace(split, train=mix_layouts(split.train, cfg.reflow_fraction, cfg.seed))
     cfg = dataclasses.replace(cfg, data_path=str(source))
 
     if resume:
@@ -170,7 +185,7 @@ def _prepare(cfg: TrainConfig, out: Path, data, resume: bool, init_from):
         model_cfg = dataclasses.replace(base.model.config, dropout=cfg.model.dropout)
     else:
         try:
-            tokenizer = build_tokenizer(cfg, text)
+            tokenizer = build_tokenizer(cfg, split)
         except TokenizerError as e:
             raise TrainError(str(e)) from None
         if cfg.vocab_size is not None and cfg.vocab_size != tokenizer.vocab_size:
@@ -178,17 +193,17 @@ def _prepare(cfg: TrainConfig, out: Path, data, resume: bool, init_from):
                 f"config vocab_size is {cfg.vocab_size} but the tokenizer has {tokenizer.vocab_size} tokens"
             )
         model_cfg = dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size)
-    _check_encodable(tokenizer, text, str(source))
+    _check_encodable(tokenizer, split.train + split.val, str(source), warn=resume or init_from is not None)
     cfg = dataclasses.replace(cfg, model=model_cfg)
 
-    splits = tokenize_splits(text, tokenizer, cfg.val_fraction)
+    splits = tokenize_splits(split, tokenizer)
     T = model_cfg.block_size
     if len(splits.train) <= T + 1:
         raise TrainError(f"training split has {len(splits.train)} tokens: too short for block_size {T} (+1)")
     if len(splits.val) <= T + 1:
         raise TrainError(f"validation split has {len(splits.val)} tokens: too short for block_size {T} (+1)")
 
-    return cfg, tokenizer, splits, state, base
+    return cfg, tokenizer, split, splits, state, base
 
 
 @dataclass
@@ -260,7 +275,7 @@ def train(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     _check_out_dir(out, resume, overwrite)
-    cfg, tokenizer, splits, saved, base = _prepare(cfg, out, data, resume, init_from)
+    cfg, tokenizer, text_split, splits, saved, base = _prepare(cfg, out, data, resume, init_from)
     ddp = init_distributed(device)
     if device.type == "cuda" and ddp.world > 1:
         device = torch.device("cuda", ddp.local_rank)
@@ -274,8 +289,13 @@ def train(
     provenance = {
         "data": cfg.data_path,
         "data_sha256": splits.data_sha256,
-        "split": f"first {1 - cfg.val_fraction:.0%} train, last {cfg.val_fraction:.0%} val",
+        "split": text_split.describe(),
+        "val_split": cfg.val_split,
     }
+    if cfg.reflow_fraction > 0:
+        provenance["reflow_fraction"] = cfg.reflow_fraction
+    if cfg.default_prompt is not None:
+        provenance["default_prompt"] = cfg.default_prompt
     log = MetricsLog(out / METRICS_FILE, run.step if saved is not None else None) if ddp.main else None
     stopping = stop or threading.Event()
     on_main_thread = threading.current_thread() is threading.main_thread()
@@ -340,7 +360,7 @@ def train(
     full_val = None
     if log is not None:
         if not interrupted and cfg.final_eval and run.best_val is not None:
-            full_val = _final_eval(out, splits, device)
+            full_val = _final_eval(out, cfg, device)
             log.final_eval(run.step, full_val, wall)
         log.close()
     tok_s = run.tokens_seen / wall if wall > 0 else 0.0
@@ -431,13 +451,17 @@ def _optimizer_step(train_model, model, optimizers, cfg: TrainConfig, next_batch
     return loss_value
 
 
-def _final_eval(out: Path, splits: TokenSplits, device: torch.device) -> dict:
+def _final_eval(out: Path, cfg: TrainConfig, device: torch.device) -> dict:
     """Loss of the best checkpoint over the whole validation split (every token once), recorded in
-    its provenance: the number `quill eval` reports, not an estimate from random batches."""
+    its provenance: what `quill eval` reports (the same function), not an estimate from random batches."""
     best = load_model(out, device=device)
-    nll, tokens = evaluate_ids(best.model, splits.val)
-    result = {"val_loss": nll / tokens, "bits_per_token": nll / tokens / math.log(2), "tokens": tokens}
-    update_provenance(out, val_loss_full_split=round(result["val_loss"], 4), val_tokens=tokens)
+    result = evaluate(best.model, best.tokenizer, cfg.data_path, "val", cfg.val_fraction, cfg.val_split)
+    update_provenance(
+        out,
+        val_loss_full_split=round(result["val_loss"], 4),
+        val_tokens=result["tokens"],
+        val_bits_per_byte=round(result["bits_per_byte"], 4),
+    )
     return result
 
 

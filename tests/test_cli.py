@@ -194,3 +194,31 @@ def test_original_scripts_keep_working(tmp_path, char_tokenizer, tiny_model):
 def test_console_script_is_installed():
     done = subprocess.run([str(Path(sys.executable).parent / "quill"), "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "generate" in done.stdout and "train" in done.stdout
+
+
+def test_eval_takes_the_models_own_per_file_split_and_layout(tmp_path, capsys):
+    books = tmp_path / "books"
+    books.mkdir()
+    (books / "a.txt").write_text(SAMPLE_TEXT * 12)
+    (books / "b.txt").write_text(SAMPLE_TEXT[::-1] * 12)
+    cfg = tmp_path / "c.json"
+    cfg.write_text(
+        json.dumps(
+            {"batch_size": 4, "block_size": 16, "max_iters": 2, "eval_interval": 2, "eval_iters": 1}
+            | {"n_layer": 1, "n_head": 2, "n_embd": 16, "val_split": "per_file", "reflow_fraction": 0.5}
+        )
+    )
+    code, _, _ = run("train", str(cfg), "--data", str(books), "--out", str(tmp_path / "run"), capsys=capsys)
+    assert code == 0
+    prov = load_model(tmp_path / "run").provenance
+    assert prov["val_split"] == "per_file" and "of each of 2 files" in prov["split"]
+    code, out, _ = run("eval", str(tmp_path / "run"), "--data", str(books), "--json", capsys=capsys)
+    result = json.loads(out.strip().splitlines()[-1])
+    assert code == 0 and result["val_split"] == "per_file" and list(result["files"]) == ["a.txt", "b.txt"]
+    assert round(result["bits_per_byte"], 4) == prov["val_bits_per_byte"] and "a.txt: " in out
+    code, out, _ = run(
+        "eval", str(tmp_path / "run"), "--data", str(books), "--val-split", "concat", "--json", capsys=capsys
+    )
+    assert "files" not in json.loads(out.strip().splitlines()[-1])
+    code, out, _ = run("eval", str(tmp_path / "run"), "--data", str(books), "--layout", "paragraph", capsys=capsys)
+    assert code == 0 and "paragraph layout" in out

@@ -13,6 +13,7 @@ from quillgpt.data import (
     read_text,
     resolve_data,
     sequential_windows,
+    split_dataset,
     split_text,
     tokenize_splits,
 )
@@ -87,16 +88,18 @@ def test_folders_and_bad_sources(tmp_path):
 
 def test_tokens_are_cached_by_content(tmp_path):
     text = "hello world, " * 200
+    (tmp_path / "a.txt").write_text(text)
+    (tmp_path / "b.txt").write_text(text + "!")
     tok = CharTokenizer.from_text(text)
-    first = tokenize_splits(text, tok)
+    first = tokenize_splits(split_dataset(tmp_path / "a.txt"), tok)
     assert isinstance(first.train, np.memmap) and first.train.dtype == np.uint16
     assert tok.decode(first.train.tolist()) + tok.decode(first.val.tolist()) == text
     mtime = (tmp_path / "cache").stat().st_mtime_ns
     files = sorted((tmp_path / "cache" / "tokens").rglob("*.bin"))
     stamps = [f.stat().st_mtime_ns for f in files]
-    again = tokenize_splits(text, tok)
+    again = tokenize_splits(split_dataset(tmp_path / "a.txt"), tok)
     assert [f.stat().st_mtime_ns for f in files] == stamps and np.array_equal(again.val, first.val)
-    other = tokenize_splits(text + "!", CharTokenizer.from_text(text + "!"))
+    other = tokenize_splits(split_dataset(tmp_path / "b.txt"), CharTokenizer.from_text(text + "!"))
     assert (
         len(list((tmp_path / "cache" / "tokens").iterdir())) == 2 and mtime and other.data_sha256 != first.data_sha256
     )

@@ -1,13 +1,14 @@
 import copy
+import dataclasses
 import math
 
 import pytest
 import torch
 
-from quillgpt.config import ConfigError, GPTConfig
+from quillgpt.config import ConfigError, GPTConfig, load_train_config
 from quillgpt.interop.hf_gpt2 import gpt_from_hf_gpt2
 from quillgpt.model import GPT, KVCache, PackedLinear, prepare_for_inference
-from tests.conftest import tiny_config
+from tests.conftest import REPO, tiny_config
 
 MODERN = dict(
     pos_emb="rope",
@@ -193,3 +194,13 @@ def test_inference_weights_decode_with_the_cache_like_the_plain_model(char_token
 def test_unknown_inference_weights_are_refused():
     with pytest.raises(ValueError, match="float32, bfloat16"):
         prepare_for_inference(GPT(tiny_config()), "float16")
+
+
+def test_the_226m_config_has_the_original_shape_and_size():
+    cfg = load_train_config(REPO / "configs" / "harpoon-226m.json")
+    c = dataclasses.replace(cfg.model, vocab_size=135)  # the original's vocabulary came from its own text
+    assert (c.n_embd, c.n_head, c.head_dim, c.n_layer, c.block_size) == (1024, 12, 85, 18, 256)
+    with torch.device("meta"):
+        model = GPT(c)
+    # the original's biases: none on q/k/v, one on every output projection and on its LM head
+    assert model.num_params() == 226_922_631

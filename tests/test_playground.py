@@ -13,15 +13,16 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 import quillgpt.checkpoint as checkpoint
-from quillgpt.checkpoint import LoadedModel, save_model
+from quillgpt.checkpoint import LoadedModel, default_prompt, load_model, save_model
 from quillgpt.generate import SamplingParams, generate
 from quillgpt.playground import launch, page
 from quillgpt.playground.api import ApiBackend
-from quillgpt.playground.backend import TOP_ALTERNATIVES, BackendError, TokenView, default_prompt, provenance_facts
+from quillgpt.playground.backend import TOP_ALTERNATIVES, BackendError, TokenView, provenance_facts
 from quillgpt.playground.local import LocalBackend
 from quillgpt.playground.page import Result
 from quillgpt.playground.settings import PlaygroundSettings, parse_stop_strings, read_settings
 from quillgpt.playground.view import render_tokens
+from tests.conftest import REPO
 
 APP = Path(__file__).resolve().parent.parent / "app.py"
 
@@ -108,7 +109,7 @@ def test_stop_string_ends_text(monkeypatch, tiny_model_dir):
 
 
 def test_shakespeare_default_prompt_and_prompt_outside_vocabulary(monkeypatch, tmp_path, tiny_model, char_tokenizer):
-    directory = save_model(tmp_path / "shakespeare-char-tiny", tiny_model, char_tokenizer)
+    directory = save_model(tmp_path / "tiny", tiny_model, char_tokenizer, provenance={"data": "tinyshakespeare"})
     at = app(monkeypatch, [directory])
     assert at.text_area(key="prompt").value == "ROMEO:"
     at.button(key="generate").click().run()  # the tiny vocabulary has no R, O, M or E
@@ -261,7 +262,9 @@ def test_api_backend_against_quill_serve(tiny_model, char_tokenizer):
     serve_app = pytest.importorskip("quillgpt.serve.app")
     from fastapi.testclient import TestClient
 
-    loaded = LoadedModel(tiny_model, char_tokenizer, Path("tiny"), provenance={"steps": 3, "dataset": "shakespeare"})
+    loaded = LoadedModel(
+        tiny_model, char_tokenizer, Path("tiny"), provenance={"steps": 3, "dataset": "tinyshakespeare"}
+    )
     params = SamplingParams(max_new_tokens=20, temperature=0.9, top_k=8, repetition_penalty=1.3, seed=5)
     local = list(LocalBackend(["tiny"], loader=lambda name: loaded).stream("tiny", "First", params))
     with TestClient(serve_app.create_app(models={"tiny": loaded})) as client:
@@ -305,11 +308,17 @@ def test_read_settings_from_arguments_then_environment():
     assert read_settings(args, env) == PlaygroundSettings(["m1", "m2"], "http://y")
 
 
-def test_default_prompt():
-    assert default_prompt("shakespeare-char", {}) == "ROMEO:"
-    assert default_prompt("run7", {"dataset": "tinyshakespeare"}) == "ROMEO:"
-    assert default_prompt("stories", {"default_prompt": "Once upon a time"}) == "Once upon a time"
-    assert default_prompt("stories", {}) == ""
+def test_default_prompt_comes_from_the_model_or_its_dataset(tiny_model_dir):
+    assert default_prompt({"data": "tinyshakespeare"}) == "ROMEO:"
+    assert default_prompt({"data": "../shared/data/tinyshakespeare/input.txt"}) == "ROMEO:"
+    assert default_prompt({"data": "gutenberg", "default_prompt": "It was"}) == "It was"
+    assert default_prompt({"data": "my.txt"}) == default_prompt({}) == ""
+    assert LocalBackend([str(tiny_model_dir)]).card(str(tiny_model_dir)).default_prompt == ""
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    config["default_prompt"] = "Call me Ishmael."  # a shipped model declares its own, beside its weights
+    (tiny_model_dir / "config.json").write_text(json.dumps(config))
+    assert LocalBackend([str(tiny_model_dir)]).card(str(tiny_model_dir)).default_prompt == "Call me Ishmael."
+    assert load_model(REPO / "models" / "shakespeare-char").default_prompt == "ROMEO:"
 
 
 def test_local_backend_card(tiny_model_dir, tiny_model):

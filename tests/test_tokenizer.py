@@ -27,9 +27,19 @@ def test_char_unknown_characters_are_named():
         tok.encode("abxcz")
 
 
-def test_char_unknown_policy_replaces():
-    tok = CharTokenizer.from_text("ab?", unk_char="?")
-    assert tok.decode(tok.encode("abz")) == "ab?"
+def test_char_unknown_token_is_the_last_id_and_survives_the_spec():
+    tok = CharTokenizer.from_text("abcab", unk=True)
+    assert tok.vocab_size == 4 and tok.unk_id == 3
+    assert tok.encode("abzé") == [0, 1, 3, 3] and tok.decode([0, 3]) == "a\ufffd"
+    assert tok.unknown("abzéz") == ["z", "é"]
+    again = tokenizer_from_spec(json.loads(json.dumps(tok.to_spec())))
+    assert again.encode("cz") == [2, 3] and again.fingerprint() == tok.fingerprint()
+    assert again.fingerprint() != CharTokenizer.from_text("abc").fingerprint()
+
+
+def test_char_min_count_leaves_rare_characters_to_the_unknown_token():
+    tok = CharTokenizer.from_text("aa b b!", unk=True, min_count=2)
+    assert tok.chars == [" ", "a", "b"] and tok.encode("!") == [tok.unk_id]
 
 
 def test_char_loads_original_quillgpt_maps():
@@ -94,3 +104,26 @@ def test_bad_specs_and_files(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(TokenizerError, match="cannot read tokenizer file"):
         tokenizer_from_spec({"type": "bpe", "file": "tokenizer.json"}, tmp_path)
+
+
+def test_bpe_is_trained_on_the_training_split_only(tmp_path):
+    from quillgpt.config import TrainConfig
+    from quillgpt.data import split_dataset
+    from quillgpt.tokenizer import build_tokenizer
+
+    train = "the cat sat on the mat and the dog sat on the log\n" * 60
+    for name, val in [("a", "zyzzyva quixotic zyzzyva quixotic " * 40), ("b", "the cat sat " * 120)]:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "book.txt").write_text(train + val[: len(train) // 9])
+    splits = [split_dataset(tmp_path / name / "book.txt") for name in "ab"]
+    assert splits[0].train == splits[1].train and splits[0].val != splits[1].val
+    cfg = TrainConfig(tokenizer="bpe", bpe_vocab_size=400)
+    first, second = (build_tokenizer(cfg, s) for s in splits)
+    assert first.tokenizer.to_str() == second.tokenizer.to_str()  # the validation text changed no merge
+    vocab = first.tokenizer.get_vocab()
+    assert 257 < first.vocab_size <= 400 and not any("zy" in t or "quix" in t for t in vocab)
+    alone = BPETokenizer.train([splits[0].train], 400)
+    assert alone.tokenizer.to_str() == first.tokenizer.to_str()
+    leaky = BPETokenizer.train([splits[0].train + splits[0].val], 400).tokenizer.get_vocab()
+    assert any("zy" in t or "quix" in t for t in leaky)  # what the validation text would have added

@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import signal
 import subprocess
@@ -11,9 +12,11 @@ import pytest
 import torch
 
 from quillgpt.checkpoint import load_model, save_model
-from quillgpt.config import train_config_from_dict
+from quillgpt.config import load_train_config, train_config_from_dict
+from quillgpt.generate import generate
 from quillgpt.model import GPT
 from quillgpt.optim import lr_factor
+from quillgpt.sampling import SamplingParams
 from quillgpt.tokenizer import CharTokenizer
 from quillgpt.train import TrainError, autocast_context, train
 from quillgpt.trainlog import read_metrics
@@ -208,23 +211,34 @@ def test_unwritable_output_dir(text_file, tmp_path):
         train(config(), tmp_path / "ro" / "out", data=text_file, progress=False)
 
 
-def test_fine_tuning_reuses_the_tokenizer_and_names_unseen_characters(text_file, tmp_path):
-    tok = CharTokenizer.from_text(SAMPLE_TEXT)
+def _char_base(directory: Path, unk: bool = False) -> CharTokenizer:
+    tok = CharTokenizer.from_text(SAMPLE_TEXT, unk=unk)
     torch.manual_seed(0)
-    base = GPT(tiny_config(vocab_size=tok.vocab_size, n_embd=32))
-    save_model(tmp_path / "base", base, tok)
-    s = train(
-        config(max_iters=5, eval_interval=5),
-        tmp_path / "ft",
-        data=text_file,
-        init_from=tmp_path / "base",
-        progress=False,
-    )
+    save_model(directory, GPT(tiny_config(vocab_size=tok.vocab_size, n_embd=32)), tok)
+    return tok
+
+
+def test_fine_tuning_reuses_the_tokenizer_and_names_unseen_characters(text_file, tmp_path):
+    tok = _char_base(tmp_path / "base")
+    s = train(config(max_iters=5, eval_interval=5), tmp_path / "ft", data=text_file, init_from=tmp_path / "base")
     assert s.steps == 5 and load_model(tmp_path / "ft").tokenizer.chars == tok.chars
     other = tmp_path / "other.txt"
     other.write_text(SAMPLE_TEXT * 10 + "Zounds! #42")
-    with pytest.raises(TrainError, match="cannot encode: '!', '#', '2', '4', 'Z'"):
+    with pytest.raises(TrainError, match="no unknown token\\): '!', '#', '2', '4', 'Z'"):
         train(config(), tmp_path / "ft2", data=other, init_from=tmp_path / "base", progress=False)
+
+
+def test_fine_tuning_a_vocabulary_with_an_unknown_token_maps_new_characters_to_it(tmp_path):
+    tok = _char_base(tmp_path / "base", unk=True)
+    other = tmp_path / "other.txt"
+    other.write_text(SAMPLE_TEXT * 10 + "Zounds! #42 — café")
+    new = "'!', '#', '2', '4', 'Z', 'é', '—'"
+    with pytest.warns(UserWarning, match=f"7 character\\(s\\) outside .* unknown token: {new}"):
+        s = train(config(max_iters=3, eval_interval=3), tmp_path / "ft", data=other, init_from=tmp_path / "base")
+    tuned = load_model(tmp_path / "ft")
+    assert s.steps == 3 and tuned.tokenizer.chars == tok.chars and tuned.tokenizer.unk_id == tok.unk_id
+    ids = tuned.tokenizer.encode("café")
+    assert ids[-1] == tok.unk_id and tuned.tokenizer.decode(ids) == "caf\ufffd"
 
 
 def test_schedules():
@@ -241,7 +255,9 @@ DDP_SCRIPT = """
 import sys, torch
 torch.set_num_threads(1)
 import torch.distributed as dist
-from quillgpt.config import train_config_from_dict
+from quillgpt.config import load_train_config, train_config_from_dict
+from quillgpt.generate import generate
+from quillgpt.sampling import SamplingParams
 from quillgpt.train import train
 import quillgpt.train as t
 
@@ -323,3 +339,27 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(text_file, tmp_path):
     done = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"done: {steps + 3} steps" in done.stdout
+
+
+def test_the_226m_geometry_trains_and_generates_at_reduced_depth_and_width(text_file, tmp_path):
+    """configs/harpoon-226m.json with heads that do not divide the width (3 x 17 = 51 of 64, as 12 x 85
+    = 1020 of 1024), fewer layers and a short context: a few steps, then generation."""
+    small = ["n_layer=2", "n_embd=64", "n_head=3", "head_size=17", "block_size=32", "batch_size=4"]
+    steps = ["max_iters=3", "eval_interval=3", "eval_iters=1", "learning_rate=1e-3"]
+    cfg = load_train_config(REPO / "configs" / "harpoon-226m.json", small + steps)
+    assert cfg.model.n_embd % cfg.model.n_head and cfg.model.n_head * cfg.model.head_size != cfg.model.n_embd
+    s = train(cfg, tmp_path / "run", data=text_file, progress=False)
+    loaded = load_model(tmp_path / "run")
+    c = loaded.model.config
+    assert s.steps == 3 and math.isfinite(s.last_train_loss)
+    assert (c.activation, c.pos_emb, c.norm, c.bias, c.tie_embeddings, c.dropout) == (
+        "relu",
+        "learned",
+        "layernorm",
+        True,
+        False,
+        0.3,
+    )
+    assert loaded.model.transformer.h[0].attn.c_attn.weight.shape == (3 * 51, 64)
+    (completion,) = generate(loaded.model, loaded.tokenizer, "First", SamplingParams(max_new_tokens=20, seed=0))
+    assert len(loaded.tokenizer.encode(completion.text)) == 20

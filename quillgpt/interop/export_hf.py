@@ -24,7 +24,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from quillgpt.checkpoint import CheckpointError, LoadedModel
 from quillgpt.config import GPTConfig
 from quillgpt.interop.hf_gpt2 import CONV1D
-from quillgpt.tokenizer import EOT, BPETokenizer, CharTokenizer
+from quillgpt.tokenizer import EOT, UNK_TEXT, BPETokenizer, CharTokenizer
 
 REMOTE_CODE = Path(__file__).with_name("hf_remote_code.py")
 GPT2_ACTIVATIONS = {"gelu": "gelu_new", "gelu_exact": "gelu", "relu": "relu"}
@@ -180,8 +180,10 @@ def _swap_rotary_halves(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 def char_tokenizer_json(tokenizer: CharTokenizer) -> Tokenizer:
     """A `tokenizers` Tokenizer giving each character our id: split into single characters, look up."""
-    unk = tokenizer.unk_char
-    tok = Tokenizer(models.WordLevel(dict(tokenizer.stoi), unk_token=unk))
+    vocab, unk = dict(tokenizer.stoi), None
+    if tokenizer.unk_id is not None:  # characters outside the vocabulary map to the unknown token
+        vocab[UNK_TEXT], unk = tokenizer.unk_id, UNK_TEXT
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=unk))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
     return tok

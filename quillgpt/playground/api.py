@@ -9,13 +9,13 @@ from typing import Any
 
 import httpx
 
+from quillgpt.checkpoint import default_prompt
 from quillgpt.playground.backend import (
     TOP_ALTERNATIVES,
     BackendError,
     Chunk,
     ModelCard,
     TokenView,
-    default_prompt,
     provenance_facts,
 )
 from quillgpt.sampling import SamplingParams
@@ -67,7 +67,7 @@ class ApiBackend:
             parameters=params if isinstance(params, int) else None,
             facts=facts,
             description=description,
-            default_prompt=default_prompt(name, {**entry, **prov}),
+            default_prompt=default_prompt({**prov, **entry}),
         )
 
     def stream(self, name: str, prompt: str, params: SamplingParams) -> Iterator[Chunk]:

@@ -14,7 +14,6 @@ from typing import Any, Protocol
 from quillgpt.sampling import SamplingParams
 
 TOP_ALTERNATIVES = 5  # alternatives shown per token (OpenAI's completions API allows at most 5)
-SHAKESPEARE_PROMPT = "ROMEO:"
 
 
 class BackendError(RuntimeError):
@@ -61,14 +60,6 @@ class Backend(Protocol):
     def models(self) -> list[str]: ...
     def card(self, name: str) -> ModelCard: ...
     def stream(self, name: str, prompt: str, params: SamplingParams) -> Iterator[Chunk]: ...
-
-
-def default_prompt(name: str, info: dict[str, Any]) -> str:
-    """An explicit `default_prompt` in the model's provenance or card; "ROMEO:" for Shakespeare."""
-    if isinstance(info.get("default_prompt"), str):
-        return info["default_prompt"]
-    data = str(info.get("dataset") or info.get("data") or "")
-    return SHAKESPEARE_PROMPT if "shakespeare" in f"{name} {data}".lower() else ""
 
 
 def provenance_facts(prov: dict[str, Any]) -> dict[str, str]:

@@ -13,7 +13,6 @@ from quillgpt.playground.backend import (
     Chunk,
     ModelCard,
     TokenView,
-    default_prompt,
     provenance_facts,
 )
 from quillgpt.sampling import SamplingParams
@@ -55,7 +54,7 @@ class LocalBackend:
             facts=facts,
             description=readme.read_text(encoding="utf-8", errors="replace") if readme.is_file() else None,
             loss_curve=loss if loss.is_file() else None,
-            default_prompt=default_prompt(loaded.name, {**loaded.card, **loaded.provenance}),
+            default_prompt=loaded.default_prompt,
         )
 
     def stream(self, name: str, prompt: str, params: SamplingParams) -> Iterator[Chunk]:

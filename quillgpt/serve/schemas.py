@@ -288,6 +288,8 @@ class ModelObject(BaseModel):
     tokenizer: str
     provenance: dict[str, Any] = {}
     """How the model was made (data, steps, val loss), from its config.json."""
+    default_prompt: str = ""
+    """Where a UI starts this model (its own, or its training dataset's; "" for none)."""
 
 
 class ModelList(BaseModel):

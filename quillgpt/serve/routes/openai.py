@@ -55,6 +55,7 @@ def describe_model(name: str, engine: Engine, created: int) -> s.ModelObject:
         parameters=model.num_params(),
         tokenizer=engine.tokenizer.to_spec()["type"],
         provenance=engine.loaded.provenance,
+        default_prompt=engine.loaded.default_prompt,
     )
 
 
