@@ -20,8 +20,9 @@ import torch
 from machine import cpu_info, describe
 
 from quillgpt.config import train_config_from_dict
+from quillgpt.device import flops_per_token, measure_matmul_peak
 from quillgpt.model import GPT
-from quillgpt.train import flops_per_token, measure_matmul_peak, train
+from quillgpt.train import train
 
 SHAPE = dict(n_layer=6, n_embd=384, n_head=6, block_size=256, batch_size=16, dropout=0.0)
 MODERN = {

@@ -1,10 +1,18 @@
-"""Device choice: "auto" picks CUDA, then Apple's MPS, then the CPU."""
+"""The hardware: which device to run on ("auto" picks CUDA, then Apple's MPS, then the CPU), the
+precision training computes in there, and what it can do (FLOPs per token, measured matmul peak)."""
 
 from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from typing import TYPE_CHECKING
 
 import torch
 
 from quillgpt.config import ConfigError
+
+if TYPE_CHECKING:
+    from quillgpt.model import GPT
 
 
 def resolve_device(name: str | None = "auto") -> torch.device:
@@ -23,3 +31,29 @@ def resolve_device(name: str | None = "auto") -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("device 'mps' was asked for but MPS is not available here")
     return device
+
+
+def autocast_context(dtype: str, device: torch.device):
+    """The context the forward and backward passes run in: bfloat16 autocast, or nothing (float32)."""
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    if dtype == "float32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def flops_per_token(model: GPT) -> float:
+    """Training FLOPs per token: 6 per weight (forward + backward) plus attention (nanoGPT's estimate)."""
+    c = model.config
+    return 6 * model.num_params(non_embedding=True) + 12 * c.n_layer * c.n_head * c.head_dim * c.block_size
+
+
+def measure_matmul_peak(seconds: float = 1.0, n: int = 1024) -> float:
+    """fp32 matmul FLOP/s of this machine, measured now (the MFU denominator on CPU)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    return 2 * n**3 * count / (time.perf_counter() - start)

@@ -43,7 +43,7 @@ from quillgpt.checkpoint import (
 )
 from quillgpt.config import TrainConfig, train_config_from_dict
 from quillgpt.data import DataError, get_batch, split_dataset, tokenize_splits
-from quillgpt.device import resolve_device
+from quillgpt.device import autocast_context, flops_per_token, measure_matmul_peak, resolve_device
 from quillgpt.distributed import Processes, init_distributed
 from quillgpt.evaluate import estimate_loss, evaluate
 from quillgpt.fileio import atomic_write, write_json
@@ -75,35 +75,6 @@ class TrainSummary:
     interrupted: bool = False
     full_val_loss: float | None = None
     """Loss of the best model over the whole validation split (when `final_eval` is on)."""
-
-
-# ---------------------------------------------------------------- precision, evaluation and measurement
-
-
-def autocast_context(dtype: str, device: torch.device):
-    """The context the forward and backward passes run in: bfloat16 autocast, or nothing (float32)."""
-    if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    if dtype == "float32":
-        return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-def flops_per_token(model: GPT) -> float:
-    """Training FLOPs per token: 6 per weight (forward + backward) plus attention (nanoGPT's estimate)."""
-    c = model.config
-    return 6 * model.num_params(non_embedding=True) + 12 * c.n_layer * c.n_head * c.head_dim * c.block_size
-
-
-def measure_matmul_peak(seconds: float = 1.0, n: int = 1024) -> float:
-    """fp32 matmul FLOP/s of this machine, measured now (the MFU denominator on CPU)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        count += 1
-    return 2 * n**3 * count / (time.perf_counter() - start)
 
 
 # ---------------------------------------------------------------- run setup

@@ -13,12 +13,13 @@ import torch
 
 from quillgpt.checkpoint import load_model, save_model
 from quillgpt.config import load_train_config, train_config_from_dict
+from quillgpt.device import autocast_context
 from quillgpt.generate import generate
 from quillgpt.model import GPT
 from quillgpt.optim import lr_factor
 from quillgpt.sampling import SamplingParams
 from quillgpt.tokenizer import CharTokenizer
-from quillgpt.train import TrainError, autocast_context, train
+from quillgpt.train import TrainError, train
 from quillgpt.trainlog import read_metrics
 from tests.conftest import REPO, SAMPLE_TEXT, tiny_config
 
