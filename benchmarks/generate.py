@@ -21,6 +21,7 @@ builds any shape from a training config (e.g. configs/harpoon-226m.json).
 Prints human-readable lines, then one JSON line.
 
     python benchmarks/generate.py [--model shakespeare-char | --config C] [--variants fp32,bf16]
+    python benchmarks/generate.py --config configs/harpoon-226m.json --vocab-size 135 --new-tokens 16
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from machine import cpu_info, describe, memory_read_bandwidth
 from quillgpt.checkpoint import load_model
 from quillgpt.config import GPTConfig, load_train_config
 from quillgpt.generate import generate
-from quillgpt.model import GPT, KVCache, native_bfloat16, prepare_for_inference
+from quillgpt.model import GPT, KVCache, PackedLinear, native_bfloat16, prepare_for_inference
 from quillgpt.sampling import SamplingParams
 from quillgpt.tokenizer import CharTokenizer
 
@@ -52,6 +53,23 @@ def timed(fn) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+def rss_mb() -> float:
+    """This process's resident memory (Linux), in MB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def held_weight_mb(model: GPT) -> float:
+    """Bytes of weights the model holds for decoding: parameters, plus packed copies and int8 weights."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    for m in model.modules():
+        if isinstance(m, PackedLinear):
+            total += m.packed.numel() * m.packed.element_size()
+        elif hasattr(m, "weight") and callable(m.weight):  # dynamically quantized Linear
+            total += m.weight().numel()
+    return total / 1e6
 
 
 def weights_read_per_token(model: GPT) -> int:
@@ -106,11 +124,11 @@ def base_model(args) -> tuple[GPT, object]:
     config = SHAPE
     if args.config:
         train = load_train_config(args.config)
-        vocab = train.vocab_size or len(train.encode or {}) or SHAPE.vocab_size
+        vocab = args.vocab_size or train.vocab_size or len(train.encode or {}) or SHAPE.vocab_size
         config = GPTConfig(**{**train.model.to_dict(), "vocab_size": vocab})
     torch.manual_seed(0)
-    chars = SHAKESPEARE_CHARS if config.vocab_size <= len(SHAKESPEARE_CHARS) else None
-    tokenizer = CharTokenizer(chars or [chr(32 + i) for i in range(config.vocab_size)])
+    extra = [chr(0x100 + i) for i in range(config.vocab_size - len(SHAKESPEARE_CHARS))]  # fill a larger vocabulary
+    tokenizer = CharTokenizer([*SHAKESPEARE_CHARS, *extra][: config.vocab_size])
     return GPT(config).eval(), tokenizer
 
 
@@ -118,6 +136,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="a trained model instead of random weights")
     p.add_argument("--config", default=None, help="a training config whose model shape to build (random weights)")
+    p.add_argument("--vocab-size", type=int, default=None, help="with --config: the vocabulary (default 65)")
     p.add_argument("--new-tokens", type=int, default=200)
     p.add_argument("--uncached-tokens", type=int, default=50, help="new tokens for the slow no-cache runs")
     p.add_argument("--threads", type=int, default=None)
@@ -152,7 +171,12 @@ def main() -> None:
         if WEIGHTS[variant] is not None:
             prepare_for_inference(model, WEIGHTS[variant])
         bound = bandwidth / (read * BYTES_PER_WEIGHT[variant])
-        results = {"prefill_tokens_per_s": prefill_tokens_per_s(model, 200), "batch1_bound_tokens_per_s": bound}
+        results = {
+            "prefill_tokens_per_s": prefill_tokens_per_s(model, min(200, model.config.block_size)),
+            "batch1_bound_tokens_per_s": bound,
+            "held_weights_mb": held_weight_mb(model),
+        }
+        print(f"[{variant}] weights held: {results['held_weights_mb']:,.0f} MB; process RSS {rss_mb():,.0f} MB")
         print(f"[{variant}] prefill (200-token prompt):       {results['prefill_tokens_per_s']:9,.0f} tokens/s")
         for batch in (1, 16):
             for use_cache in (True, False):
@@ -164,7 +188,9 @@ def main() -> None:
                 label = f"decode batch {batch:2d}, {'with' if use_cache else 'without'} cache:"
                 extra = " (aggregate)" if batch > 1 else f"  = {rate / bound:.0%} of its bound ({bound:,.0f})"
                 print(f"[{variant}] {label:34}{rate:9,.0f} tokens/s{extra}")
+        results["rss_mb"] = rss_mb()
         report[variant] = results
+        del model
     fp32_bound = bandwidth / (read * 4)
     for variant, r in report.items():
         b1, b16 = r["decode_b1_cache_tokens_per_s"], r["decode_b16_cache_tokens_per_s"]
