@@ -143,12 +143,15 @@ def sample_next_tokens(
     repetition penalty; `counts` (float, B×V) counts generated tokens, for presence and frequency
     penalties; either may be None when no row asks for that penalty.
 
-    Finite logits never become NaN: values pushed past float32's range by a penalty or a tiny
+    NaN logits (a broken model) raise ValueError. Finite logits never become NaN: values pushed past float32's range by a penalty or a tiny
     temperature are clamped to its largest finite value, which leaves the limit the setting tends
     to (the largest logits share the mass; a temperature near 0 is greedy).
     """
     logits = logits.float()
     B, V = logits.shape
+    if bool(torch.isnan(logits).any()):  # the model, not the settings, failed: say so, don't sample
+        rows = torch.isnan(logits).any(dim=1).nonzero().flatten().tolist()
+        raise ValueError(f"the model produced NaN logits (batch rows {rows})")
     column = lambda values: torch.tensor(values, dtype=torch.float32).unsqueeze(1)  # noqa: E731 - (B, 1)
     if seen is not None and any(p.repetition_penalty != 1.0 for p in params):
         penalty = column([p.repetition_penalty for p in params])
