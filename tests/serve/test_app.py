@@ -180,3 +180,27 @@ def test_errors_have_one_shape(client):
         body = r.json()
         assert 400 <= r.status_code < 500
         assert set(body) == {"error", "detail"} and body["error"]["message"] == body["detail"]
+
+
+def test_the_schema_states_the_enforced_limits(make_client):
+    """Every bound a route enforces is in /openapi.json: the settings' caps, and the sampling ranges
+    on the OpenAI and the original routes alike."""
+    client = make_client(max_tokens_cap=64, max_choices=4, max_prompt_chars=100)
+    schema = client.get("/openapi.json").json()
+    models = schema["components"]["schemas"]
+
+    def bounds(prop):
+        return {k: v for o in [prop, *prop.get("anyOf", [])] for k, v in o.items() if k in ("minimum", "maximum")}
+
+    assert bounds(models["CompletionRequest"]["properties"]["max_tokens"]) == {"minimum": 1, "maximum": 64}
+    assert bounds(models["ChatRequest"]["properties"]["max_completion_tokens"])["maximum"] == 64
+    assert models["CompletionRequest"]["properties"]["n"]["maximum"] == 4
+    assert models["TokenizeRequest"]["properties"]["text"]["maxLength"] == 100
+    for name in ("CompletionRequest", "ChatRequest", "LegacyGenerateBody"):
+        assert bounds(models[name]["properties"]["top_p"]) == {"minimum": 1e-6, "maximum": 1}, name
+        assert bounds(models[name]["properties"]["temperature"]) == {"minimum": 0, "maximum": 2}, name
+    query = {p["name"]: p["schema"] for p in schema["paths"]["/generate"]["post"]["parameters"]}
+    assert bounds(query["max_length"]) == {"minimum": 1, "maximum": 64}
+    assert bounds(query["temperature"]) == {"minimum": 0, "maximum": 2}
+    assert client.post("/generate", params={"prompt": "a", "max_length": 65}).status_code == 422
+    assert client.post("/v1/completions", json={"prompt": "a", "max_tokens": 64}).status_code == 200
