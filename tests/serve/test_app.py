@@ -105,6 +105,23 @@ def test_probes_need_no_api_key(make_client):
     client = make_client(api_key="s3cret")
     assert client.get("/health").status_code == 200
     assert client.get("/ready").status_code == 200
+    assert client.get("/metrics").status_code == 401  # metrics name the models and the traffic
+    assert client.get("/metrics", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+
+
+def test_a_wrong_key_reveals_nothing(make_client):
+    """Missing, wrong, a prefix of the key, the key plus more, another scheme: the same answer."""
+    client = make_client(api_key="s3cret")
+    tries = [{}, {"Authorization": "Bearer "}, {"Authorization": "Bearer s"}, {"Authorization": "Bearer s3cre"}]
+    tries += [{"Authorization": "Bearer s3cret2"}, {"Authorization": "Bearer " + "x" * 1000}]
+    tries += [{"Authorization": "Basic s3cret"}, {"Authorization": "s3cret"}]
+    answers = {(r.status_code, r.text, r.headers["www-authenticate"]) for r in map(_models_with(client), tries)}
+    assert len(answers) == 1 and next(iter(answers))[0] == 401
+    assert "s3cret" not in next(iter(answers))[1]
+
+
+def _models_with(client):
+    return lambda headers: client.get("/v1/models", headers={**headers, "X-Request-ID": "same"})
 
 
 def test_cors_allows_only_the_configured_origins(make_client):
