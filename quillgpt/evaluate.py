@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from quillgpt.config import TrainConfig
-from quillgpt.data import TokenSplits, get_batch, load_text, sequential_windows, tokenize_splits
+from quillgpt.data import DataError, TokenSplits, get_batch, load_text, sequential_windows, tokenize_splits
 from quillgpt.model import GPT
 
 
@@ -41,6 +41,8 @@ def evaluate(model: GPT, tokenizer, data: str, split: str = "val", val_fraction:
     arr = {"val": ids.val, "train": ids.train}.get(split)
     if arr is None:  # "all": the whole text, encoded in one piece
         arr = np.asarray(tokenizer.encode(text))
+    if len(arr) < 2:  # the first token is only context
+        raise DataError(f"the {split} split of {data} has {len(arr)} token(s): too short to score")
     nll, tokens = evaluate_ids(model, arr)
     scored_text = tokenizer.decode(arr[1:].tolist())  # the first token is context, never a target
     return {
