@@ -8,7 +8,9 @@ Bundled models (under `models/` in the repository, or $QUILL_MODELS_DIR) are fou
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +31,10 @@ CONFIG_FILE = "config.json"
 FORMAT = "quillgpt"
 FORMAT_VERSION = 1
 REPO_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+MAX_HEADER_BYTES = 100_000_000
+MAX_BLOCK_SIZE = 1 << 20
+"""The longest context a model directory may ask for: rotary tables and KV caches grow with it."""
 
 
 class CheckpointError(RuntimeError):
@@ -196,6 +202,7 @@ def load_model(
         raise CheckpointError(
             f"{directory}: tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size}"
         )
+    check_weights_fit(config, directory / WEIGHTS_FILE)  # before GPT(config) allocates anything
     model = GPT(config)
     load_weights(model, directory / WEIGHTS_FILE)
     model.to(device).eval()
@@ -209,6 +216,85 @@ def _for_inference(loaded: LoadedModel, device, weights: str) -> LoadedModel:
     if weights != "float32":
         prepare_for_inference(loaded.model, weights)
     return loaded
+
+
+def read_safetensors_header(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name → shape, from a safetensors file's header alone, checked against the file: the
+    header fits, each tensor's bytes lie inside the file and are exactly its dtype and shape's worth."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < n <= min(size - 8, MAX_HEADER_BYTES):
+            raise CheckpointError(f"{path} is not a safetensors file (header of {n} bytes in a file of {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError):
+            raise CheckpointError(f"{path}: the safetensors header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the safetensors header is not a JSON object")
+    data_bytes = size - 8 - n
+    shapes = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+            ok = dtype in DTYPE_BYTES and all(type(d) is int and d >= 0 for d in (*shape, begin, end))
+            ok = ok and begin <= end <= data_bytes
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise CheckpointError(f"{path}: malformed header entry for {name!r}")
+        if end - begin != math.prod(shape) * DTYPE_BYTES[dtype]:
+            raise CheckpointError(
+                f"{path}: the header lies about {name}: {dtype}{list(shape)} needs "
+                f"{math.prod(shape) * DTYPE_BYTES[dtype]:,} bytes, it is given {end - begin:,}"
+            )
+        shapes[name] = shape
+    return shapes
+
+
+def check_weights_fit(config: GPTConfig, path: Path) -> None:
+    """Check a model directory's config against its weights file's header, before the model is built:
+    a config whose sizes disagree with the weights (or are absurd) fails here, with nothing allocated
+    beyond the header. The weights file bounds the model's size; the config only names its shapes."""
+    if path.suffix != ".safetensors" or not path.is_file():
+        return  # load_weights reports a missing file; legacy .pt files are checked after loading
+    where = f"{path.parent / CONFIG_FILE} does not match {path.name}"
+    if config.block_size > MAX_BLOCK_SIZE:
+        raise CheckpointError(
+            f"{path.parent / CONFIG_FILE}: block_size {config.block_size:,} is over {MAX_BLOCK_SIZE:,}"
+        )
+    shapes = read_safetensors_header(path)
+    layers = {k.split(".")[2] for k in shapes if k.startswith("transformer.h.")}
+    if len(layers) != config.n_layer:
+        raise CheckpointError(f"{where}: n_layer is {config.n_layer:,}, the weights hold {len(layers)} layers")
+    wte = shapes.get("transformer.wte.weight", shapes.get("lm_head.weight"))  # tied: saved under one name
+    if wte is not None and wte != (config.vocab_size, config.n_embd):
+        raise CheckpointError(
+            f"{where}: vocab_size x n_embd is {config.vocab_size:,} x {config.n_embd:,}, "
+            f"the token embedding is {' x '.join(map(str, wte))}"
+        )
+    with torch.device("meta"):  # shapes without memory: one block stands for all
+        block = GPT(dataclasses.replace(config, n_layer=1))
+    expected = {}
+    for name, tensor in block.state_dict().items():
+        names = [name.replace(".h.0.", f".h.{i}.", 1) for i in range(config.n_layer)] if ".h.0." in name else [name]
+        expected.update(dict.fromkeys(names, tuple(tensor.shape)))
+    if config.tie_embeddings:  # one tensor, saved under either name
+        tied = ("transformer.wte.weight", "lm_head.weight")
+        if any(n in shapes for n in tied):
+            for name in (n for n in tied if n not in shapes):
+                del expected[name]
+    wrong = [f"{k} {list(v)} (config: {list(expected[k])})" for k, v in shapes.items() if expected.get(k, v) != v]
+    missing, unexpected = sorted(expected.keys() - shapes.keys()), sorted(shapes.keys() - expected.keys())
+    if wrong or missing or unexpected:
+        raise CheckpointError(
+            f"{where}: shapes {wrong[:3]}, missing {missing[:3]}, unexpected {unexpected[:3]}".replace(
+                "shapes [], ", ""
+            )
+        )
 
 
 def load_weights(model: GPT, path: str | Path) -> None:

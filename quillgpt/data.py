@@ -240,11 +240,17 @@ def resolve_data(source: str | Path) -> list[Path]:
 
 
 def read_text(path: Path) -> str:
-    """UTF-8, or Latin-1 with a warning naming the file; CRLF and lone CR become LF."""
+    """UTF-8, or Latin-1 with a warning naming the file; CRLF and lone CR become LF. Binary files
+    (NUL bytes) and UTF-16 are refused with a DataError rather than read as garbage."""
     try:
         raw = path.read_bytes()
     except OSError as e:
         raise DataError(f"cannot read {path}: {e.strerror or e}") from None
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DataError(f"{path} is UTF-16 text: convert it to UTF-8 (iconv -f UTF-16 -t UTF-8)")
+    if b"\x00" in raw:
+        kind = "a PNG image" if raw.startswith(b"\x89PNG") else "a binary file, or UTF-16 text without a BOM"
+        raise DataError(f"{path} holds NUL bytes: {kind}, not UTF-8 text")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from quillgpt.config import TrainConfig
-from quillgpt.data import TokenSplits, get_batch, load_files, sequential_windows, split_dataset
+from quillgpt.data import DataError, TokenSplits, get_batch, load_files, sequential_windows, split_dataset
 from quillgpt.layout import reflow
 from quillgpt.model import GPT
 from quillgpt.tokenizer import CharTokenizer
@@ -83,8 +83,8 @@ class Score:
 def score_text(model: GPT, tokenizer, text: str) -> Score:
     """Score every token of `text` but the first (its context); see the module docstring."""
     ids = np.asarray(tokenizer.encode(text))
-    if len(ids) < 2:
-        raise ValueError("a text of fewer than two tokens has nothing to score")
+    if len(ids) < 2:  # the first token is only context
+        raise DataError(f"a text of {len(ids)} token(s) is too short to score")
     nll, tokens = evaluate_ids(model, ids)
     if isinstance(tokenizer, CharTokenizer):
         scored = text[1:]  # one token per character

@@ -6,6 +6,13 @@ request schemas (pydantic `Field` bounds, so /docs shows them), and for the defa
 API may cap a setting lower than the library does (`api_high`: OpenAI's range for temperature, a
 sanity cap for top-k), never differently otherwise. `sample_next_tokens` is the sampler: a batch of
 logits rows in, one token per row out, each row with its own settings and random stream.
+
+The ranges keep the sampler's float32 arithmetic finite for any finite logits a model produces:
+every value must be finite, the repetition penalty lies in [0.01, 10] (dividing by a denormal
+such as 1e-323 overflowed to inf and made the probabilities NaN), top_p in [1e-6, 1] (a denormal
+is 0 in float32 and dropped every token), and a temperature above 0 but
+below `MIN_TEMPERATURE` is taken as 0, greedy (the one clamping rule: it is what such a
+temperature tends to, and dividing by it could overflow).
 """
 
 from __future__ import annotations
@@ -29,15 +36,13 @@ class Limit:
     default: Any
     low: float | None = None
     high: float | None = None
-    low_open: bool = False
-    """The lower bound itself is not allowed (top_p > 0, repetition_penalty > 0)."""
     integer: bool = False
     api_high: float | None = None
     """A lower upper bound for HTTP requests; None: `high`."""
 
     def check(self, name: str, value: Any) -> None:
         ok = isinstance(value, int) if self.integer else isinstance(value, int | float) and math.isfinite(value)
-        ok = ok and (self.low is None or (value > self.low if self.low_open else value >= self.low))
+        ok = ok and (self.low is None or value >= self.low)
         ok = ok and (self.high is None or value <= self.high)
         if not ok:
             raise SamplingError(f"{name} must be {self.describe()}, got {value!r}")
@@ -45,26 +50,28 @@ class Limit:
     def describe(self) -> str:
         kind = "an integer " if self.integer else ""
         if self.high is None:
-            return f"{kind}{'>' if self.low_open else '>='} {self.low:g}"
-        return f"{kind}in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
+            return f"{kind}>= {self.low:g}"
+        return f"{kind}in [{self.low:g}, {self.high:g}]"
 
     def api_bounds(self) -> dict[str, float]:
-        """The range as pydantic `Field` keywords (ge/gt/le)."""
-        bounds = {("gt" if self.low_open else "ge"): self.low, "le": self.api_high or self.high}
+        """The range as pydantic `Field` keywords (ge/le)."""
+        bounds = {"ge": self.low, "le": self.api_high or self.high}
         return {k: v for k, v in bounds.items() if v is not None}
 
 
 DEFAULT_TEMPERATURE = 1.0
+MIN_TEMPERATURE = 1e-3
+"""Temperatures in (0, MIN_TEMPERATURE) sample greedily: `SamplingParams` sets them to 0."""
 # 1.0 samples from the distribution the model learned, is `SamplingParams()`'s and OpenAI's default
 # (so API clients that omit it get what they expect), and is what most callers already used; the
 # CLI (0.8) and the original /generate route (0.7) now default to it too. Pass 0.8 for tamer text.
 
 LIMITS: dict[str, Limit] = {
     "max_new_tokens": Limit(256, low=1, integer=True),
-    "temperature": Limit(DEFAULT_TEMPERATURE, low=0, api_high=2),  # 0 is greedy
+    "temperature": Limit(DEFAULT_TEMPERATURE, low=0, high=100, api_high=2),  # 0 is greedy
     "top_k": Limit(None, low=1, integer=True, api_high=100_000),
-    "top_p": Limit(1.0, low=0, high=1, low_open=True),
-    "repetition_penalty": Limit(1.0, low=0, low_open=True, api_high=10),
+    "top_p": Limit(1.0, low=1e-6, high=1),  # a denormal such as 5e-324 is 0 in float32: it dropped every token
+    "repetition_penalty": Limit(1.0, low=0.01, high=10),
     "presence_penalty": Limit(0.0, low=-2, high=2),
     "frequency_penalty": Limit(0.0, low=-2, high=2),
     "logprobs": Limit(None, low=0, high=20, integer=True),
@@ -110,6 +117,8 @@ class SamplingParams:
                 limit.check(name, value)
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise SamplingError("stop strings must be non-empty strings")
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            self.temperature = 0.0
 
     @property
     def greedy(self) -> bool:
@@ -143,9 +152,10 @@ def sample_next_tokens(
     repetition penalty; `counts` (float, B×V) counts generated tokens, for presence and frequency
     penalties; either may be None when no row asks for that penalty.
 
-    NaN logits (a broken model) raise ValueError. Finite logits never become NaN: values pushed past float32's range by a penalty or a tiny
-    temperature are clamped to its largest finite value, which leaves the limit the setting tends
-    to (the largest logits share the mass; a temperature near 0 is greedy).
+    NaN logits (a broken model) raise ValueError. Finite logits never become NaN: values pushed
+    past float32's range by a penalty or a tiny temperature are clamped to its largest finite value,
+    which leaves the limit the setting tends to (the largest logits share the mass; a temperature
+    near 0 is greedy).
     """
     logits = logits.float()
     B, V = logits.shape

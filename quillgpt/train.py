@@ -46,7 +46,7 @@ from quillgpt.data import DataError, get_batch, split_dataset, tokenize_splits
 from quillgpt.device import autocast_context, flops_per_token, measure_matmul_peak, resolve_device
 from quillgpt.distributed import Processes, init_distributed
 from quillgpt.evaluate import estimate_loss, evaluate
-from quillgpt.fileio import atomic_write, write_json
+from quillgpt.fileio import atomic_dir, atomic_write, recover_dir, write_json
 from quillgpt.layout import mix_layouts
 from quillgpt.model import GPT
 from quillgpt.optim import build_optimizers, lr_factor, new_ema
@@ -82,6 +82,7 @@ class TrainSummary:
 
 def _check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
     if resume:
+        recover_dir(out / LAST_DIR)  # a crash between the renames of the last checkpoint
         if not (out / LAST_DIR / STATE_FILE).is_file():
             raise TrainError(f"nothing to resume in {out} (no {LAST_DIR}/{STATE_FILE})")
         return
@@ -392,10 +393,17 @@ def _evaluate_and_save(run: _Run, cfg, out, splits, tokenizer, provenance, loss,
 
 
 def _save_last(run: _Run, out: Path, tokenizer, provenance: dict, loss: float | None) -> None:
-    """The latest model and training state, into out/last/ (what --resume continues from)."""
-    save_model(out / LAST_DIR, run.model, tokenizer, provenance=run.provenance(provenance) | {"train_loss": loss})
+    """The latest model and training state, into out/last/ (what --resume continues from): swapped in
+    as one folder, so a crash leaves the previous checkpoint or this one, never weights of one step
+    beside the optimizer state of another."""
+    prov = run.provenance(provenance) | {"train_loss": loss}
     state = run.state_dict()
-    atomic_write(out / LAST_DIR / STATE_FILE, lambda tmp: torch.save(state, tmp))
+
+    def write(folder: Path) -> None:
+        save_model(folder, run.model, tokenizer, provenance=prov)
+        atomic_write(folder / STATE_FILE, lambda tmp: torch.save(state, tmp))
+
+    atomic_dir(out / LAST_DIR, write)
 
 
 def _optimizer_step(train_model, model, optimizers, cfg: TrainConfig, next_batch, autocast, ddp: Processes) -> float:

@@ -24,8 +24,8 @@ class MetricsLog:
     def __init__(self, path: str | Path, resume_step: int | None = None):
         self.path = Path(path)
         if resume_step is not None and self.path.is_file():
-            lines = self.path.read_text(encoding="utf-8").splitlines()
-            write_text(self.path, "".join(line + "\n" for line in lines if json.loads(line)["step"] <= resume_step))
+            kept = [r for r in _records(self.path) if r["step"] <= resume_step]
+            write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
 
     def step(self, step: int, loss: float, lr: float, tokens: int, time_s: float) -> None:
@@ -63,8 +63,19 @@ def update_bar(bar, loss: float, tokens: int, elapsed: float, budget: float | No
 
 def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:
     """(per-step records, evaluation records) of a run's metrics.jsonl."""
-    records = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
+    records = _records(Path(path))
     return [r for r in records if "loss" in r], [r for r in records if "eval" in r]
+
+
+def _records(path: Path) -> list[dict]:
+    """The records of metrics.jsonl, less a last line torn by a crash (a kill mid-write)."""
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
 
 
 def plot_metrics(metrics_path: str | Path, png_path: str | Path, title: str | None = None) -> None:

@@ -1,4 +1,6 @@
 import json
+import math
+import struct
 
 import pytest
 import torch
@@ -69,12 +71,12 @@ def test_weights_that_do_not_match_the_config(tmp_path, tiny_model, char_tokeniz
     data = json.loads(cfg_path.read_text())
     data["model"]["n_embd"] = 32
     cfg_path.write_text(json.dumps(data))
-    with pytest.raises(CheckpointError, match="cannot load weights|do not match"):
+    with pytest.raises(CheckpointError, match="does not match model.safetensors: vocab_size x n_embd"):
         load_model(tmp_path / "m")
     data["model"]["n_embd"] = 16
     data["model"]["n_layer"] = 3
     cfg_path.write_text(json.dumps(data))
-    with pytest.raises(CheckpointError, match="do not match the model config: missing"):
+    with pytest.raises(CheckpointError, match="n_layer is 3, the weights hold 2 layers"):
         load_model(tmp_path / "m")
     data["model"]["n_layer"] = 2
     data["model"]["colour"] = "blue"
@@ -125,3 +127,95 @@ def test_default_model_prefers_the_first_bundled(tmp_path, monkeypatch, tiny_mod
     assert default_model() == DEFAULT_MODELS[1]
     save_model(tmp_path / DEFAULT_MODELS[0], tiny_model, char_tokenizer)
     assert default_model() == DEFAULT_MODELS[0]
+
+
+def _config_edit(**model):
+    def edit(directory):
+        data = json.loads((directory / "config.json").read_text())
+        data["model"].update(model)
+        (directory / "config.json").write_text(json.dumps(data))
+
+    return edit
+
+
+def _header_edit(change):
+    """Rewrite model.safetensors' JSON header with `change(header)`; the tensor bytes stay as they are."""
+
+    def edit(directory):
+        raw = (directory / "model.safetensors").read_bytes()
+        n = struct.unpack("<Q", raw[:8])[0]
+        header = json.loads(raw[8 : 8 + n])
+        change(header)
+        new = json.dumps(header).encode()
+        (directory / "model.safetensors").write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n :])
+
+    return edit
+
+
+def _set(header, name, key, value):
+    header[name][key] = value
+
+
+def _length(directory):
+    raw = (directory / "model.safetensors").read_bytes()
+    (directory / "model.safetensors").write_bytes(struct.pack("<Q", 2**60) + raw[8:])
+
+
+def _tokenizer(spec, files=None):
+    def edit(directory):
+        data = json.loads((directory / "config.json").read_text())
+        data["tokenizer"] = spec
+        (directory / "config.json").write_text(json.dumps(data))
+        for name, text in (files or {}).items():
+            (directory / name).write_text(text)
+
+    return edit
+
+
+HUGE = dict(vocab_size=10_000_000, n_embd=4096, n_head=32)  # a 164 GB token embedding alone
+BAD_MODEL_DIRS = {
+    "shapes disagree": (_config_edit(n_embd=32), "vocab_size x n_embd is"),
+    "n_layer 1e9 (a float)": (_config_edit(n_layer=1e9), "n_layer"),
+    "n_layer 1,000,000,000": (_config_edit(n_layer=1_000_000_000), "n_layer is 1,000,000,000"),
+    "vocab_size -1": (_config_edit(vocab_size=-1), "vocab_size must be >= 1"),
+    "more memory than the machine has": (_config_edit(**HUGE), "10,000,000 x 4,096"),
+    "block_size 1e9 (rotary)": (_config_edit(block_size=10**9, pos_emb="rope"), "block_size 1,000,000,000"),
+    "header lies about a shape": (
+        _header_edit(lambda h: _set(h, "transformer.h.0.attn.c_attn.weight", "shape", [4800, 1600])),
+        "the header lies about transformer.h.0.attn.c_attn.weight",
+    ),
+    "header points past the file": (
+        _header_edit(lambda h: _set(h, "transformer.ln_f.bias", "data_offsets", [0, 2**50])),
+        "malformed header entry",
+    ),
+    "header length past the file": (_length, "not a safetensors file"),
+    "tokenizer bigger than the vocabulary": (
+        _tokenizer({"type": "char", "chars": "".join(map(chr, range(32, 132)))}),
+        "tokenizer has 100 tokens but the model only",
+    ),
+    "tokenizer file that is not one": (
+        _tokenizer({"type": "bpe", "file": "tokenizer.json"}, {"tokenizer.json": '{"model": 5}'}),
+        "cannot read tokenizer file",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_MODEL_DIRS)
+def test_untrusted_model_dirs_fail_before_any_large_allocation(tmp_path, tiny_model_dir, monkeypatch, case):
+    edit, words = BAD_MODEL_DIRS[case]
+    edit(tiny_model_dir)
+    built = []
+
+    def gpt(config):  # the real GPT(config) must not run: only shape checks on the meta device
+        built.append(torch.empty(0).device.type)
+        return GPT(config)
+
+    monkeypatch.setattr("quillgpt.checkpoint.GPT", gpt)
+    with pytest.raises(CheckpointError) as error:
+        load_model(tiny_model_dir)
+    assert words in str(error.value) and "\n" not in str(error.value)
+    assert set(built) <= {"meta"}, "a model was built from an untrusted config before it was checked"
+
+
+def test_the_huge_case_really_is_huge():
+    assert math.prod((HUGE["vocab_size"], HUGE["n_embd"])) * 4 > 24 * 2**30  # more than this machine's 24 GB

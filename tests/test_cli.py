@@ -33,8 +33,8 @@ def test_generate_streams_and_is_reproducible(tiny_model_dir, capsys):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--temperature", "-1"], "temperature must be >= 0"),
-        (["--top-p", "0"], "top_p must be in (0, 1]"),
+        (["--temperature", "-1"], "temperature must be in [0, 100]"),
+        (["--top-p", "0"], "top_p must be in [1e-06, 1]"),
         (["--top-k", "0"], "top_k must be an integer >= 1"),
         (["--max-new-tokens", "0"], "max_new_tokens must be an integer >= 1"),
         (["--prompt", "Zed"], "not in the model's vocabulary: 'Z'"),

@@ -1,4 +1,5 @@
 import hashlib
+import warnings
 
 import numpy as np
 import pytest
@@ -152,3 +153,45 @@ def test_download_verifies_the_checksum(tmp_path, monkeypatch):
     monkeypatch.setitem(data.REGISTRY, "gone", gone)
     with pytest.raises(DataError, match="cannot download .* use --from"):
         get_dataset("gone", quiet=True)
+
+
+PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01\x00\x00\x00\x01\x08\x06\x00\x00\x00\x1f\x15\xc4\x89"
+BAD_DATA = {
+    # name: (what is at the path, words of the one-line error)
+    "empty": (b"", "is empty"),
+    "png": (PNG * 50, "a PNG image"),
+    "nul bytes": (("Speak, speak. " * 40 + "\x00").encode(), "NUL bytes"),
+    "utf-16": (("Speak, speak. " * 40).encode("utf-16"), "UTF-16"),
+    "no .txt in the folder": ({"notes.md": b"Speak."}, "no .txt files"),
+    "shorter than the context": (b"Speak.", "too short"),
+    "missing": (None, "not found"),
+}
+
+
+@pytest.mark.parametrize("command", ["train", "eval"])
+@pytest.mark.parametrize("case", BAD_DATA)
+def test_bad_data_is_one_clear_line(tmp_path, capsys, tiny_model_dir, command, case):
+    from quillgpt.cli import main
+
+    content, words = BAD_DATA[case]
+    path = tmp_path / "data.txt"
+    if isinstance(content, dict):
+        path.mkdir()
+        for name, data in content.items():
+            (path / name).write_bytes(data)
+    elif content is not None:
+        path.write_bytes(content)
+    out = tmp_path / "run"
+    if command == "train":
+        config = tmp_path / "tiny.json"
+        config.write_text('{"n_layer": 1, "n_head": 2, "n_embd": 8, "block_size": 16, "max_iters": 2}')
+        args = ["train", str(config), "--data", str(path), "--out", str(out)]
+    else:
+        args = ["eval", str(tiny_model_dir), "--data", str(path)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warning would be a second line
+        code = main(args)
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"quill {command}: error: ") and words in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not out.exists()  # nothing half-written

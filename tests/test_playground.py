@@ -120,8 +120,8 @@ def test_shakespeare_default_prompt_and_prompt_outside_vocabulary(monkeypatch, t
 @pytest.mark.parametrize(
     "widget, key, value, message",
     [
-        ("number_input", "top_p_a", 0.0, "top_p must be in (0, 1]"),
-        ("number_input", "repetition_penalty_a", 0.0, "repetition_penalty must be > 0"),
+        ("number_input", "top_p_a", 0.0, "top_p must be in [1e-06, 1]"),
+        ("number_input", "repetition_penalty_a", 0.0, "repetition_penalty must be in [0.01, 10]"),
         ("text_input", "seed_a", "abc", "seed must be a whole number"),
     ],
 )

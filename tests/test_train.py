@@ -364,3 +364,78 @@ def test_the_226m_geometry_trains_and_generates_at_reduced_depth_and_width(text_
     assert loaded.model.transformer.h[0].attn.c_attn.weight.shape == (3 * 51, 64)
     (completion,) = generate(loaded.model, loaded.tokenizer, "First", SamplingParams(max_new_tokens=20, seed=0))
     assert len(loaded.tokenizer.encode(completion.text)) == 20
+
+
+# Runs `quill train` in a child that SIGKILLs itself at step 7, or at one point of the third checkpoint (step 12).
+KILLER = """
+import io, os, signal, sys
+import torch
+import quillgpt.fileio, quillgpt.train
+from quillgpt.cli import main
+
+where, calls = sys.argv[1], {"n": 0}
+die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+
+def count(name):
+    calls[name] = calls.get(name, 0) + 1
+    return calls[name]
+
+step, save, atomic_write, replace = (
+    quillgpt.train._optimizer_step, torch.save, quillgpt.train.atomic_write, os.replace
+)
+
+def optimizer_step(*a, **k):
+    if where == "mid-step" and count("step") == 7:
+        die()
+    return step(*a, **k)
+
+def state_write(path, write):  # out/last.tmp/train_state.pt, after the weights of the same checkpoint
+    if where == "before the state" and path.name == "train_state.pt" and count("state") == 3:
+        die()
+    return atomic_write(path, write)
+
+def torch_save(obj, f):
+    if where == "half the state" and count("save") == 3:
+        buffer = io.BytesIO()
+        save(obj, buffer)
+        open(f, "wb").write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        die()
+    return save(obj, f)
+
+def os_replace(src, dst):  # the new last/ never arrives: last.old must be put back
+    if where == "between the renames" and str(src).endswith("last.tmp") and count("swap") == 3:
+        die()
+    return replace(src, dst)
+
+quillgpt.train._optimizer_step, quillgpt.train.atomic_write = optimizer_step, state_write
+torch.save, os.replace = torch_save, os_replace
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_sigkill_at_any_point_resumes_from_the_last_complete_checkpoint(text_file, tmp_path):
+    from quillgpt.cli import main
+
+    settings = {**TINY, "max_iters": 15, "eval_interval": 4, "final_eval": False}
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps(settings))
+    train(config(**settings), tmp_path / "straight", data=text_file, progress=False)
+    want = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "straight" / "metrics.jsonl")[0]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    runs = {}
+    for where in ("mid-step", "before the state", "half the state", "between the renames"):
+        out = tmp_path / where.replace(" ", "-")
+        args = ["train", str(cfg), "--data", str(text_file), "--out", str(out)]
+        child = subprocess.Popen([sys.executable, "-c", KILLER, where, *args], env=env, stderr=subprocess.PIPE)
+        runs[where] = (out, args, child)  # the children start side by side: most of their time is imports
+    for where, (out, args, child) in runs.items():
+        _, err = child.communicate(timeout=120)
+        assert child.returncode == -signal.SIGKILL, err.decode()[-2000:]
+        load_model(out)  # the best model so far always loads
+        assert main([*args, "--resume"]) == 0
+        steps = json.loads((out / "last" / "config.json").read_text())["provenance"]["steps"]
+        got = [(r["step"], r["loss"]) for r in read_metrics(out / "metrics.jsonl")[0]]
+        assert steps == 15 and got == want, where
+        assert not (out / "last.tmp").exists() and not (out / "last.old").exists()
+        a, b = (load_model(d / "last").model.state_dict() for d in (tmp_path / "straight", out))
+        assert all(torch.equal(a[k], b[k]) for k in a), where

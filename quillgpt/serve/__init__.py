@@ -1,7 +1,7 @@
 """The serving layer: an OpenAI-compatible HTTP API over continuous-batching engines.
 
 `run(settings)` starts a server; `create_app(settings)` (in `quillgpt.serve.app`) builds the app.
-Modules: settings (ServeSettings), engine (batching thread), schemas, routes/, metrics, app.
+Modules: settings (ServeSettings), engine (batching thread), schemas, openapi, routes/, metrics, app.
 """
 
 from quillgpt.serve.server import add_serve_arguments, main, run, settings_from_args

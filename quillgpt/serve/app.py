@@ -23,6 +23,7 @@ from quillgpt.serve.engine import Engine
 from quillgpt.serve.errors import install_error_handlers
 from quillgpt.serve.metrics import Metrics
 from quillgpt.serve.middleware import REQUEST_ID_HEADER, RequestContextMiddleware
+from quillgpt.serve.openapi import install_openapi
 from quillgpt.serve.process import setup_process
 from quillgpt.serve.routes import health, legacy, openai, tokenize
 from quillgpt.serve.settings import ServeSettings, parse_model_spec
@@ -118,6 +119,7 @@ def create_app(settings: ServeSettings | None = None, *, models: Mapping[str, Lo
     app.include_router(openai.router, dependencies=protected)
     app.include_router(legacy.router, dependencies=protected)
     app.include_router(tokenize.router, dependencies=protected)
+    install_openapi(app, settings)
     return app
 
 

@@ -148,6 +148,13 @@ def _post(loop: asyncio.AbstractEventLoop, items: list[tuple[Generation, TokenEv
             generation.cancelled = True
 
 
+def _rejoin(decoder: Decoder, seq: SequenceState) -> None:
+    """Move a sequence already under way into `decoder`: its window is kept and re-encoded."""
+    start, truncated = seq.start, seq.prompt_truncated
+    decoder.add(seq)
+    seq.start, seq.prompt_truncated = start, truncated
+
+
 def _deliver(items: list[tuple[Generation, TokenEvent | FinishEvent | EngineError]]) -> None:
     for generation, event in items:
         generation._events.put_nowait(event)
@@ -197,6 +204,8 @@ class Engine:
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._probe: Decoder | None = None
+        """A one-row decoder that finds which sequence made a batched step fail (see `_isolate`)."""
 
     # --- caller side (event loop thread) ---
 
@@ -274,9 +283,9 @@ class Engine:
                 if self.decoder.active:
                     try:
                         self._step()
-                    except Exception as e:  # a failed step fails its batch, not the engine
-                        log.exception("decode step failed on model %s", self.name)
-                        self._fail_running(EngineError(f"generation failed: {type(e).__name__}: {e}"))
+                    except Exception:  # a failed step fails the sequences at fault, not the engine
+                        log.exception("decode step failed on model %s: retrying its sequences one by one", self.name)
+                        self._isolate()
         except BaseException as e:  # keep the reason; callers get EngineClosed, /ready turns 503
             self.error = e
             log.exception("engine %s stopped on an error", self.name)
@@ -292,10 +301,37 @@ class Engine:
             generation._fail(EngineClosed(f"model {self.name!r} stopped: {reason}"))
         self._running.clear()
 
-    def _fail_running(self, error: EngineError) -> None:
-        for seq in list(self.decoder.active):
-            generation, _ = self._running.pop(id(seq))
+    def _isolate(self) -> None:
+        """After a failed batched step, find the sequences at fault: each one in the batch takes one
+        step on its own (in a one-row decoder); those that fail again fail their request, the others
+        rejoin the batch (their cache rows are re-encoded). One request never takes down the others."""
+        suspects = list(self.decoder.active)
+        for seq in suspects:
             self.decoder.remove(seq)
+        if self._probe is None:
+            self._probe = Decoder(self.decoder.model, max_batch=1)
+        for seq in suspects:
+            if not seq.done:  # (one that finished in the failed step only needs its finish event)
+                _rejoin(self._probe, seq)
+                try:
+                    self._step(self._probe)  # reports the sequence if it finishes
+                except Exception as e:
+                    log.exception("a sequence of model %s failed on its own", self.name)
+                    self._drop_failed(seq, EngineError(f"{type(e).__name__}: {e}"))
+                if seq in self._probe.active:
+                    self._probe.remove(seq)
+                    _rejoin(self.decoder, seq)
+            elif id(seq) in self._running:
+                generation, i = self._running.pop(id(seq))
+                self.observer.finished(self.name, seq.finish_reason, len(seq.generated))
+                self._outbox.append((generation, FinishEvent(i, seq.finish_reason)))
+        self._flush()
+
+    def _drop_failed(self, seq: SequenceState, error: EngineError) -> None:
+        if seq in self._probe.active:
+            self._probe.remove(seq)
+        generation, _ = self._running.pop(id(seq), (None, 0))
+        if generation is not None:
             seq.finish("error")
             self.observer.finished(self.name, "error", len(seq.generated))
             generation._fail(error)
@@ -350,11 +386,12 @@ class Engine:
             if reason == "timeout":
                 generation._fail(GenerationTimeout(f"generation did not finish within {generation.timeout:g} s"))
 
-    def _step(self) -> None:
-        batch = len(self.decoder.active)
+    def _step(self, decoder: Decoder | None = None) -> None:
+        decoder = decoder or self.decoder
+        batch = len(decoder.active)
         started = time.monotonic()
         try:
-            produced = self.decoder.step(self._on_token)
+            produced = decoder.step(self._on_token)
             self.observer.step(self.name, batch, time.monotonic() - started)
             self.steps += 1
             self.tokens += len(produced)

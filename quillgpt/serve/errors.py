@@ -29,6 +29,9 @@ ERROR_TYPES = {
 }
 
 
+BODY_PARSE_ERROR = "There was an error parsing the body"
+"""FastAPI's 400 for a body it cannot decode."""
+
 _TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 
@@ -115,6 +118,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 400 and message == BODY_PARSE_ERROR:  # bytes that are not UTF-8: like bad JSON
+            return error_response(APIError(422, "the body is not valid JSON (not UTF-8 text)", code="invalid_value"))
         return error_response(APIError(exc.status_code, message, headers=getattr(exc, "headers", None)))
 
     @app.exception_handler(SamplingError)

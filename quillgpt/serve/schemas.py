@@ -184,11 +184,11 @@ class LegacyGenerateBody(RequestBody):
     """The same fields, all optional: a JSON body may leave some to the query string."""
 
     prompt: str | None = None
-    max_length: int | None = None
-    temperature: float | None = None
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int | None = None
+    max_length: int | None = sampling_field("max_new_tokens", None)
+    temperature: float | None = sampling_field("temperature", None)
+    top_k: int | None = sampling_field("top_k", None)
+    top_p: float | None = sampling_field("top_p", None)
+    seed: int | None = Field(None, ge=0, le=SEED_MAX)
     stop: Stop = None
     model: ModelName | None = None
 

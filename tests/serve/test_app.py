@@ -105,6 +105,23 @@ def test_probes_need_no_api_key(make_client):
     client = make_client(api_key="s3cret")
     assert client.get("/health").status_code == 200
     assert client.get("/ready").status_code == 200
+    assert client.get("/metrics").status_code == 401  # metrics name the models and the traffic
+    assert client.get("/metrics", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+
+
+def test_a_wrong_key_reveals_nothing(make_client):
+    """Missing, wrong, a prefix of the key, the key plus more, another scheme: the same answer."""
+    client = make_client(api_key="s3cret")
+    tries = [{}, {"Authorization": "Bearer "}, {"Authorization": "Bearer s"}, {"Authorization": "Bearer s3cre"}]
+    tries += [{"Authorization": "Bearer s3cret2"}, {"Authorization": "Bearer " + "x" * 1000}]
+    tries += [{"Authorization": "Basic s3cret"}, {"Authorization": "s3cret"}]
+    answers = {(r.status_code, r.text, r.headers["www-authenticate"]) for r in map(_models_with(client), tries)}
+    assert len(answers) == 1 and next(iter(answers))[0] == 401
+    assert "s3cret" not in next(iter(answers))[1]
+
+
+def _models_with(client):
+    return lambda headers: client.get("/v1/models", headers={**headers, "X-Request-ID": "same"})
 
 
 def test_cors_allows_only_the_configured_origins(make_client):
@@ -180,3 +197,27 @@ def test_errors_have_one_shape(client):
         body = r.json()
         assert 400 <= r.status_code < 500
         assert set(body) == {"error", "detail"} and body["error"]["message"] == body["detail"]
+
+
+def test_the_schema_states_the_enforced_limits(make_client):
+    """Every bound a route enforces is in /openapi.json: the settings' caps, and the sampling ranges
+    on the OpenAI and the original routes alike."""
+    client = make_client(max_tokens_cap=64, max_choices=4, max_prompt_chars=100)
+    schema = client.get("/openapi.json").json()
+    models = schema["components"]["schemas"]
+
+    def bounds(prop):
+        return {k: v for o in [prop, *prop.get("anyOf", [])] for k, v in o.items() if k in ("minimum", "maximum")}
+
+    assert bounds(models["CompletionRequest"]["properties"]["max_tokens"]) == {"minimum": 1, "maximum": 64}
+    assert bounds(models["ChatRequest"]["properties"]["max_completion_tokens"])["maximum"] == 64
+    assert models["CompletionRequest"]["properties"]["n"]["maximum"] == 4
+    assert models["TokenizeRequest"]["properties"]["text"]["maxLength"] == 100
+    for name in ("CompletionRequest", "ChatRequest", "LegacyGenerateBody"):
+        assert bounds(models[name]["properties"]["top_p"]) == {"minimum": 1e-6, "maximum": 1}, name
+        assert bounds(models[name]["properties"]["temperature"]) == {"minimum": 0, "maximum": 2}, name
+    query = {p["name"]: p["schema"] for p in schema["paths"]["/generate"]["post"]["parameters"]}
+    assert bounds(query["max_length"]) == {"minimum": 1, "maximum": 64}
+    assert bounds(query["temperature"]) == {"minimum": 0, "maximum": 2}
+    assert client.post("/generate", params={"prompt": "a", "max_length": 65}).status_code == 422
+    assert client.post("/v1/completions", json={"prompt": "a", "max_tokens": 64}).status_code == 200

@@ -1,6 +1,8 @@
 import asyncio
+import dataclasses
 
 import pytest
+import torch
 
 from quillgpt.generate import generate
 from quillgpt.sampling import SamplingParams
@@ -13,6 +15,7 @@ from quillgpt.serve.engine import (
     QueueFull,
     TokenEvent,
 )
+from quillgpt.serve.errors import from_engine_error
 from tests.serve.conftest import wait_until
 
 
@@ -180,29 +183,78 @@ def test_token_id_prompt_equals_text_prompt(serve_model):
     assert a == b
 
 
-def test_a_failed_step_fails_its_batch_not_the_engine(serve_model, monkeypatch):
+def test_a_transient_step_failure_is_retried_and_fails_nobody(serve_model, monkeypatch):
     engine = Engine(serve_model)
     real_step = engine.decoder.step
     calls = []
 
     def flaky_step(on_token=None):
         calls.append(1)
-        if len(calls) == 1:
+        if len(calls) == 2:
             raise RuntimeError("boom")
         return real_step(on_token)
 
     monkeypatch.setattr(engine.decoder, "step", flaky_step)
-    engine.start()
+    params = [SamplingParams(max_new_tokens=12, seed=i) for i in range(3)]
 
     async def main():
-        with pytest.raises(EngineError, match="boom"):
-            await engine.submit([engine.new_request("a", SamplingParams(max_new_tokens=5))], timeout=10).wait()
-        req = engine.new_request("a", SamplingParams(max_new_tokens=5))
-        await engine.submit([req], timeout=10).wait()
-        return req
+        reqs = [engine.new_request("ab", p) for p in params]
+        gens = [engine.submit([r], timeout=10) for r in reqs]
+        engine.start()
+        await asyncio.gather(*(g.wait() for g in gens))
+        return [r.seq.generated for r in reqs]
 
     try:
-        req = run(main())
+        tokens = run(main())
     finally:
         engine.stop()
-    assert len(req.seq.generated) == 5 and engine.active == 0
+    assert len(calls) > 2 and engine.active == 0
+    alone = [generate(serve_model.model, serve_model.tokenizer, "ab", p)[0].tokens for p in params]
+    assert tokens == alone  # the retried step re-encoded each window and kept each seeded stream
+
+
+POISON = "~"
+
+
+class PoisonedModel(torch.nn.Module):
+    """The serving model, except that its logits are NaN wherever the last input token is POISON
+    (what an fp16 overflow looks like): one request in a batch breaks the sampler's arithmetic.
+    POISON itself is never generated, so only a prompt ending in it is hit."""
+
+    def __init__(self, model, poison: int):
+        super().__init__()
+        self.model, self.config, self.poison = model, model.config, poison
+
+    def forward(self, idx, **kwargs):
+        logits, loss = self.model(idx, **kwargs)
+        logits[..., self.poison] = -torch.inf
+        return logits.masked_fill((idx[:, -1] == self.poison)[:, None, None], float("nan")), loss
+
+
+def test_one_failing_request_does_not_take_down_the_others(serve_model):
+    poison = serve_model.tokenizer.encode(POISON)[0]
+    loaded = dataclasses.replace(serve_model, model=PoisonedModel(serve_model.model, poison))
+    engine = Engine(loaded, max_batch=8)
+    good = [SamplingParams(max_new_tokens=20, seed=i) for i in range(4)]
+
+    async def main():
+        reqs = [engine.new_request("ab", p) for p in good]
+        gens = [engine.submit([r], timeout=30) for r in reqs]
+        bad = engine.submit([engine.new_request("a" + POISON, SamplingParams(max_new_tokens=20))], timeout=30)
+        gens.insert(2, bad)
+        engine.start()  # one batch: the poisoned row sits between good ones
+        results = await asyncio.gather(*(g.wait() for g in gens), return_exceptions=True)
+        return [r.seq.generated for r in reqs], results
+
+    try:
+        tokens, results = run(main())
+        assert engine.alive
+    finally:
+        engine.stop()
+    error = results.pop(2)
+    assert isinstance(error, EngineError) and "NaN logits" in str(error), error
+    message = from_engine_error(error).message
+    assert message.count("generation failed") == 1 and message.startswith("generation failed: ValueError: ")
+    assert results == [None] * 4
+    alone = [generate(loaded.model, serve_model.tokenizer, "ab", p)[0].tokens for p in good]
+    assert tokens == alone

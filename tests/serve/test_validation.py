@@ -37,6 +37,18 @@ CASES = [
     ("/v1/completions", {"prompt": "a", "presence_penalty": 3}, 422, "presence_penalty"),
     ("/v1/completions", {"prompt": "a", "frequency_penalty": -3}, 422, "frequency_penalty"),
     ("/v1/completions", {"prompt": "a", "repetition_penalty": 0}, 422, "repetition_penalty"),
+    # issue 16's HTTP 500: a denormal penalty passed validation and made the probabilities NaN
+    (
+        "/v1/completions",
+        {"prompt": "a", "repetition_penalty": 1e-323, "temperature": 1.61, "presence_penalty": -1.99, "logprobs": 15},
+        422,
+        "repetition_penalty",
+    ),
+    ("/v1/completions", {"prompt": "a", "repetition_penalty": 1e308}, 422, "repetition_penalty"),
+    ("/v1/completions", {"prompt": "a", "top_p": 5e-324}, 422, "top_p"),
+    ("/v1/completions", {"prompt": "a", "temperature": 1e308}, 422, "temperature"),
+    ("/v1/completions", {"prompt": "a", "top_k": 10**30}, 422, "top_k"),
+    ("/v1/chat/completions", {"messages": USER, "repetition_penalty": 5e-324}, 422, "repetition_penalty"),
     ("/v1/completions", {"prompt": "a", "echo": True, "logprobs": 1}, 422, "echo"),
     ("/v1/completions", {"prompt": "a", "suffix": "x"}, 422, "suffix"),
     ("/v1/completions", {"prompt": "a", "best_of": 3}, 422, "best_of"),
@@ -68,6 +80,9 @@ CASES = [
     ("/generate", {"max_length": 5}, 422, "prompt"),
     ("/generate", {"prompt": "a", "max_length": "x"}, 422, "max_length"),
     ("/generate", {"prompt": "a", "temperature": 9}, 422, "temperature"),
+    ("/generate", {"prompt": "a", "top_p": 5e-324}, 422, "top_p"),
+    ("/generate", {"prompt": "a", "top_k": 0}, 422, "top_k"),
+    ("/generate", {"prompt": "a", "seed": -1}, 422, "seed"),
     ("/generate_stream", {"prompt": "a", "max_length": 0}, 422, "max_length"),
     ("/tokenize", {}, 422, "text"),
     ("/tokenize", {"text": 5}, 422, "text"),
@@ -98,6 +113,14 @@ def test_non_finite_numbers_are_refused(client):
         "/v1/completions", content=b'{"prompt": "a", "temperature": NaN}', headers={"Content-Type": "application/json"}
     )
     assert r.status_code == 422 and "temperature" in r.json()["error"]["message"]
+
+
+def test_a_tiny_temperature_is_greedy(client):
+    body = {"prompt": "ab", "max_tokens": 8, "seed": 1}
+    texts = [
+        client.post("/v1/completions", json=body | {"temperature": t}).json()["choices"][0]["text"] for t in (0, 5e-324)
+    ]
+    assert texts[0] == texts[1]
 
 
 def test_a_body_that_is_not_json_is_422(client):

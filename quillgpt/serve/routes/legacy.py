@@ -15,13 +15,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse, Response
 from pydantic import ValidationError
 
-from quillgpt.sampling import sampling_params
+from quillgpt.sampling import LIMITS, sampling_params
 from quillgpt.serve import schemas as s
 from quillgpt.serve.deps import State, check_max_tokens, check_prompt_length, get_engine
 from quillgpt.serve.engine import EngineError, Generation
 from quillgpt.serve.errors import APIError
 from quillgpt.serve.logs import request_id
-from quillgpt.serve.routes.openai import CLIENT_CLOSED, ERROR_RESPONSES
+from quillgpt.serve.routes.openai import CLIENT_CLOSED, ERROR_RESPONSES, ERROR_STATUSES
 from quillgpt.serve.streaming import GenerationStream, finish_or_disconnect
 
 router = APIRouter(tags=["Original QuillGPT"])
@@ -48,10 +48,20 @@ def _start(state: State, req: s.LegacyGenerateRequest) -> Generation:
     return engine.submit([text_request], timeout=state.settings.request_timeout, request_id=request_id.get() or "")
 
 
-Prompt = Annotated[str | None, Query(description="Text to continue.")]
-MaxLength = Annotated[int | None, Query(description="Tokens to generate (default 500).")]
-Temperature = Annotated[float | None, Query(description="Sampling temperature (default 1.0; 0 = greedy).")]
+Prompt = Annotated[str | None, Query(description="Text to continue (here or in the body).")]
+MaxLength = Annotated[
+    int | None, Query(description="Tokens to generate (default 500).", **LIMITS["max_new_tokens"].api_bounds())
+]
+Temperature = Annotated[
+    float | None,
+    Query(description="Sampling temperature (default 1.0; 0 = greedy).", **LIMITS["temperature"].api_bounds()),
+]
 LegacyBody = Annotated[s.LegacyGenerateBody | None, Body()]
+# /generate_stream answers text/plain, its errors JSON (FastAPI would document them as text/plain)
+JSON_ERRORS = {
+    status: {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+    for status in ERROR_STATUSES
+}
 
 
 @router.post("/generate", response_model=s.LegacyGenerateResponse, responses=ERROR_RESPONSES)
@@ -70,7 +80,7 @@ async def generate(
     return s.LegacyGenerateResponse(prompt=req.prompt, response=generation.requests[0].text)
 
 
-@router.post("/generate_stream", response_class=PlainTextResponse, responses=ERROR_RESPONSES)
+@router.post("/generate_stream", response_class=PlainTextResponse, responses=JSON_ERRORS)
 async def generate_stream(
     state: State,
     prompt: Prompt = None,

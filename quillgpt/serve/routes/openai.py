@@ -35,12 +35,12 @@ from quillgpt.tokenizer import TextTokenizer
 router = APIRouter(tags=["OpenAI"])
 
 CHAT_DEFAULT_MAX_TOKENS = 256
-ERROR_RESPONSES = {
-    401: {"model": s.ErrorResponse},
-    404: {"model": s.ErrorResponse},
-    422: {"model": s.ErrorResponse},
-    503: {"model": s.ErrorResponse},
-    504: {"model": s.ErrorResponse},
+ERROR_STATUSES = (401, 404, 413, 422, 503, 504)
+ERROR_RESPONSES = {status: {"model": s.ErrorResponse} for status in ERROR_STATUSES}
+SSE_EVENT = {"type": "object", "properties": {"data": {"type": "string"}}, "required": ["data"]}
+"""One server-sent event: `data` holds a JSON chunk, or `[DONE]` at the end."""
+STREAMING_RESPONSES = ERROR_RESPONSES | {
+    200: {"content": {"text/event-stream": {"schema": SSE_EVENT}}, "description": "With stream: true, events."}
 }
 CLIENT_CLOSED = 499  # nginx's code for "client closed the request": only ever seen in logs and metrics
 
@@ -177,7 +177,7 @@ async def stream_chunks(
     yield sse("[DONE]")
 
 
-@router.post("/v1/completions", response_model=s.CompletionResponse, responses=ERROR_RESPONSES)
+@router.post("/v1/completions", response_model=s.CompletionResponse, responses=STREAMING_RESPONSES)
 async def create_completion(body: s.CompletionRequest, request: Request, state: State) -> s.CompletionResponse:
     engine = get_engine(state, body.model)
     prompts = body.prompts
@@ -228,7 +228,7 @@ def _completion_shape(generation: Generation, body: s.CompletionRequest, tokeniz
     )
 
 
-@router.post("/v1/chat/completions", response_model=s.ChatCompletionResponse, responses=ERROR_RESPONSES)
+@router.post("/v1/chat/completions", response_model=s.ChatCompletionResponse, responses=STREAMING_RESPONSES)
 async def create_chat_completion(body: s.ChatRequest, request: Request, state: State) -> s.ChatCompletionResponse:
     engine = get_engine(state, body.model)
     check_choices(state, body.n)
