@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import altair as alt
 import streamlit as st
 
 from quillgpt.data import REGISTRY
@@ -164,7 +165,16 @@ def loss_chart(s: RunStatus) -> None:
         if i % every == 0 or i == len(s.steps) - 1:
             rows.append({"step": r["step"], "loss": ema, "series": "train (smoothed)"})
     rows += [{"step": e["step"], "loss": e["eval"]["val"], "series": "validation"} for e in s.evals]
-    st.line_chart(rows, x="step", y="loss", color="series", height=260)
+    base = alt.Chart(alt.Data(values=rows), height=260).encode(
+        x=alt.X("step:Q", title="step"),
+        y=alt.Y("loss:Q", title="loss (nats/token)", scale=alt.Scale(zero=False)),
+        color=alt.Color("series:N", title=None, legend=alt.Legend(orient="top")),
+    )
+    train = base.mark_line().transform_filter(alt.datum.series != "validation")
+    val = base.mark_line(point=alt.OverlayMarkDef(size=40, filled=True)).transform_filter(
+        alt.datum.series == "validation"
+    )
+    st.altair_chart(train + val, width="stretch")
 
 
 @st.cache_data(max_entries=4, show_spinner=False)
