@@ -1,10 +1,10 @@
 """The automatic CPU recipe: a full `TrainConfig` sized for a text and a time budget.
 
-`quill train --data PATH --minutes N` (no config file) trains with `recipe_config`. Every rule below
+`quill train --data PATH --minutes N` (no config file) trains with `recipe`. Every rule below
 comes from a run in docs/results.md ("Recipe rules" there gives the same rules with their evidence);
 the anchor is the speedrun, `configs/shakespeare-speedrun.json`: 6 × 256 on Tiny Shakespeare (1.1 MB)
 for 19.5 minutes, 1.4667 on the whole validation split. At that size and budget the recipe resolves
-to exactly that config.
+to that config, but for the 12-epoch cap on `max_iters` (rule 4), which that run did not reach.
 
 1. Throughput. A step costs FLOPs (6 per weight per token, plus attention, plus the LM head); the
    speedrun did ~150 GFLOP/s on the reference machine (2 cores), compiled. Eager is 1.18× slower
@@ -16,8 +16,8 @@ to exactly that config.
    smallest shape is the floor.
 3. Tokenizer: characters, unless the training text is longer than the 16M characters the 6 × 256
    character model reads in an hour: then byte-level BPE with 4,096 tokens, whose tokens each carry
-   ~3.3 bytes of English (2.9–4.0 measured), so the same steps cover ~3× the text. Also BPE when the text has more
-   distinct characters than the BPE vocabulary. Tiny Shakespeare (1.1 MB), TinyStories (2.9 MB)
+   ~3.3 bytes of English (2.9–4.0 measured), so the same steps cover ~3× the text. Also BPE when
+   the text has more distinct characters than the BPE vocabulary. Tiny Shakespeare (1.1 MB), TinyStories (2.9 MB)
    and the Gutenberg selection (5.8 MB) stay character-level at every budget.
 4. Epochs: at most 12 passes over the training text (`max_iters`; the schedule follows whichever
    of steps and time is further along). Beyond ~10–15 the 4.75M model overfits ~1 MB (attempts 3
