@@ -168,22 +168,28 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def train_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="JSON training config (see configs/)")
+    p.add_argument("config", nargs="?", help="JSON training config (see configs/); none: the automatic recipe")
     p.add_argument("--data", default=None, help="text file, folder of .txt files or dataset name")
-    p.add_argument("--out", default=None, help="output model directory (default runs/<config name>)")
+    p.add_argument("--minutes", type=float, default=None, help="without a config: the time budget (default 20)")
+    p.add_argument("--out", default=None, help="output model directory (default runs/<config or data name>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
     p.add_argument("--overwrite", action="store_true", help="replace a previous run in --out")
     p.add_argument("--init-from", default=None, help="start from this model's weights (fine-tuning)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
 
 
-@command("train", "train a model from a JSON config", train_flags)
+@command("train", "train a model from a JSON config, or sized for a text and a time budget", train_flags)
 def cmd_train(args: argparse.Namespace) -> int:
-    from quillgpt.config import load_train_config
+    from quillgpt.config import ConfigError, load_train_config
     from quillgpt.train import train
 
-    cfg = load_train_config(args.config, args.set)
-    out = args.out or f"runs/{Path(args.config).stem}"
+    if args.config is not None:
+        if args.minutes is not None:
+            raise ConfigError("--minutes sizes the automatic recipe; with a config, use --set max_minutes=N")
+        cfg = load_train_config(args.config, args.set)
+        out = args.out or f"runs/{Path(args.config).stem}"
+    else:
+        cfg, out = recipe_for_args(args)
     s = train(cfg, out, data=args.data, resume=args.resume, overwrite=args.overwrite, init_from=args.init_from)
     if int(os.environ.get("RANK", "0")) == 0:
         best = f"{s.best_val_loss:.4f}" if s.best_val_loss is not None else "n/a"
@@ -196,6 +202,23 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"({s.tokens_per_s:,.0f} tokens/s{mfu}) -> {s.out_dir}"
         )
     return 130 if s.interrupted else 0
+
+
+def recipe_for_args(args: argparse.Namespace):
+    """`quill train --data PATH [--minutes N]`: the recipe's config (and --set on top), printed in one line."""
+    from quillgpt.config import ConfigError, parse_overrides, train_config_from_dict
+    from quillgpt.data import load_text
+    from quillgpt.recipe import TextStats, describe, recipe
+
+    if args.data is None:
+        raise ConfigError("give a JSON config, or --data PATH (and --minutes N) for the automatic recipe")
+    minutes = 20.0 if args.minutes is None else args.minutes
+    plan = recipe(TextStats.of(load_text(args.data)), minutes, data_path=str(args.data))
+    resolved = {k: v for k, v in plan.config.to_dict().items() if k != "vocab_size"}  # the tokenizer's, later
+    cfg = train_config_from_dict(resolved | parse_overrides(args.set))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(describe(plan, minutes) + (f" (with {', '.join(args.set)})" if args.set else ""), flush=True)
+    return cfg, args.out or f"runs/{Path(str(args.data)).stem}-{minutes:g}min"
 
 
 def data_flags(p: argparse.ArgumentParser) -> None:

@@ -9,6 +9,7 @@ evaluation), read back and plotted as `loss.png`; and the progress bar on the te
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from quillgpt.fileio import atomic_write, write_text
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
+FLUSH_SECONDS = 1.0
 
 
 class MetricsLog:
@@ -27,9 +29,13 @@ class MetricsLog:
             kept = [r for r in _records(self.path) if r["step"] <= resume_step]
             write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
+        self._flushed = time.monotonic()
 
     def step(self, step: int, loss: float, lr: float, tokens: int, time_s: float) -> None:
         self._write({"step": step, "loss": round(loss, 5), "lr": lr, "tokens": tokens, "time_s": round(time_s, 2)})
+        if time.monotonic() - self._flushed > FLUSH_SECONDS:  # readers (the Train page) follow the run live
+            self._file.flush()
+            self._flushed = time.monotonic()
 
     def eval(self, step: int, losses: dict[str, float], time_s: float) -> None:
         self._write({"step": step, "eval": losses, "time_s": round(time_s, 2)})

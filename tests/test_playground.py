@@ -29,11 +29,12 @@ APP = Path(__file__).resolve().parent.parent / "app.py"
 
 @pytest.fixture(autouse=True)
 def isolated(monkeypatch, tmp_path):
-    """No bundled models, no settings from the environment or pytest's own arguments."""
+    """No bundled models, no runs, no settings from the environment or pytest's own arguments."""
     monkeypatch.setattr(checkpoint, "REPO_MODELS_DIR", tmp_path / "no-bundled-models")
     monkeypatch.delenv("QUILL_MODELS_DIR", raising=False)
     monkeypatch.delenv("QUILL_PLAYGROUND_MODELS", raising=False)
     monkeypatch.delenv("QUILL_API_URL", raising=False)
+    monkeypatch.setenv("QUILL_RUNS_DIR", str(tmp_path / "runs"))
     monkeypatch.setattr("sys.argv", [str(APP)])
 
 

@@ -76,13 +76,13 @@ def provenance_facts(prov: dict[str, Any]) -> dict[str, str]:
     if isinstance(prov.get("steps"), int):
         facts["Training steps"] = f"{prov['steps']:,}"
     if isinstance(prov.get("tokens"), int | float):
-        facts["Tokens seen"] = _human(prov["tokens"])
+        facts["Tokens seen"] = human_count(prov["tokens"])
     if isinstance(prov.get("wall_time_s"), int | float):
         facts["Training time"] = _duration(prov["wall_time_s"])
     return facts
 
 
-def _human(n: float) -> str:
+def human_count(n: float) -> str:
     for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
         if n >= size:
             return f"{n / size:.1f}{unit}"

@@ -24,14 +24,21 @@ class LocalBackend:
 
     local = True
 
-    def __init__(self, models: Iterable[str] = (), loader: Callable[[str], LoadedModel] = load_model):
-        """`loader` turns a name into a model: the page passes one that caches across reruns."""
+    def __init__(
+        self,
+        models: Iterable[str] = (),
+        loader: Callable[[str], LoadedModel] = load_model,
+        trained: Iterable[str] = (),
+    ):
+        """`loader` turns a name into a model: the page passes one that caches across reruns.
+        `trained`: the models of the Train page's runs, listed after the bundled ones."""
         self.extra = list(dict.fromkeys(models))
+        self.trained = list(trained)
         self.loader = loader
         self.label = "Models run in this process"
 
     def models(self) -> list[str]:
-        return list(dict.fromkeys([*self.extra, *bundled_models()]))
+        return list(dict.fromkeys([*self.extra, *bundled_models(), *self.trained]))
 
     def load(self, name: str) -> LoadedModel:
         try:

@@ -31,6 +31,8 @@ from quillgpt.playground.api import ApiBackend
 from quillgpt.playground.backend import Backend, BackendError, Chunk, ModelCard, TokenView
 from quillgpt.playground.local import LocalBackend
 from quillgpt.playground.settings import PlaygroundSettings, parse_seed, parse_stop_strings, read_settings
+from quillgpt.playground.train_page import train_page
+from quillgpt.playground.training import runs_dir, trained_models
 from quillgpt.playground.view import CSS, LEGEND, render_tokens
 from quillgpt.sampling import LIMITS, SamplingError, SamplingParams, sampling_params
 
@@ -97,7 +99,7 @@ def make_backend(settings: PlaygroundSettings) -> Backend:
     if settings.api_url:
         return _api_backend(settings.api_url)
     extra = [*settings.models, *st.session_state.get("added_models", [])]
-    return LocalBackend(extra, loader=cached_load)
+    return LocalBackend(extra, loader=cached_load, trained=trained_models(runs_dir()))
 
 
 def main() -> None:
@@ -113,9 +115,20 @@ def main() -> None:
 
 
 def page(settings: PlaygroundSettings) -> None:
-    backend = make_backend(settings)
+    """Generate, or (with models run in this process) Train: a mode chosen in the sidebar."""
     with st.sidebar:
         st.title("QuillGPT playground")
+        modes = ["Generate"] if settings.api_url else ["Generate", "Train"]
+        mode = st.radio("Mode", modes, key="mode", horizontal=True, label_visibility="collapsed")
+    if mode == "Train":
+        train_page()
+    else:
+        generate_page(settings)
+
+
+def generate_page(settings: PlaygroundSettings) -> None:
+    backend = make_backend(settings)
+    with st.sidebar:
         st.caption(backend.label)
         compare = st.toggle(
             "Compare side by side", key="compare", help="the same prompt through two models or settings"

@@ -1,7 +1,7 @@
 """The playground in a real browser: Playwright drives Chromium (from apt) against `streamlit run`.
 
 Without /usr/bin/chromium the test skips, saying why, except under CI (CI=true), where it fails.
-To refresh the README's screenshot with a real model:
+To refresh the README's screenshots (the playground with a real model, and the Train page mid-run):
     QUILL_SCREENSHOT_MODEL=shakespeare-char QUILL_SCREENSHOT_TO=docs/figures/playground.png \
         .venv/bin/python -m pytest tests/e2e/test_playground_browser.py
 """
@@ -191,3 +191,66 @@ def test_page_streams_at_the_models_speed(chromium, model, playground_url, capsy
             f"\nplayground, {model}, 300 tokens: page {rate} tokens/s (status line; {n / wall:.0f} from click to "
             f"finished), library (stream) {library:.0f} tokens/s; page/library {rate / library:.0%}"
         )
+
+
+def training_text() -> str:
+    """~20 KB to train on: the start of Tiny Shakespeare where it is at hand, else a made-up text."""
+    from tests.conftest import SHARED_DATA
+
+    shakespeare = SHARED_DATA / "tinyshakespeare" / "input.txt"
+    if shakespeare.is_file():
+        return shakespeare.read_text(encoding="utf-8")[:20_000]
+    return "".join(f"Line {i}: the quick brown fox jumps over the lazy dog; the dog dreams on.\n" for i in range(270))
+
+
+def test_train_page_upload_train_stop_and_generate(chromium, playground_url, tmp_path):
+    """Upload a text, train for ~30 s with the loss curve and the progress bar moving, stop, generate."""
+    from playwright.sync_api import sync_playwright
+
+    text = tmp_path / "my-text.txt"
+    text.write_text(training_text(), encoding="utf-8")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(chromium), headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 1100})
+            page.goto(playground_url)
+            page.get_by_label("Prompt").wait_for(timeout=60_000)  # the page is up
+            page.get_by_text("Train", exact=True).click()
+            page.get_by_text("Upload a .txt file").click()
+            page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(str(text))
+            page.get_by_text("my-text.txt").wait_for(timeout=30_000)
+            page.get_by_text("2", exact=True).click()  # minutes
+            page.get_by_role("button", name="Train", exact=True).click()
+
+            bar = page.locator('[data-testid="stProgress"] [role="progressbar"]')
+            progress = lambda: float(bar.get_attribute("aria-valuenow") or 0)  # noqa: E731
+            val = page.locator('[data-testid="stMetric"]', has_text="Val loss")
+            step = page.locator('[data-testid="stMetric"]', has_text="Step")
+            page.get_by_text(re.compile(r"^Training: .* left$")).wait_for(
+                timeout=60_000
+            )  # training, with the time left
+            page.wait_for_function("() => !document.body.innerText.includes('Val loss\\n–')", timeout=60_000)
+            chart = page.locator('[data-testid="stVegaLiteChart"]')
+            chart.wait_for()
+            first_progress, first_step = progress(), step.inner_text()
+            page.wait_for_timeout(8_000)
+            assert progress() > first_progress and step.inner_text() != first_step  # both move
+            page.get_by_text("Sample").wait_for()
+            page.locator('[data-testid="stCode"]').wait_for()  # the sample itself
+            shot = tmp_path / "train-page.png"
+            page.screenshot(path=str(shot), full_page=True)
+            assert "–" not in val.inner_text()
+
+            page.get_by_role("button", name="Stop training").click()
+            page.get_by_text("Stopped: the model so far is kept").wait_for(timeout=30_000)
+            page.get_by_role("button", name="Resume").wait_for(timeout=10_000)
+            page.get_by_role("button", name="Generate with this model").click()
+            page.get_by_label("Prompt").wait_for(timeout=30_000)
+            page.get_by_role("button", name="Generate").click()
+            page.get_by_text("finished").wait_for(timeout=60_000)
+            assert len(page.locator(".quill-output").first.inner_text()) > 10
+            assert page.locator('[data-testid="stException"]').count() == 0
+        finally:
+            browser.close()
+    if target := os.environ.get("QUILL_SCREENSHOT_TO"):
+        shutil.copyfile(shot, Path(target).with_name("train-page.png"))

@@ -1,0 +1,251 @@
+"""The automatic CPU recipe: a full `TrainConfig` sized for a text and a time budget.
+
+`quill train --data PATH --minutes N` (no config file) trains with `recipe`. Every rule below
+comes from a run in docs/results.md ("Recipe rules" there gives the same rules with their evidence);
+the anchor is the speedrun, `configs/shakespeare-speedrun.json`: 6 × 256 on Tiny Shakespeare (1.1 MB)
+for 19.5 minutes, 1.4667 on the whole validation split. At that size and budget the recipe resolves
+to that config, but for the 12-epoch cap on `max_iters` (rule 4), which that run did not reach.
+
+1. Throughput. A step costs FLOPs (6 per weight per token, plus attention, plus the LM head); the
+   speedrun did ~150 GFLOP/s on the reference machine (2 cores), compiled. Eager is 1.18× slower
+   (4,289 vs 5,043 tokens/s at 6 × 256). The planned tokens are that rate × the training seconds.
+2. Shape: a ladder of shapes with 64-wide heads (4 × 128, 4 × 192, 6 × 256, 8 × 384, 10 × 512).
+   Take the largest whose planned tokens reach its non-embedding parameter count (≥ 1 token per
+   parameter: the speedrun had 1.15 and won; 6 × 384 at that budget, ~0.5, lost: attempt 2), and
+   whose parameters are at most 5 × the training tokens (Tiny Shakespeare: 4.7 and fine). The
+   smallest shape is the floor.
+3. Tokenizer: characters, unless the training text is longer than the 16M characters the 6 × 256
+   character model reads in an hour: then byte-level BPE with 4,096 tokens, whose tokens each carry
+   ~3.3 bytes of English (2.9–4.0 measured), so the same steps cover ~3× the text. Also BPE when
+   the text has more distinct characters than the BPE vocabulary. Tiny Shakespeare (1.1 MB), TinyStories (2.9 MB)
+   and the Gutenberg selection (5.8 MB) stay character-level at every budget.
+4. Epochs: at most 12 passes over the training text (`max_iters`; the schedule follows whichever
+   of steps and time is further along). Beyond ~10–15 the 4.75M model overfits ~1 MB (attempts 3
+   and 10: the validation loss rose during the decay); 12 epochs with dropout 0.2 was the best run
+   (attempt 4). So a small text ends before its minutes are up.
+5. Dropout: 0 up to 6 planned epochs (the speedrun: 5.4 epochs, dropout 0); 0.2 beyond (attempts 4
+   and 11; 0.15 overfit, 0.25 learned slower); 0.3 when the model has more than 5 parameters per
+   training token (a small text: extrapolated, not measured). Never on attention weights (it takes
+   attention off the fused CPU kernel: attempt 1).
+6. Context 256 tokens (attempt 8: 512 did not pay on ~1M characters), shortened to a power of two
+   (≥ 32) for texts whose validation split cannot hold 4 windows. Batch 16, halved (to 4 at least)
+   until an epoch is 50 steps or more, so a small text still gets a few hundred updates
+   (extrapolated, not measured).
+7. Optimizers and schedule, as the speedrun: Muon (lr 0.02, momentum 0.95) on the block matrices,
+   AdamW (lr 3e-3, betas 0.9/0.99, no weight decay: attempt 5) on the rest; constant learning rate,
+   then a linear decay over the second half of the wall-clock budget (attempt 7: an earlier decay
+   gained nothing). The budget keeps min(0.5, 5%) of the minutes for start-up and the final
+   whole-split evaluation (the speedrun: 19.5 of 20).
+8. `torch.compile` for runs of 10 minutes or more (after rule 4): its warm-up (about a minute on
+   2 cores, not measured separately) is repaid by the 18% faster steps only in longer runs.
+9. Evaluation about 5 times per run (every planned_steps / 5 steps, between 25 and 250), on 20
+   batches (10 below 100 steps apart), so a short run still draws a validation curve.
+
+Not in the recipe, though they helped the 48-minute model: bfloat16 matmuls (+9–30% tokens/s, but
+not measured against the speedrun at 20 minutes) and an EMA of the weights (+0.004, inside the
+0.008 seed-to-seed spread of attempt 9).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from quillgpt.config import ConfigError, GPTConfig, TrainConfig
+
+REFERENCE_FLOPS = 150e9
+"""Training FLOP/s the speedrun reached, compiled, on the reference machine (2 cores): 4,544 tokens/s
+at 33M FLOPs per token."""
+EAGER_SLOWDOWN = 1.18
+"""Compiled over eager tokens/s at 6 × 256 (5,043 / 4,289, docs/results.md)."""
+SHAPES = ((4, 128), (4, 192), (6, 256), (8, 384), (10, 512))
+"""(n_layer, n_embd) from small to large; heads are 64 wide."""
+HEAD_DIM = 64
+TOKENS_PER_PARAM = 1.0
+MAX_PARAMS_PER_TRAIN_TOKEN = 5.0
+MAX_EPOCHS = 12.0
+BPE_VOCAB = 4096
+BPE_BYTES_PER_TOKEN = 3.3
+"""Bytes per token of a 4,096-token byte-level BPE trained on the training split, measured on the
+validation split: 2.9 on Tiny Shakespeare, 3.1 on the Gutenberg selection, 4.0 on TinyStories."""
+BPE_FROM_CHARS = 16_000_000
+"""Characters the 6 × 256 character model reads in 60 minutes at the reference rate (16.1M)."""
+CONTEXT = 256
+MIN_CONTEXT = 32
+BATCH = 16
+MIN_BATCH = 4
+MIN_STEPS_PER_EPOCH = 50
+VAL_FRACTION = 0.1
+COMPILE_FROM_MINUTES = 10.0
+MIN_CHARS = 1_000
+"""Shorter texts cannot fill a validation split of a few windows of the smallest context."""
+
+
+class RecipeError(ConfigError):
+    """A text or budget the recipe cannot size a run for."""
+
+
+@dataclass(frozen=True)
+class TextStats:
+    """What the recipe needs to know about a text."""
+
+    chars: int
+    bytes: int
+    distinct: int
+
+    @classmethod
+    def of(cls, text: str) -> TextStats:
+        return cls(len(text), len(text.encode("utf-8")), len(set(text)))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The recipe's choice and the estimates behind it."""
+
+    config: TrainConfig
+    tokens: float
+    """Tokens the run is expected to train on."""
+    epochs: float
+    """Passes over the training split."""
+    params: int
+    """Non-embedding parameters (the blocks)."""
+    shortened: bool
+    """The run ends at MAX_EPOCHS passes, before its minutes are up."""
+
+
+def block_params(n_layer: int, n_embd: int) -> int:
+    """Weights of the blocks: q, k, v, the attention projection (4 d²) and a 4d-wide MLP (8 d²).
+    Norms have no weights and linears no biases in this recipe."""
+    return 12 * n_layer * n_embd * n_embd
+
+
+def flops_per_token(n_layer: int, n_embd: int, vocab: int, context: int) -> float:
+    """Training FLOPs per token: 6 per weight (blocks and the untied LM head) plus attention."""
+    return 6 * (block_params(n_layer, n_embd) + n_embd * vocab) + 12 * n_layer * n_embd * context
+
+
+def _plan_shape(train_tokens: float, vocab: int, context: int, seconds: float, compiled: bool):
+    """The largest shape of the ladder that the budget and the text can feed (rule 2)."""
+    rate = REFERENCE_FLOPS / (1.0 if compiled else EAGER_SLOWDOWN)
+    chosen = None
+    for n_layer, n_embd in SHAPES:
+        tokens = rate / flops_per_token(n_layer, n_embd, vocab, context) * seconds
+        params = block_params(n_layer, n_embd)
+        fits = tokens >= TOKENS_PER_PARAM * params and params <= MAX_PARAMS_PER_TRAIN_TOKEN * train_tokens
+        if chosen is None or fits:
+            chosen = (n_layer, n_embd, tokens, params)
+    return chosen
+
+
+def recipe(stats: TextStats, minutes: float, data_path: str | None = None) -> Plan:
+    """The recipe's config for a text of these stats and a budget of `minutes` (wall clock)."""
+    if minutes <= 0:
+        raise RecipeError(f"minutes must be > 0, got {minutes}")
+    if stats.chars < MIN_CHARS:
+        raise RecipeError(
+            f"the text has {stats.chars:,} characters: too short to train on; the recipe needs at least "
+            f"{MIN_CHARS:,} (the last {VAL_FRACTION:.0%} validates, in windows of {MIN_CONTEXT}+ characters)"
+        )
+    budget = minutes - min(0.5, 0.05 * minutes)
+    compiled = minutes >= COMPILE_FROM_MINUTES
+    seconds = budget * 60
+
+    # rule 3: characters, unless the text is longer than an hour's character-level run reads
+    train_chars = stats.chars * (1 - VAL_FRACTION)
+    bpe = train_chars > BPE_FROM_CHARS or stats.distinct > BPE_VOCAB
+    scale = BPE_BYTES_PER_TOKEN if bpe else 1.0
+    size = stats.bytes if bpe else stats.chars
+    train_tokens = size * (1 - VAL_FRACTION) / scale
+    context = _context(size * VAL_FRACTION / scale)
+    vocab = BPE_VOCAB if bpe else stats.distinct
+    n_layer, n_embd, tokens, params = _plan_shape(train_tokens, vocab, context, seconds, compiled)
+
+    # rule 4: at most MAX_EPOCHS passes (max_iters below): a small text ends early
+    epochs = tokens / train_tokens
+    shortened = epochs > MAX_EPOCHS
+    if shortened:
+        seconds *= MAX_EPOCHS / epochs
+        tokens, epochs = MAX_EPOCHS * train_tokens, MAX_EPOCHS
+        compiled = compiled and seconds >= COMPILE_FROM_MINUTES * 60  # rule 8 holds for the shortened run
+    # rule 6: batch 16, smaller until an epoch has MIN_STEPS_PER_EPOCH steps
+    batch = BATCH
+    while batch > MIN_BATCH and train_tokens / (batch * context) < MIN_STEPS_PER_EPOCH:
+        batch //= 2
+
+    # rule 5: dropout by planned epochs, more where the model outsizes the text
+    dropout = 0.0 if epochs <= 6 else 0.2
+    if params > MAX_PARAMS_PER_TRAIN_TOKEN * train_tokens:
+        dropout = 0.3
+
+    planned_steps = tokens / (batch * context)
+    eval_interval = int(min(250, max(25, planned_steps // 5)))
+    model = GPTConfig(
+        block_size=context,
+        n_layer=n_layer,
+        n_head=n_embd // HEAD_DIM,
+        n_embd=n_embd,
+        dropout=dropout,
+        attn_dropout=0.0 if dropout else None,
+        bias=False,
+        pos_emb="rope",
+        norm="rmsnorm",
+        norm_affine=False,
+        qk_norm=True,
+        activation="relu2",
+        tie_embeddings=False,
+        zero_init_proj=True,
+        logit_softcap=15.0,
+    )
+    cfg = TrainConfig(
+        data_path=data_path,
+        tokenizer="bpe" if bpe else "char",
+        bpe_vocab_size=BPE_VOCAB,
+        max_minutes=round(budget, 2),
+        max_iters=math.ceil(MAX_EPOCHS * train_tokens / (batch * context)),
+        batch_size=batch,
+        optimizer="muon",
+        muon_lr=0.02,
+        muon_momentum=0.95,
+        learning_rate=3e-3,
+        beta1=0.9,
+        beta2=0.99,
+        weight_decay=0.0,
+        lr_schedule="trapezoid",
+        decay_frac=0.5,
+        warmup_iters=0,
+        grad_clip=1.0,
+        eval_interval=eval_interval,
+        eval_iters=20 if eval_interval >= 100 else 10,
+        compile=compiled,
+        val_fraction=VAL_FRACTION,
+        seed=1337,
+        model=model,
+    )
+    return Plan(cfg, tokens, epochs, params, shortened)
+
+
+def _context(val_tokens: float) -> int:
+    """CONTEXT, or the largest power of two (≥ MIN_CONTEXT) of which the validation split holds 4 windows."""
+    context = CONTEXT
+    while context > MIN_CONTEXT and val_tokens < 4 * (context + 1):
+        context //= 2
+    return context
+
+
+def describe(plan: Plan, minutes: float) -> str:
+    """The recipe's choice in one line, as `quill train --data` prints it."""
+    cfg, m = plan.config, plan.config.model
+    tokenizer = f"BPE {cfg.bpe_vocab_size:,}" if cfg.tokenizer == "bpe" else "characters"
+    regular = f"dropout {m.dropout:g}" if m.dropout else "no dropout"
+    early = f", ends early after {cfg.max_iters:,} steps" if plan.shortened else ""
+    return (
+        f"recipe for {minutes:g} min: {tokenizer}, {m.n_layer} layers × {m.n_embd} ({m.n_head} heads, "
+        f"{_millions(plan.params)} block parameters), context {m.block_size}, batch {cfg.batch_size}, {regular}, "
+        f"Muon {cfg.muon_lr:g} + AdamW {cfg.learning_rate:g}, constant then linear decay over the last "
+        f"{cfg.decay_frac:.0%} of {cfg.max_minutes:g} min{', compiled' if cfg.compile else ''}; "
+        f"~{_millions(plan.tokens)} tokens, {plan.epochs:.1f} epochs{early}"
+    )
+
+
+def _millions(n: float) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n / 1e3:.0f}k"
