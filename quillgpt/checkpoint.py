@@ -172,21 +172,14 @@ def load_model(
     name_or_path: str | Path,
     device: str | torch.device = "cpu",
     weights: str = "float32",
-    *,
-    quantize: str | None = None,
 ) -> LoadedModel:
     """Load a model directory (or bundled model by name) with its tokenizer, in eval mode.
 
     `weights` other than "float32" readies the model for fast decoding (`prepare_for_inference`):
     "auto" (what the CLI, the server and the playground use), "bfloat16" or "int8".
-    `quantize="int8"` is the older spelling of `weights="int8"`.
     """
     from quillgpt.interop.quillgpt_v1 import find_files
 
-    if quantize is not None:
-        if quantize != "int8":
-            raise CheckpointError(f"unknown quantization {quantize!r} (supported: int8)")
-        weights = "int8"
     if weights not in INFERENCE_WEIGHTS:
         raise CheckpointError(f"unknown weights {weights!r} (choose from {', '.join(INFERENCE_WEIGHTS)})")
     if (original := find_files(name_or_path)) is not None:  # the original QuillGPT's .pt + config JSON
@@ -211,8 +204,8 @@ def load_model(
 
 
 def _for_inference(loaded: LoadedModel, device, weights: str) -> LoadedModel:
-    if weights == "int8" and torch.device(device).type != "cpu":
-        raise CheckpointError("int8 quantization runs on the CPU only")
+    if weights in ("int8", "bfloat16") and torch.device(device).type != "cpu":
+        raise CheckpointError(f"{weights} inference weights run on the CPU only")
     if weights != "float32":
         prepare_for_inference(loaded.model, weights)
     return loaded

@@ -1,4 +1,4 @@
-"""Generation: the sampler, a batched decoder on token ids, and the text layer over it.
+"""Generation: a batched decoder on token ids, and the text layer over it.
 
 Layers, bottom up (the settings, `SamplingParams`, are in `quillgpt.sampling`):
 - the sampler (`quillgpt.sampling.sample_next_tokens`): a batch of logits rows → one token per row.
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from quillgpt.model import GPT, KVCache
-from quillgpt.sampling import SamplingError, SamplingParams, sample_next_token, sample_next_tokens  # noqa: F401 - re-exported
+from quillgpt.sampling import SamplingParams, sample_next_tokens
 from quillgpt.tokenizer import TextStreamer, TextTokenizer
 
 KEEP_FRACTION = 0.75

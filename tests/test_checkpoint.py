@@ -107,14 +107,17 @@ def test_save_replaces_files_atomically(tmp_path, tiny_model, char_tokenizer, mo
 
 
 def test_int8_quantized_loading(tiny_model_dir, tiny_model):
-    q = load_model(tiny_model_dir, quantize="int8")
+    q = load_model(tiny_model_dir, weights="int8")
     assert not any(type(m) is torch.nn.Linear for m in q.model.modules())  # every linear layer is int8 now
     x = torch.randint(0, tiny_model.config.vocab_size, (2, 12))
     with torch.no_grad():
         ref, quant = tiny_model(x)[0], q.model(x)[0]
     assert (quant - ref).abs().max() < 0.05 * ref.abs().max()  # close to the fp32 model, not identical
-    with pytest.raises(CheckpointError, match="unknown quantization 'int4'"):
-        load_model(tiny_model_dir, quantize="int4")
+    with pytest.raises(CheckpointError, match="unknown weights 'int4'"):
+        load_model(tiny_model_dir, weights="int4")
+    for weights in ("int8", "bfloat16"):  # CPU-only packings, refused on any other device in one line
+        with pytest.raises(CheckpointError, match=f"{weights} inference weights run on the CPU only"):
+            load_model(tiny_model_dir, device="meta", weights=weights)
 
 
 def test_default_model_prefers_the_first_bundled(tmp_path, monkeypatch, tiny_model, char_tokenizer):

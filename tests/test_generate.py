@@ -8,13 +8,11 @@ from quillgpt.generate import (
     SequenceState,
     StopStrings,
     generate,
-    sample_next_token,
-    sample_next_tokens,
     stream,
     stream_with_probs,
 )
 from quillgpt.model import GPT
-from quillgpt.sampling import SamplingError, SamplingParams
+from quillgpt.sampling import SamplingError, SamplingParams, sample_next_token, sample_next_tokens
 from quillgpt.tokenizer import BPETokenizer
 from tests.conftest import tiny_config
 

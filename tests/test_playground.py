@@ -14,7 +14,7 @@ from streamlit.testing.v1 import AppTest
 
 import quillgpt.checkpoint as checkpoint
 from quillgpt.checkpoint import LoadedModel, default_prompt, load_model, save_model
-from quillgpt.generate import SamplingParams, generate
+from quillgpt.generate import generate
 from quillgpt.playground import launch, page
 from quillgpt.playground.api import ApiBackend
 from quillgpt.playground.backend import TOP_ALTERNATIVES, BackendError, TokenView, provenance_facts
@@ -22,6 +22,7 @@ from quillgpt.playground.local import LocalBackend
 from quillgpt.playground.page import Result
 from quillgpt.playground.settings import PlaygroundSettings, parse_stop_strings, read_settings
 from quillgpt.playground.view import render_tokens
+from quillgpt.sampling import SamplingParams
 from tests.conftest import REPO
 
 APP = Path(__file__).resolve().parent.parent / "app.py"

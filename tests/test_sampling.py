@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from quillgpt.generate import generate, sample_next_token
-from quillgpt.sampling import LIMITS, MIN_TEMPERATURE, SamplingError, SamplingParams
+from quillgpt.generate import generate
+from quillgpt.sampling import LIMITS, MIN_TEMPERATURE, SamplingError, SamplingParams, sample_next_token
 from tests.test_generate import noisy_model
 
 

@@ -7,8 +7,8 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from quillgpt.generate import SamplingError
 from quillgpt.playground.backend import BackendError
+from quillgpt.sampling import SamplingError
 
 
 @dataclass

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from quillgpt.checkpoint import LoadedModel
-from quillgpt.generate import Decoder, SamplingParams, SequenceState, TextRequest, TokenLogprob
+from quillgpt.generate import Decoder, SequenceState, TextRequest, TokenLogprob
+from quillgpt.sampling import SamplingParams
 
 log = logging.getLogger("quillgpt.serve.engine")
 

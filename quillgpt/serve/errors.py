@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from quillgpt.generate import SamplingError
+from quillgpt.sampling import SamplingError
 from quillgpt.serve.engine import EngineClosed, EngineError, GenerationTimeout, QueueFull
 from quillgpt.tokenizer import TokenizerError
 

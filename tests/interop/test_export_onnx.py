@@ -6,8 +6,9 @@ import torch
 
 from quillgpt.checkpoint import save_model
 from quillgpt.cli import main
-from quillgpt.generate import SamplingParams, generate
+from quillgpt.generate import generate
 from quillgpt.model import GPT
+from quillgpt.sampling import SamplingParams
 from quillgpt.tokenizer import CharTokenizer
 from tests.conftest import SAMPLE_TEXT, tiny_config
 
