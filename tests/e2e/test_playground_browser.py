@@ -245,9 +245,11 @@ def test_train_page_upload_train_stop_and_generate(chromium, playground_url, tmp
             page.get_by_text("Stopped: the model so far is kept").wait_for(timeout=30_000)
             page.get_by_role("button", name="Resume").wait_for(timeout=10_000)
             page.get_by_role("button", name="Generate with this model").click()
+            # the Train panel must be gone first: until the page reruns, "Generate" also matches this button
+            page.get_by_role("button", name="Generate with this model").wait_for(state="detached", timeout=30_000)
             page.get_by_label("Prompt").wait_for(timeout=30_000)
-            page.get_by_role("button", name="Generate").click()
-            page.get_by_text("finished").wait_for(timeout=60_000)
+            page.get_by_role("button", name="Generate", exact=True).click()
+            page.get_by_text("finished").wait_for(timeout=90_000)
             assert len(page.locator(".quill-output").first.inner_text()) > 10
             assert page.locator('[data-testid="stException"]').count() == 0
         finally:
