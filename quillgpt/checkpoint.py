@@ -313,13 +313,16 @@ def load_weights(model: GPT, path: str | Path) -> None:
         raise CheckpointError(f"cannot load weights from {path}: {first}") from None
     except Exception as e:  # torch.load's unpickler raises many kinds on corrupt files
         raise CheckpointError(f"cannot load weights from {path}: {type(e).__name__}: {e}") from None
+    check_loaded_keys(model, missing, unexpected, f"weights in {path} do not match the model config")
+
+
+def check_loaded_keys(model: GPT, missing: list[str], unexpected: list[str], problem: str) -> None:
+    """Raise `problem` (with the first keys) unless a non-strict load filled every weight exactly;
+    a tied output matrix is filled through the token embedding."""
     if model.config.tie_embeddings:
         missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:
-        raise CheckpointError(
-            f"weights in {path} do not match the model config: "
-            f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
-        )
+        raise CheckpointError(f"{problem}: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
 
 
 def load_from_train_config(config_path: str | Path, weights_path: str | Path, device="cpu") -> LoadedModel:

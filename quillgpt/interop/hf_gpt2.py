@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from quillgpt.checkpoint import CheckpointError, save_model
+from quillgpt.checkpoint import CheckpointError, check_loaded_keys, save_model
 from quillgpt.config import ConfigError, GPTConfig
 from quillgpt.interop.safe_pickle import load_state_dict_file
 from quillgpt.model import GPT
@@ -70,13 +70,7 @@ def load_gpt2_state(
             continue  # causal-mask buffers of older transformers and nanoGPT versions
         converted[key] = value.t() if conv1d and key.endswith(CONV1D) else value
     missing, unexpected = model.load_state_dict(converted, strict=False)
-    if model.config.tie_embeddings:
-        missing = [k for k in missing if k != "lm_head.weight"]
-    if missing or unexpected:
-        raise CheckpointError(
-            f"weights in {source} do not map onto GPT: "
-            f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
-        )
+    check_loaded_keys(model, missing, unexpected, f"weights in {source} do not map onto GPT")
     return model.eval()
 
 
