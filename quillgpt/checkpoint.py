@@ -101,6 +101,12 @@ def default_model() -> str:
     return next((name for name in DEFAULT_MODELS if name in bundled), DEFAULT_MODELS[0])
 
 
+def served_models() -> list[str]:
+    """What a server or playground offers when no model is named: every bundled model, the default first."""
+    first = default_model()
+    return [first, *(name for name in bundled_models() if name != first)]
+
+
 def resolve_model_path(name_or_path: str | Path) -> Path:
     """A model directory given by path, or a bundled model given by name."""
     p = Path(name_or_path).expanduser()

@@ -2,9 +2,13 @@
 
     python scripts/make_model_card.py models/shakespeare-char --config configs/shakespeare-char.json \
         --title "Shakespearean GPT" --prompt ROMEO: --prompt JULIET: --prompt "KING HENRY:"
+    python scripts/make_model_card.py models/harpoon --config configs/harpoon.json --title "Harpoon GPT" \
+        --prompt "CHAPTER I" --layouts
 
-Facts come from config.json (model shape, tokenizer, provenance: data hash, steps, tokens, wall
-time, val loss on the whole split) and from the training config; samples are generated at
+Facts come from config.json (model shape, tokenizer, provenance: data hash, split, steps, tokens,
+wall time, the whole-split validation loss), metrics.jsonl (the whole run's wall time) and the
+training config; with `--layouts` the card scores the validation text again, book by book, as
+stored and re-flowed to one paragraph per line (`quill eval --layout`). Samples are generated at
 temperature 0.8 with fixed seeds, so the card is reproducible.
 """
 
@@ -14,21 +18,71 @@ import argparse
 import json
 from pathlib import Path
 
-from quillgpt.checkpoint import load_model
+from quillgpt.checkpoint import LoadedModel, load_model
+from quillgpt.evaluate import LAYOUTS, evaluate
 from quillgpt.fileio import write_text
 from quillgpt.generate import generate
 from quillgpt.sampling import SamplingParams
+from quillgpt.tokenizer import CharTokenizer
 
 
-def card(model_dir: Path, config_path: Path, title: str, prompts: list[str], command: str) -> str:
+def describe_tokenizer(tokenizer) -> tuple[str, str]:
+    """(what kind of model, the tokenizer row) for the card."""
+    if isinstance(tokenizer, CharTokenizer):
+        unk = ", the last the unknown-character token" if tokenizer.unk_id is not None else ""
+        return "character-level", f"characters, {tokenizer.vocab_size} of them{unk}"
+    return "byte-level BPE", f"byte-level BPE, {tokenizer.vocab_size:,} tokens, trained on the training split"
+
+
+def whole_run_minutes(model_dir: Path) -> float | None:
+    """The last logged time of the run (metrics.jsonl), which may be after the best checkpoint."""
+    path = model_dir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    times = [json.loads(line).get("time_s") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    times = [t for t in times if isinstance(t, (int, float))]
+    return max(times) / 60 if times else None
+
+
+def layout_table(loaded: LoadedModel) -> list[str]:
+    """Bits per byte of each validation piece, as stored and re-flowed (`quill eval --layout`)."""
+    prov = loaded.provenance
+    scores = {
+        layout: evaluate(
+            loaded.model,
+            loaded.tokenizer,
+            prov["data"],
+            "val",
+            val_split=prov.get("val_split", "concat"),
+            layout=layout,
+        )
+        for layout in LAYOUTS
+    }
+    rows = [
+        "| validation text | bytes | bits/byte, as stored | bits/byte, one paragraph per line |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    files = {layout: s.get("files", {prov["data"]: s}) for layout, s in scores.items()}
+    for name, a in files["original"].items():
+        b = files["paragraph"][name]
+        rows.append(f"| {name} | {a['bytes']:,} | {a['bits_per_byte']:.3f} | {b['bits_per_byte']:.3f} |")
+    a, b = scores["original"], scores["paragraph"]
+    rows.append(f"| **all** | {a['bytes']:,} | **{a['bits_per_byte']:.3f}** | **{b['bits_per_byte']:.3f}** |")
+    return rows
+
+
+def card(
+    model_dir: Path, config_path: Path, title: str, prompts: list[str], command: str, layouts: bool = False
+) -> str:
     loaded = load_model(model_dir)
     c, prov = loaded.model.config, loaded.provenance
     train_cfg = json.loads(config_path.read_text(encoding="utf-8"))
+    kind, tokenizer_row = describe_tokenizer(loaded.tokenizer)
     samples = []
     for i, prompt in enumerate(prompts):
         params = SamplingParams(max_new_tokens=300, temperature=0.8, seed=1000 + i)
         (out,) = generate(loaded.model, loaded.tokenizer, prompt, params)
-        samples.append(f"**Prompt `{prompt}`** (temperature 0.8, seed {1000 + i})\n\n```\n{prompt}{out.text}\n```")
+        samples.append(f"**Prompt `{prompt!r}`** (temperature 0.8, seed {1000 + i})\n\n```\n{prompt}{out.text}\n```")
     shape = f"{c.n_layer} layers, {c.n_embd} wide, {c.n_head} heads of {c.head_dim}, context {c.block_size}"
     options = (
         f"{c.pos_emb} positions, {c.norm}{'' if c.norm_affine else ' (no weights)'}, {c.activation}, "
@@ -36,33 +90,71 @@ def card(model_dir: Path, config_path: Path, title: str, prompts: list[str], com
         f"{'tied' if c.tie_embeddings else 'untied'} embeddings, dropout {c.dropout}"
     )
     optimizer = train_cfg.get("optimizer", "adamw")
-    minutes = prov.get("wall_time_s", 0) / 60
+    best = prov.get("wall_time_s", 0) / 60
+    whole = whole_run_minutes(model_dir)
+    run = (
+        f"a {whole:.1f}-minute run whose best checkpoint (by the run's own validation estimate) came at "
+        f"{best:.1f} minutes and is what ships"
+        if whole
+        else f"{best:.1f} minutes of training"
+    )
+    extras = []
+    if prov.get("ema_decay"):
+        extras.append(f"the weights are an exponential moving average (`ema_decay` {prov['ema_decay']})")
+    if train_cfg.get("dtype") == "bfloat16":
+        extras.append("the matmuls ran in bfloat16 (`dtype`), the weights are float32")
+    if prov.get("reflow_fraction"):
+        extras.append(
+            f"{prov['reflow_fraction']:.0%} of the training text was re-flowed to one paragraph per line "
+            "(`reflow_fraction`), so it reads both layouts"
+        )
+    bpb = prov.get("val_bits_per_byte")
+    validation = (
+        f"**{bpb}** bits/byte, {prov.get('val_loss_full_split')} nats/token "
+        if bpb is not None
+        else f"**{prov.get('val_loss_full_split', 'n/a')}** nats/token "
+    )
     lines = [
         f"# {title}",
         "",
-        f"A character-level GPT trained from scratch with QuillGPT on 2 CPU cores in {minutes:.0f} minutes.",
+        f"A {kind} GPT trained from scratch with QuillGPT on 2 CPU cores: {run}."
+        + (" " + "; ".join(extras).capitalize() + "." if extras else ""),
         "",
         "| | |",
         "| --- | --- |",
-        f"| validation loss (whole split) | **{prov.get('val_loss_full_split', 'n/a')}** nats/char "
-        f"({prov.get('val_tokens', 'n/a')} characters, `quill eval`) |",
+        f"| validation (whole split) | {validation}({prov.get('val_tokens', 'n/a'):,} tokens, `quill eval`) |",
         f"| parameters | {loaded.model.num_params():,} |",
         f"| shape | {shape} |",
         f"| architecture | {options} |",
-        f"| tokenizer | characters, {loaded.tokenizer.vocab_size} of them |",
+        f"| tokenizer | {tokenizer_row} |",
         f"| data | {prov.get('data')} (sha256 `{prov.get('data_sha256', '')[:16]}…`), {prov.get('split')} |",
-        f"| training | {prov.get('steps')} steps, {prov.get('tokens', 0):,} tokens, {minutes:.1f} min wall time "
-        f"(best checkpoint), optimizer {optimizer} |",
+        f"| training | {prov.get('steps')} steps, {prov.get('tokens', 0):,} tokens, {best:.1f} min wall time "
+        f"at the best checkpoint, optimizer {optimizer} |",
         "",
         "![loss curve](loss.png)",
         "",
+    ]
+    if layouts:
+        lines += [
+            "## Bits per byte, book by book",
+            "",
+            "Every byte of each validation piece paid for (the first token of each is context). Both layouts "
+            "score the same text; the second re-flows hard-wrapped paragraphs to one line each "
+            "(`quill eval --layout paragraph`).",
+            "",
+            *layout_table(loaded),
+            "",
+        ]
+    lines += [
         "## Reproduce",
         "",
         f"```bash\n{command}\n```",
         "",
         "Evaluate:",
         "",
-        f"```bash\nquill eval {model_dir} --data tinyshakespeare --json\n```",
+        f"```bash\nquill eval {model_dir} --data {prov.get('data')} --json\n"
+        + (f"quill eval {model_dir} --data {prov.get('data')} --layout paragraph --json\n" if layouts else "")
+        + "```",
         "",
         "## Samples",
         "",
@@ -81,11 +173,13 @@ def main() -> None:
     p.add_argument("model_dir", type=Path)
     p.add_argument("--config", type=Path, required=True, help="the training config it was trained with")
     p.add_argument("--title", default=None)
-    p.add_argument("--prompt", action="append", default=None)
+    p.add_argument("--prompt", action="append", default=None, help="(default: the model's default prompt)")
     p.add_argument("--command", default=None, help="the command that trained it")
+    p.add_argument("--layouts", action="store_true", help="score the validation text per file in both layouts")
     args = p.parse_args()
     command = args.command or f"quill train {args.config} --out {args.model_dir}"
-    text = card(args.model_dir, args.config, args.title or args.model_dir.name, args.prompt or ["ROMEO:"], command)
+    prompts = args.prompt or [load_model(args.model_dir).default_prompt or "\n"]
+    text = card(args.model_dir, args.config, args.title or args.model_dir.name, prompts, command, args.layouts)
     write_text(args.model_dir / "README.md", text)
     print(f"wrote {args.model_dir / 'README.md'}")
 

@@ -132,6 +132,17 @@ def test_default_model_prefers_the_first_bundled(tmp_path, monkeypatch, tiny_mod
     assert default_model() == DEFAULT_MODELS[0]
 
 
+def test_servers_offer_every_bundled_model_the_default_first(tmp_path, monkeypatch, tiny_model, char_tokenizer):
+    from quillgpt.checkpoint import DEFAULT_MODELS, served_models
+
+    monkeypatch.setattr("quillgpt.checkpoint.REPO_MODELS_DIR", tmp_path / "none")
+    monkeypatch.setenv("QUILL_MODELS_DIR", str(tmp_path))
+    assert served_models() == [DEFAULT_MODELS[0]]  # nothing bundled: the name the error will mention
+    for name in ("aardvark", DEFAULT_MODELS[1], "harpoon"):
+        save_model(tmp_path / name, tiny_model, char_tokenizer)
+    assert served_models() == [DEFAULT_MODELS[1], "aardvark", "harpoon"]
+
+
 def _config_edit(**model):
     def edit(directory):
         data = json.loads((directory / "config.json").read_text())

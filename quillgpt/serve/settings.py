@@ -15,14 +15,15 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from quillgpt.checkpoint import default_model
+from quillgpt.checkpoint import served_models
 
 
 class ServeSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="QUILL_", extra="forbid", validate_default=True)
 
-    models: Annotated[list[str], NoDecode] = Field(default_factory=lambda: [default_model()])
-    """Models to serve: bundled names or directories, each optionally `ALIAS=NAME_OR_DIR`."""
+    models: Annotated[list[str], NoDecode] = Field(default_factory=served_models)
+    """Models to serve: bundled names or directories, each optionally `ALIAS=NAME_OR_DIR` (default: every
+    bundled model, the default model first, which requests that name no model get)."""
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     """0 picks a free port."""

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from quillgpt.checkpoint import default_model
+from quillgpt.checkpoint import served_models
 from quillgpt.serve.server import add_serve_arguments, main, settings_from_args
 
 
@@ -22,7 +22,7 @@ def test_flags_override_the_environment(monkeypatch):
     s = settings_from_args(parse(argv))
     assert s.models == ["a", "b", "c=d"] and s.port == 7000 and s.host == "0.0.0.0"
     assert s.api_key.get_secret_value() == "k" and s.workers == 2 and s.cors_origins == ["https://x"]
-    assert settings_from_args(parse([])).models == [default_model()]
+    assert settings_from_args(parse([])).models == served_models()
 
 
 def test_missing_model_exits_2_before_serving(monkeypatch, capsys, tmp_path):

@@ -1,13 +1,13 @@
 import pytest
 from pydantic import ValidationError
 
-from quillgpt.checkpoint import default_model
+from quillgpt.checkpoint import served_models
 from quillgpt.serve.settings import ServeSettings, parse_model_spec
 
 
 def test_defaults():
     s = ServeSettings()
-    assert s.models == [default_model()] and (s.host, s.port) == ("127.0.0.1", 8080)
+    assert s.models == served_models() and (s.host, s.port) == ("127.0.0.1", 8080)
     assert s.api_key is None and s.cors_origins == [] and s.workers == 1
 
 
