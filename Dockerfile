@@ -1,7 +1,7 @@
 # QuillGPT API (and playground) image: CPU PyTorch, a non-root user, the bundled models inside.
 #
 #   docker build -t quillgpt .                 # from python:3.11-slim
-#   docker run -p 8080:8080 quillgpt           # serves the bundled model (models/) on :8080
+#   docker run -p 8080:8080 quillgpt           # serves the bundled models (models/) on :8080
 #
 # BASE may also be a bare Debian bookworm (debootstrap --variant=minbase + podman import, see
 # scripts/container-check.sh): Debian's own Python 3.11 is installed when the base has none.
