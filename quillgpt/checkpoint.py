@@ -8,6 +8,7 @@ Bundled models (under `models/` in the repository, or $QUILL_MODELS_DIR) are fou
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -126,13 +127,18 @@ def save_model(
     model: GPT,
     tokenizer: CharTokenizer | BPETokenizer,
     provenance: dict[str, Any] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Path:
     """Write a model directory. Each file goes to a temporary name first and is renamed into place,
-    weights before config, so a crash leaves the previous complete files, never a torn one."""
+    weights before config, so a crash leaves the previous complete files, never a torn one.
+    `dtype` stores the weights in another precision (e.g. bfloat16, half the size); loading casts
+    them back to the model's float32."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     raw = getattr(model, "_orig_mod", model)  # the compiled wrapper's inner model, not its key names
     raw = getattr(raw, "module", raw)  # DistributedDataParallel's inner model
+    if dtype is not None and dtype != next(raw.parameters()).dtype:
+        raw = copy.deepcopy(raw).to(dtype)
     atomic_write(directory / WEIGHTS_FILE, lambda tmp: st_save_model(raw, str(tmp), metadata={"format": "pt"}))
     if isinstance(tokenizer, BPETokenizer):
         atomic_write(directory / BPE_FILE, tokenizer.save)

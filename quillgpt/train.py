@@ -383,7 +383,7 @@ def _evaluate_and_save(run: _Run, cfg, out, splits, tokenizer, provenance, loss,
         prov = run.provenance(provenance) | {"val_loss": round(run.best_val, 4)}
         if run.ema is not None:
             prov["ema_decay"] = cfg.ema_decay
-        save_model(out, run.averaged, tokenizer, provenance=prov)
+        save_model(out, run.averaged, tokenizer, provenance=prov, dtype=getattr(torch, cfg.save_dtype))
     _save_last(run, out, tokenizer, provenance, loss)
     plot_metrics(log.path, out / PLOT_FILE)
     if bar is not None:

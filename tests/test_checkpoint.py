@@ -4,6 +4,7 @@ import struct
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from quillgpt.checkpoint import CheckpointError, load_model, load_weights, resolve_model_path, save_model
 from quillgpt.model import GPT
@@ -233,3 +234,17 @@ def test_untrusted_model_dirs_fail_before_any_large_allocation(tmp_path, tiny_mo
 
 def test_the_huge_case_really_is_huge():
     assert math.prod((HUGE["vocab_size"], HUGE["n_embd"])) * 4 > 24 * 2**30  # more than this machine's 24 GB
+
+
+def test_weights_stored_in_bfloat16_load_as_their_rounded_float32(tmp_path, tiny_model, char_tokenizer):
+    save_model(tmp_path / "fp32", tiny_model, char_tokenizer)
+    save_model(tmp_path / "bf16", tiny_model, char_tokenizer, dtype=torch.bfloat16)
+    assert next(tiny_model.parameters()).dtype == torch.float32  # the model saved is left as it was
+    with safe_open(tmp_path / "bf16" / "model.safetensors", "pt") as f:
+        assert all(f.get_slice(k).get_dtype() == "BF16" for k in f.keys())
+    fp32_size = (tmp_path / "fp32" / "model.safetensors").stat().st_size
+    assert (tmp_path / "bf16" / "model.safetensors").stat().st_size < 0.55 * fp32_size
+    loaded = load_model(tmp_path / "bf16")
+    for name, p in loaded.model.state_dict().items():
+        assert p.dtype == torch.float32
+        assert torch.equal(p, tiny_model.state_dict()[name].to(torch.bfloat16).float()), name

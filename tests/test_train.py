@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from quillgpt.checkpoint import load_model, save_model
 from quillgpt.config import load_train_config, train_config_from_dict
@@ -120,7 +121,11 @@ def test_autocast_context_picks_the_matmul_precision():
             assert layer(x).dtype == torch.float32
 
 
-@pytest.mark.parametrize("extra", [{}, {"ema_decay": 0.9, "ema_start": 0.3}], ids=["plain", "ema"])
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"ema_decay": 0.9, "ema_start": 0.3}, {"save_dtype": "bfloat16"}],
+    ids=["plain", "ema", "best-stored-in-bfloat16"],
+)
 def test_resume_continues_exactly(text_file, tmp_path, extra):
     cfg = config(max_iters=30, eval_interval=10, **extra)
     train(cfg, tmp_path / "straight", data=text_file, progress=False)
@@ -144,6 +149,10 @@ def test_resume_continues_exactly(text_file, tmp_path, extra):
         wa = load_model(tmp_path / "straight" / sub).model.state_dict()
         wb = load_model(tmp_path / "split" / sub).model.state_dict()
         assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    stored = {sub: safe_open(tmp_path / "split" / sub / "model.safetensors", "pt") for sub in ("last", ".")}
+    best = {stored["."].get_slice(k).get_dtype() for k in stored["."].keys()}
+    assert {stored["last"].get_slice(k).get_dtype() for k in stored["last"].keys()} == {"F32"}  # resume: exact
+    assert best == ({"BF16"} if extra.get("save_dtype") == "bfloat16" else {"F32"})
 
 
 def test_ema_is_the_moving_average_of_the_weights(text_file, tmp_path):
