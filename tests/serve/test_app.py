@@ -5,6 +5,7 @@ import threading
 import pytest
 from fastapi.testclient import TestClient
 
+from quillgpt.checkpoint import bundled_models, load_model
 from quillgpt.serve import app as app_module
 from quillgpt.serve.app import create_app
 from quillgpt.serve.settings import ServeSettings
@@ -37,6 +38,21 @@ def test_ready_is_503_until_models_are_loaded(monkeypatch, serve_model):
         release.set()
         wait_until(lambda: client.get("/ready").status_code == 200, 10, "/ready")
         assert client.post("/v1/completions", json={"prompt": "a", "max_tokens": 3}).status_code == 200
+
+
+def test_default_server_lists_every_bundled_model_with_its_default_prompt():
+    """No --model: every model under models/ is served, each listed with the prompt a UI starts it
+    from, and each continues that prompt."""
+    bundled = bundled_models()
+    with TestClient(create_app(ServeSettings(device="cpu"))) as client:
+        wait_until(lambda: client.get("/ready").status_code == 200, 60, "/ready")
+        listed = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+        assert sorted(listed) == sorted(bundled)
+        for name, entry in listed.items():
+            assert entry["default_prompt"] == load_model(bundled[name], device="meta").default_prompt != ""
+            body = {"model": name, "prompt": entry["default_prompt"], "max_tokens": 8, "seed": 1}
+            r = client.post("/v1/completions", json=body)
+            assert r.status_code == 200 and 1 <= r.json()["usage"]["completion_tokens"] <= 8
 
 
 def test_models_load_from_directories_with_aliases(tiny_model_dir, monkeypatch):
