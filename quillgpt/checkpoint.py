@@ -19,7 +19,9 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
+from safetensors.torch import load_file as st_load_file
 from safetensors.torch import load_model as st_load_model
+from safetensors.torch import save_file as st_save_file
 from safetensors.torch import save_model as st_save_model
 
 from quillgpt.config import ConfigError, GPTConfig
@@ -35,6 +37,8 @@ REPO_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 MAX_HEADER_BYTES = 100_000_000
 MAX_BLOCK_SIZE = 1 << 20
+INT8_SCALE = ".int8_scale"
+"""Suffix of the per-row scale stored beside each matrix of a model saved in int8."""
 """The longest context a model directory may ask for: rotary tables and KV caches grow with it."""
 
 
@@ -131,15 +135,19 @@ def save_model(
 ) -> Path:
     """Write a model directory. Each file goes to a temporary name first and is renamed into place,
     weights before config, so a crash leaves the previous complete files, never a torn one.
-    `dtype` stores the weights in another precision (e.g. bfloat16, half the size); loading casts
-    them back to the model's float32."""
+    `dtype` stores the weights in another precision, which loading turns back into the model's
+    float32: bfloat16 (half the size), or int8 (a quarter: `int8_rows`)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     raw = getattr(model, "_orig_mod", model)  # the compiled wrapper's inner model, not its key names
     raw = getattr(raw, "module", raw)  # DistributedDataParallel's inner model
-    if dtype is not None and dtype != next(raw.parameters()).dtype:
-        raw = copy.deepcopy(raw).to(dtype)
-    atomic_write(directory / WEIGHTS_FILE, lambda tmp: st_save_model(raw, str(tmp), metadata={"format": "pt"}))
+    if dtype == torch.int8:
+        state = int8_rows(raw)
+        atomic_write(directory / WEIGHTS_FILE, lambda tmp: st_save_file(state, str(tmp), metadata={"format": "pt"}))
+    else:
+        if dtype is not None and dtype != next(raw.parameters()).dtype:
+            raw = copy.deepcopy(raw).to(dtype)
+        atomic_write(directory / WEIGHTS_FILE, lambda tmp: st_save_model(raw, str(tmp), metadata={"format": "pt"}))
     if isinstance(tokenizer, BPETokenizer):
         atomic_write(directory / BPE_FILE, tokenizer.save)
     config = {
@@ -151,6 +159,34 @@ def save_model(
     }
     write_json(directory / CONFIG_FILE, config)
     return directory
+
+
+@torch.no_grad()
+def int8_rows(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state with every matrix in int8: each row scaled by its largest magnitude / 127
+    and rounded, its float32 scale stored under `name + INT8_SCALE`. Vectors (norms, biases) stay
+    float32; a tied matrix is stored once."""
+    state, seen = {}, set()
+    for name, t in model.state_dict().items():
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        t = t.detach().float()
+        if t.dim() == 2:
+            scale = t.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
+            state[name] = torch.round(t / scale[:, None]).clamp(-127, 127).to(torch.int8)
+            state[name + INT8_SCALE] = scale
+        else:
+            state[name] = t.contiguous()
+    return state
+
+
+def from_int8_rows(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Undo `int8_rows`: each int8 matrix times its rows' scales, in float32."""
+    scales = {k.removesuffix(INT8_SCALE): v for k, v in state.items() if k.endswith(INT8_SCALE)}
+    return {
+        k: v.float() * scales[k][:, None] if k in scales else v for k, v in state.items() if not k.endswith(INT8_SCALE)
+    }
 
 
 def _is_model_dir(directory: Path) -> bool:
@@ -272,6 +308,12 @@ def check_weights_fit(config: GPTConfig, path: Path) -> None:
             f"{path.parent / CONFIG_FILE}: block_size {config.block_size:,} is over {MAX_BLOCK_SIZE:,}"
         )
     shapes = read_safetensors_header(path)
+    scales = {k: v for k, v in shapes.items() if k.endswith(INT8_SCALE)}
+    for name, shape in scales.items():  # int8 weights: one scale per row of a stored matrix
+        matrix = shapes.get(name.removesuffix(INT8_SCALE))
+        if matrix is None or len(matrix) != 2 or shape != matrix[:1]:
+            raise CheckpointError(f"{path}: {name} {list(shape)} is not the row scale of a stored matrix")
+    shapes = {k: v for k, v in shapes.items() if k not in scales}
     layers = {k.split(".")[2] for k in shapes if k.startswith("transformer.h.")}
     if len(layers) != config.n_layer:
         raise CheckpointError(f"{where}: n_layer is {config.n_layer:,}, the weights hold {len(layers)} layers")
@@ -308,7 +350,10 @@ def load_weights(model: GPT, path: str | Path) -> None:
     if not path.is_file():
         raise CheckpointError(f"weights file not found: {path}")
     try:
-        if path.suffix == ".safetensors":
+        if path.suffix == ".safetensors" and _stored_in_int8(path):
+            result = model.load_state_dict(from_int8_rows(st_load_file(str(path))), strict=False)
+            missing, unexpected = result.missing_keys, result.unexpected_keys
+        elif path.suffix == ".safetensors":
             missing, unexpected = st_load_model(model, str(path), strict=False)
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -326,6 +371,10 @@ def load_weights(model: GPT, path: str | Path) -> None:
     except Exception as e:  # torch.load's unpickler raises many kinds on corrupt files
         raise CheckpointError(f"cannot load weights from {path}: {type(e).__name__}: {e}") from None
     check_loaded_keys(model, missing, unexpected, f"weights in {path} do not match the model config")
+
+
+def _stored_in_int8(path: Path) -> bool:
+    return any(name.endswith(INT8_SCALE) for name in read_safetensors_header(path))
 
 
 def check_loaded_keys(model: GPT, missing: list[str], unexpected: list[str], problem: str) -> None:

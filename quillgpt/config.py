@@ -175,10 +175,11 @@ class TrainConfig:
     """Precision of the matmuls under autocast; weights, gradients and optimizer state stay float32.
     "auto": bfloat16 on CUDA GPUs that support it, float32 elsewhere. On a CPU with AVX512-BF16 or
     AMX, "bfloat16" runs the matmuls 2-3x faster (docs/results.md has the measurements)."""
-    save_dtype: Literal["float32", "bfloat16"] = "float32"
-    """How the best model's weights are stored in the output directory: "bfloat16" halves the file
-    (a shipped model's size) for a rounding that costs ~0.0003 nats on the Shakespeare model; they
-    load into float32 as usual. The resume state in last/ stays float32 either way."""
+    save_dtype: Literal["float32", "bfloat16", "int8"] = "float32"
+    """How the best model's weights are stored in the output directory, for a shipped model's size:
+    "bfloat16" halves the file (a rounding that cost ~0.0003 nats on the Shakespeare model); "int8"
+    quarters it (each matrix row scaled to int8, `checkpoint.int8_rows`). They load into float32 as
+    usual, and the costs are measured in docs/results.md. last/ (what resumes) stays float32."""
     threads: int | None = None
     """torch.set_num_threads for CPU training (default: torch's choice)."""
     tokenizer: Literal["char", "bpe", "gpt2"] = "char"

@@ -248,3 +248,34 @@ def test_weights_stored_in_bfloat16_load_as_their_rounded_float32(tmp_path, tiny
     for name, p in loaded.model.state_dict().items():
         assert p.dtype == torch.float32
         assert torch.equal(p, tiny_model.state_dict()[name].to(torch.bfloat16).float()), name
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_weights_stored_in_int8_rows_load_within_half_a_step(tmp_path, char_tokenizer, tie):
+    torch.manual_seed(0)
+    model = GPT(tiny_config(vocab_size=char_tokenizer.vocab_size, tie_embeddings=tie, n_embd=32)).eval()
+    save_model(tmp_path / "fp32", model, char_tokenizer)
+    save_model(tmp_path / "int8", model, char_tokenizer, dtype=torch.int8)
+    fp32_size = (tmp_path / "fp32" / "model.safetensors").stat().st_size
+    assert (tmp_path / "int8" / "model.safetensors").stat().st_size < 0.35 * fp32_size
+    loaded = load_model(tmp_path / "int8").model
+    for name, p in model.state_dict().items():
+        q = loaded.state_dict()[name]
+        step = p.abs().amax(dim=1, keepdim=True) / 127 if p.dim() == 2 else 0.0
+        assert q.dtype == torch.float32 and bool(((q - p).abs() <= step / 2 + 1e-7).all()), name
+    if tie:
+        assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    x = torch.randint(0, char_tokenizer.vocab_size, (2, 16))
+    torch.testing.assert_close(loaded(x)[0], model(x)[0], rtol=0, atol=0.05)
+
+
+def test_int8_weights_with_a_scale_that_fits_no_matrix_are_refused(tmp_path, tiny_model, char_tokenizer):
+    from safetensors.torch import load_file, save_file
+
+    save_model(tmp_path / "m", tiny_model, char_tokenizer, dtype=torch.int8)
+    path = tmp_path / "m" / "model.safetensors"
+    state = load_file(path)
+    state["lm_head.weight.int8_scale"] = torch.ones(3)
+    save_file(state, path)
+    with pytest.raises(CheckpointError, match="lm_head.weight.int8_scale \\[3\\] is not the row scale"):
+        load_model(tmp_path / "m")

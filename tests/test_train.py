@@ -123,8 +123,8 @@ def test_autocast_context_picks_the_matmul_precision():
 
 @pytest.mark.parametrize(
     "extra",
-    [{}, {"ema_decay": 0.9, "ema_start": 0.3}, {"save_dtype": "bfloat16"}],
-    ids=["plain", "ema", "best-stored-in-bfloat16"],
+    [{}, {"ema_decay": 0.9, "ema_start": 0.3}, {"save_dtype": "bfloat16"}, {"save_dtype": "int8"}],
+    ids=["plain", "ema", "best-stored-in-bfloat16", "best-stored-in-int8"],
 )
 def test_resume_continues_exactly(text_file, tmp_path, extra):
     cfg = config(max_iters=30, eval_interval=10, **extra)
@@ -152,7 +152,7 @@ def test_resume_continues_exactly(text_file, tmp_path, extra):
     stored = {sub: safe_open(tmp_path / "split" / sub / "model.safetensors", "pt") for sub in ("last", ".")}
     best = {stored["."].get_slice(k).get_dtype() for k in stored["."].keys()}
     assert {stored["last"].get_slice(k).get_dtype() for k in stored["last"].keys()} == {"F32"}  # resume: exact
-    assert best == ({"BF16"} if extra.get("save_dtype") == "bfloat16" else {"F32"})
+    assert best == {"bfloat16": {"BF16"}, "int8": {"I8", "F32"}}.get(extra.get("save_dtype"), {"F32"})
 
 
 def test_ema_is_the_moving_average_of_the_weights(text_file, tmp_path):
