@@ -18,7 +18,9 @@ import argparse
 import json
 from pathlib import Path
 
-from quillgpt.checkpoint import LoadedModel, load_model
+from safetensors import safe_open
+
+from quillgpt.checkpoint import WEIGHTS_FILE, LoadedModel, load_model
 from quillgpt.evaluate import LAYOUTS, evaluate
 from quillgpt.fileio import write_text
 from quillgpt.generate import generate
@@ -32,6 +34,22 @@ def describe_tokenizer(tokenizer) -> tuple[str, str]:
         unk = ", the last the unknown-character token" if tokenizer.unk_id is not None else ""
         return "character-level", f"characters, {tokenizer.vocab_size} of them{unk}"
     return "byte-level BPE", f"byte-level BPE, {tokenizer.vocab_size:,} tokens, trained on the training split"
+
+
+def sentence(text: str) -> str:
+    return text[:1].upper() + text[1:] + "."
+
+
+def describe_storage(weights: Path) -> str:
+    """How the weights file stores them (`save_dtype`), and its size."""
+    with safe_open(weights, "pt") as f:
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+    size = f"{weights.stat().st_size / 1e6:.1f} MB"
+    if "I8" in dtypes:
+        return f"the weights are stored as int8 rows, a float32 scale each (`save_dtype`, {size}), loaded into float32"
+    if dtypes == {"BF16"}:
+        return f"the weights are stored in bfloat16 (`save_dtype`, {size}) and load into float32"
+    return f"the weights are stored in float32 ({size})"
 
 
 def whole_run_minutes(model_dir: Path) -> float | None:
@@ -92,17 +110,21 @@ def card(
     optimizer = train_cfg.get("optimizer", "adamw")
     best = prov.get("wall_time_s", 0) / 60
     whole = whole_run_minutes(model_dir)
-    run = (
-        f"a {whole:.1f}-minute run whose best checkpoint (by the run's own validation estimate) came at "
-        f"{best:.1f} minutes and is what ships"
-        if whole
-        else f"{best:.1f} minutes of training"
-    )
+    if whole is None:
+        run = f"{best:.1f} minutes of training"
+    elif whole - best < 0.1:
+        run = f"a {whole:.1f}-minute run, whose last checkpoint was also its best and is what ships"
+    else:
+        run = (
+            f"a {whole:.1f}-minute run whose best checkpoint (by the run's own validation estimate) came at "
+            f"{best:.1f} minutes and is what ships"
+        )
     extras = []
     if prov.get("ema_decay"):
         extras.append(f"the weights are an exponential moving average (`ema_decay` {prov['ema_decay']})")
     if train_cfg.get("dtype") == "bfloat16":
-        extras.append("the matmuls ran in bfloat16 (`dtype`), the weights are float32")
+        extras.append("the matmuls ran in bfloat16 (`dtype`)")
+    extras.append(describe_storage(model_dir / WEIGHTS_FILE))
     if prov.get("reflow_fraction"):
         extras.append(
             f"{prov['reflow_fraction']:.0%} of the training text was re-flowed to one paragraph per line "
@@ -118,7 +140,7 @@ def card(
         f"# {title}",
         "",
         f"A {kind} GPT trained from scratch with QuillGPT on 2 CPU cores: {run}."
-        + (" " + "; ".join(extras).capitalize() + "." if extras else ""),
+        + (" " + sentence("; ".join(extras)) if extras else ""),
         "",
         "| | |",
         "| --- | --- |",
