@@ -48,9 +48,10 @@ def flops_per_token(model: GPT) -> float:
     return 6 * model.num_params(non_embedding=True) + 12 * c.n_layer * c.n_head * c.head_dim * c.block_size
 
 
-def measure_matmul_peak(seconds: float = 1.0, n: int = 1024) -> float:
-    """fp32 matmul FLOP/s of this machine, measured now (the MFU denominator on CPU)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def measure_matmul_peak(seconds: float = 1.0, n: int = 1024, dtype: torch.dtype = torch.float32) -> float:
+    """Matmul FLOP/s of this machine in `dtype`, measured now (the MFU denominator on CPU: a run whose
+    matmuls ran in bfloat16 is measured against the bfloat16 peak, not float32's)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:

@@ -338,7 +338,8 @@ def train(
     tok_s = run.tokens_seen / wall if wall > 0 else 0.0
     mfu = None
     if device.type == "cpu" and ddp.main:
-        mfu = flops_per_token(run.model) * tok_s / measure_matmul_peak(0.3)
+        matmuls = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32  # what autocast ran on the CPU
+        mfu = flops_per_token(run.model) * tok_s / measure_matmul_peak(0.3, dtype=matmuls)
     if ddp.world > 1:
         dist.barrier()
         dist.destroy_process_group()
