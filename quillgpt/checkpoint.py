@@ -37,9 +37,9 @@ REPO_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 MAX_HEADER_BYTES = 100_000_000
 MAX_BLOCK_SIZE = 1 << 20
+"""The longest context a model directory may ask for: rotary tables and KV caches grow with it."""
 INT8_SCALE = ".int8_scale"
 """Suffix of the per-row scale stored beside each matrix of a model saved in int8."""
-"""The longest context a model directory may ask for: rotary tables and KV caches grow with it."""
 
 
 class CheckpointError(RuntimeError):
@@ -353,7 +353,7 @@ def load_weights(model: GPT, path: str | Path) -> None:
         if path.suffix == ".safetensors" and _stored_in_int8(path):
             result = model.load_state_dict(from_int8_rows(st_load_file(str(path))), strict=False)
             missing, unexpected = result.missing_keys, result.unexpected_keys
-        elif path.suffix == ".safetensors":
+        elif path.suffix == ".safetensors":  # float32, or bfloat16 cast on copy; re-ties a tied matrix
             missing, unexpected = st_load_model(model, str(path), strict=False)
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)

@@ -3,7 +3,7 @@
     python scripts/make_model_card.py models/shakespeare-char --config configs/shakespeare-char.json \
         --title "Shakespearean GPT" --prompt ROMEO: --prompt JULIET: --prompt "KING HENRY:"
     python scripts/make_model_card.py models/harpoon --config configs/harpoon.json --title "Harpoon GPT" \
-        --prompt "CHAPTER I" --layouts
+        --prompt $'CHAPTER I\n\n' --prompt "The sea was" --layouts
 
 Facts come from config.json (model shape, tokenizer, provenance: data hash, split, steps, tokens,
 wall time, the whole-split validation loss), metrics.jsonl (the whole run's wall time) and the
@@ -26,6 +26,7 @@ from quillgpt.fileio import write_text
 from quillgpt.generate import generate
 from quillgpt.sampling import SamplingParams
 from quillgpt.tokenizer import CharTokenizer
+from quillgpt.trainlog import METRICS_FILE, read_metrics
 
 
 def describe_tokenizer(tokenizer) -> tuple[str, str]:
@@ -53,13 +54,10 @@ def describe_storage(weights: Path) -> str:
 
 
 def whole_run_minutes(model_dir: Path) -> float | None:
-    """The last logged time of the run (metrics.jsonl), which may be after the best checkpoint."""
-    path = model_dir / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    times = [json.loads(line).get("time_s") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    times = [t for t in times if isinstance(t, (int, float))]
-    return max(times) / 60 if times else None
+    """The last logged step's time (metrics.jsonl), which may be after the best checkpoint."""
+    path = model_dir / METRICS_FILE
+    steps = read_metrics(path)[0] if path.is_file() else []
+    return steps[-1]["time_s"] / 60 if steps else None
 
 
 def layout_table(loaded: LoadedModel) -> list[str]:
