@@ -11,10 +11,10 @@ Variants (`--variants`):
   plain-fp32  the model as training leaves it (nn.Linear on MKL): the old default path
   fp32        prepare_for_inference(weights="float32"): oneDNN-packed linears, exact
   bf16        prepare_for_inference(weights="bfloat16")
-  int8        prepare_for_inference(weights="int8"): PyTorch dynamic quantization
+  int8        prepare_for_inference(weights="int8"): int8 linear weights, a scale per row (Int8Linear)
   onnx        `quill export onnx` run by onnxruntime (OnnxDecoder; greedy, rows of equal length)
-`auto` (what `quill generate`, `quill serve` and the playground use) is bf16 on CPUs with native
-bfloat16 and fp32 elsewhere; the summary names which one it is here.
+`auto` (what `quill generate`, `quill serve` and the playground use) is int8 on CPUs; the summary
+names it.
 
 Weights are random (speed does not depend on them) unless --model names a trained model; --config
 builds any shape from a training config (e.g. configs/harpoon-226m.json).
@@ -38,7 +38,7 @@ from machine import cpu_info, describe, memory_read_bandwidth
 from quillgpt.checkpoint import load_model
 from quillgpt.config import GPTConfig, load_train_config
 from quillgpt.generate import generate
-from quillgpt.model import GPT, KVCache, PackedLinear, native_bfloat16, prepare_for_inference
+from quillgpt.model import GPT, Int8Linear, KVCache, PackedLinear, prepare_for_inference
 from quillgpt.sampling import SamplingParams
 from quillgpt.tokenizer import CharTokenizer
 
@@ -67,8 +67,8 @@ def held_weight_mb(model: GPT) -> float:
     for m in model.modules():
         if isinstance(m, PackedLinear):
             total += m.packed.numel() * m.packed.element_size()
-        elif hasattr(m, "weight") and callable(m.weight):  # dynamically quantized Linear
-            total += m.weight().numel()
+        if isinstance(m, Int8Linear):
+            total += m.qweight.numel() + m.scale.numel() * m.scale.element_size()
     return total / 1e6
 
 
@@ -150,7 +150,7 @@ def main() -> None:
     print(f"memory read bandwidth: {bandwidth / 1e9:.1f} GB/s (sum over a 512 MiB tensor)")
     base, tokenizer = base_model(args)
     read = weights_read_per_token(base)
-    auto = "bf16" if native_bfloat16() else "fp32"
+    auto = "int8"
     print(
         f"model: {base.num_params() / 1e6:.2f}M parameters, context {base.config.block_size}; "
         f"a decode step reads {read / 1e6:.2f}M weights ({read * 4 / 1e6:.1f} MB in fp32); "

@@ -26,7 +26,7 @@ from safetensors.torch import save_model as st_save_model
 
 from quillgpt.config import ConfigError, GPTConfig
 from quillgpt.fileio import atomic_write, write_json
-from quillgpt.model import GPT, INFERENCE_WEIGHTS, prepare_for_inference
+from quillgpt.model import GPT, INFERENCE_WEIGHTS, prepare_for_inference, quantize_rows
 from quillgpt.tokenizer import BPE_FILE, BPETokenizer, CharTokenizer, TokenizerError, tokenizer_from_spec
 
 WEIGHTS_FILE = "model.safetensors"
@@ -163,21 +163,17 @@ def save_model(
 
 @torch.no_grad()
 def int8_rows(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state with every matrix in int8: each row scaled by its largest magnitude / 127
-    and rounded, its float32 scale stored under `name + INT8_SCALE`. Vectors (norms, biases) stay
-    float32; a tied matrix is stored once."""
+    """The model's state with every matrix in int8 (`quantize_rows`), its float32 row scales stored
+    under `name + INT8_SCALE`. Vectors (norms, biases) stay float32; a tied matrix is stored once."""
     state, seen = {}, set()
     for name, t in model.state_dict().items():
         if t.data_ptr() in seen:
             continue
         seen.add(t.data_ptr())
-        t = t.detach().float()
         if t.dim() == 2:
-            scale = t.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
-            state[name] = torch.round(t / scale[:, None]).clamp(-127, 127).to(torch.int8)
-            state[name + INT8_SCALE] = scale
+            state[name], state[name + INT8_SCALE] = quantize_rows(t)
         else:
-            state[name] = t.contiguous()
+            state[name] = t.detach().float().contiguous()
     return state
 
 

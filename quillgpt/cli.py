@@ -76,7 +76,7 @@ def add_weights_arg(p: argparse.ArgumentParser, default: str) -> None:
         "--weights",
         choices=INFERENCE_WEIGHTS,
         default=default,
-        help=f"float32 (exact), bfloat16, int8, or auto: bfloat16 on CPUs that have it natively (default {default})",
+        help=f"float32 (exact), bfloat16, int8, or auto: int8 on CPUs (default {default})",
     )
     p.add_argument("--quantize", choices=["int8"], dest="weights", help=argparse.SUPPRESS)  # older spelling
 

@@ -7,7 +7,7 @@ import torch
 
 from quillgpt.config import ConfigError, GPTConfig, load_train_config
 from quillgpt.interop.hf_gpt2 import gpt_from_hf_gpt2
-from quillgpt.model import GPT, KVCache, PackedLinear, prepare_for_inference
+from quillgpt.model import GPT, Int8Linear, KVCache, PackedLinear, prepare_for_inference, quantize_rows
 from tests.conftest import REPO, tiny_config
 
 MODERN = dict(
@@ -175,6 +175,51 @@ def test_inference_weights_float32_is_exact_and_bfloat16_close(variant):
     logits, _ = bf16(idx)
     assert logits.dtype == torch.float32  # bfloat16 weights, float32 activations
     assert 0 < (logits - reference).abs().max() < 0.05 * reference.abs().max()
+
+
+@pytest.mark.parametrize("bias,width", [(False, 96), (True, 96), (True, 24)])  # 24: no int8 kernel
+def test_int8_linear_multiplies_by_its_rounded_weight_on_both_paths(bias, width):
+    """Few rows go through the int8 kernel, many through the packed copy: both must compute
+    x @ (int8 * scale).T + bias, checked against that product in float64. One large entry per row
+    makes the int8 steps coarse, so the rounded weight is far from the original."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(width, 40, bias=bias)
+    linear.weight.data[:, 0] = 10.0
+    linear.weight.data[3] = 0.0  # an all-zero row has no largest magnitude to scale by
+    layer = Int8Linear(linear)
+    assert (layer.few_rows > 0) == (width % 16 == 0)
+    q, scale = quantize_rows(linear.weight)
+    assert q.dtype == torch.int8 and q.abs().max() == 127 and (q[3] == 0).all()
+    assert (q.float() * scale[:, None] - linear.weight).abs().max() <= scale.max() / 2 + 1e-6  # half a step
+    rounded = q.double() * layer.scale.double()[:, None]  # the scale as the kernel holds it
+    for rows in sorted({1, max(layer.few_rows, 1), layer.few_rows + 1, 37}):
+        x = torch.randn(rows, width).to(torch.bfloat16).float()  # as the kernels see it
+        reference = x.double() @ rounded.T + (linear.bias.double() if bias else 0)
+        y = layer(x.view(rows, 1, width)).view(rows, 40)
+        assert y.dtype == torch.float32
+        torch.testing.assert_close(y.double(), reference, atol=0.05, rtol=0.01)  # both round to bfloat16
+        assert (y.double() - (x.double() @ linear.weight.double().T)).abs().max() > 0.3  # not the original
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "modern"])
+def test_int8_inference_weights_keep_the_model_and_stay_close(variant):
+    torch.manual_seed(0)
+    model = GPT(tiny_config(**{**VARIANTS[variant], "tie_embeddings": True})).eval()
+    for p in model.parameters():
+        p.data.normal_(0, 0.3)
+    keys, n = list(model.state_dict()), model.num_params()
+    idx = torch.randint(0, model.config.vocab_size, (2, 12))
+    reference, _ = model(idx)
+    int8 = prepare_for_inference(copy.deepcopy(model), "int8")
+    assert not any(type(m) is torch.nn.Linear for m in int8.modules())
+    assert list(int8.state_dict()) == keys and int8.num_params() == n  # counts and saves like the model
+    assert int8.lm_head.weight is int8.transformer.wte.weight  # still tied
+    auto = prepare_for_inference(copy.deepcopy(model), "auto")  # what the CLI, server and playground use
+    assert any(isinstance(m, Int8Linear) for m in auto.modules())
+    logits, _ = int8(idx)
+    assert 0 < (logits - reference).abs().max() < 0.05 * reference.abs().max()
+    last, _ = int8(idx[:1, :3])  # one row of three tokens: the int8 kernel's few-rows path
+    torch.testing.assert_close(last, logits[:1, :3], atol=0.05 * reference.abs().max().item(), rtol=0)
 
 
 def test_inference_weights_decode_with_the_cache_like_the_plain_model(char_tokenizer):

@@ -34,7 +34,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--weights",
         choices=["auto", "float32", "bfloat16", "int8"],
-        help="auto (default): bfloat16 on CPUs with native bfloat16, else float32; or int8",
+        help="auto (default): int8 on CPUs; or float32, bfloat16, int8",
     )
     parser.add_argument("--quantize", choices=["int8"], help=argparse.SUPPRESS)  # older spelling of --weights int8
     parser.add_argument("--torch-threads", type=int, help="PyTorch threads (default: cores - 1, at least 1)")

@@ -38,8 +38,8 @@ class ServeSettings(BaseSettings):
     device: str = "auto"
     """Where the models run: auto, cpu, cuda, cuda:N or mps."""
     weights: Literal["auto", "float32", "bfloat16", "int8"] = "auto"
-    """How the models decode (`prepare_for_inference`): auto is bfloat16 on CPUs with native bfloat16
-    (its cost in loss is measured in docs/results.md) and exact float32 elsewhere."""
+    """How the models decode (`prepare_for_inference`): auto is int8 weights on CPUs (their cost in
+    loss is measured in docs/results.md) and the model as it is elsewhere."""
     quantize: Literal["int8"] | None = None
     """The older spelling of weights=int8."""
     torch_threads: int | None = Field(None, ge=1, le=1024)
