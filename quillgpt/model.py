@@ -309,7 +309,11 @@ class PackedLinear(nn.Module):
     """
 
     def __init__(
-        self, linear: nn.Linear, dtype: torch.dtype | None = None, batch_hint: int = 16, values: torch.Tensor | None = None
+        self,
+        linear: nn.Linear,
+        dtype: torch.dtype | None = None,
+        batch_hint: int = 16,
+        values: torch.Tensor | None = None,
     ):
         """`values`: the weight to pack instead of the linear's own (e.g. its int8 rounding)."""
         super().__init__()
