@@ -263,6 +263,14 @@ def eval_flags(p: argparse.ArgumentParser) -> None:
         default="original",
         help="paragraph: re-flow hard-wrapped paragraphs to one line each before scoring",
     )
+    p.add_argument(
+        "--stride",
+        type=int,
+        default=None,
+        help="overlapping windows that advance N tokens, so every token after the first window is "
+        "predicted from at least context - N tokens, as a compressor would (N times fewer tokens per "
+        "forward pass); default: the context length, consecutive windows",
+    )
     p.add_argument("--device", default="auto")
     add_weights_arg(p, "float32")
     p.add_argument("--json", action="store_true", help="end with one JSON line")
@@ -271,10 +279,14 @@ def eval_flags(p: argparse.ArgumentParser) -> None:
 @command("eval", "loss and bits per byte over a whole split, in consecutive windows", eval_flags)
 def cmd_eval(args: argparse.Namespace) -> int:
     from quillgpt.checkpoint import load_model
+    from quillgpt.config import ConfigError
     from quillgpt.device import resolve_device
     from quillgpt.evaluate import evaluate
 
     loaded = load_model(args.model, device=resolve_device(args.device), weights=args.weights)
+    block_size = loaded.model.config.block_size
+    if args.stride is not None and not 1 <= args.stride <= block_size:
+        raise ConfigError(f"--stride must be between 1 and the model's context length {block_size}, not {args.stride}")
     val_split = args.val_split
     if val_split is None:  # the model's own split of its own training data
         own = loaded.provenance.get("data") == str(args.data)
@@ -287,6 +299,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction,
         val_split=val_split,
         layout=args.layout,
+        stride=args.stride,
     )
     result = {"model": str(loaded.path), "data": str(args.data), **result}
     key = "val_loss" if args.split == "val" else "loss"
@@ -294,7 +307,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"  {name}: {f['bits_per_byte']:.4f} bits/byte ({f['bytes']:,} bytes)")
     unknown = f", {result['unknown_characters']:,} unknown characters" if result["unknown_characters"] else ""
     print(
-        f"{loaded.name} on {args.data} ({args.split}, {val_split}, {args.layout} layout): "
+        f"{loaded.name} on {args.data} ({args.split}, {val_split}, {args.layout} layout"
+        f"{f', stride {args.stride}' if args.stride else ''}): "
         f"loss {result[key]:.4f} nats/token, {result['bits_per_char']:.4f} bits/char, "
         f"{result['bits_per_byte']:.4f} bits/byte, {result['tokens']:,} tokens{unknown}"
     )

@@ -387,16 +387,30 @@ def get_batch(
     return x, y
 
 
-def sequential_windows(data: np.ndarray, block_size: int, batch_size: int):
-    """Consecutive non-overlapping windows covering every token once (the last may be shorter)."""
-    starts = list(range(0, len(data) - 1, block_size))
+def sequential_windows(data: np.ndarray, block_size: int, batch_size: int, stride: int | None = None):
+    """Batches (x, y) of windows of up to `block_size` tokens that predict every token but the first
+    exactly once (targets of -1 are not scored).
+
+    Without `stride` the windows are consecutive and do not overlap (the last may be shorter). With
+    stride s < block_size each window starts s tokens after the one before and scores only the
+    targets that one did not reach, its last s: every token after the first window is then predicted
+    from at least block_size - s tokens before it.
+    """
+    stride = block_size if stride is None else stride
+    if not 1 <= stride <= block_size:
+        raise ValueError(f"stride must be between 1 and the context length {block_size}, not {stride}")
+    targets = len(data) - 1
+    starts = [0]
+    while starts[-1] + block_size < targets:
+        starts.append(starts[-1] + stride)
     for b in range(0, len(starts), batch_size):
         group = starts[b : b + batch_size]
-        lengths = [min(block_size, len(data) - 1 - s) for s in group]
+        lengths = [min(block_size, targets - s) for s in group]
         T = max(lengths)
         x = torch.zeros(len(group), T, dtype=torch.long)
         y = torch.full((len(group), T), -1, dtype=torch.long)  # -1: ignored by the loss
         for r, (s, n) in enumerate(zip(group, lengths)):
+            seen = 0 if s == 0 else block_size - stride  # targets the previous window scored
             x[r, :n] = torch.from_numpy(data[s : s + n].astype(np.int64))
-            y[r, :n] = torch.from_numpy(data[s + 1 : s + 1 + n].astype(np.int64))
+            y[r, seen:n] = torch.from_numpy(data[s + 1 + seen : s + 1 + n].astype(np.int64))
         yield x, y

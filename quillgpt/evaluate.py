@@ -2,8 +2,12 @@
 and `estimate_loss`, the quick estimate on fixed random batches that training logs.
 
 Non-overlapping windows of the model's context length give each position the same spread of
-context lengths as nanoGPT's random-window estimate, so the numbers stay comparable with it; an
-overlapping stride would give every token a long context and flatter the result.
+context lengths as nanoGPT's random-window estimate, so the numbers stay comparable with it; that is
+the default. `stride` asks for overlapping windows instead: each advances `stride` tokens and scores
+only its new tokens, so every token after the first window is predicted from at least
+context - stride tokens before it, as a compressor (which keeps its whole past) predicts. It costs
+context / stride times the compute and gives lower numbers; they are reported as such, never mixed
+with the default ones.
 
 Bits per byte of the UTF-8 text is the unit that compares any two models: every byte of the scored
 text is paid for. The first token of each scored text is context, never a target. A character
@@ -34,12 +38,12 @@ UNKNOWN_CHAR_BITS_PER_BYTE = 8.0
 
 
 @torch.no_grad()
-def evaluate_ids(model: GPT, ids, batch_size: int = 16) -> tuple[float, int]:
+def evaluate_ids(model: GPT, ids, batch_size: int = 16, stride: int | None = None) -> tuple[float, int]:
     """(total negative log-likelihood in nats, tokens scored) over a 1-D array of token ids."""
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for x, y in sequential_windows(ids, model.config.block_size, batch_size):
+    for x, y in sequential_windows(ids, model.config.block_size, batch_size, stride):
         logits, _ = model(x.to(device))
         y = y.to(device)
         nll = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), ignore_index=-1, reduction="sum")
@@ -80,12 +84,12 @@ class Score:
         }
 
 
-def score_text(model: GPT, tokenizer, text: str) -> Score:
+def score_text(model: GPT, tokenizer, text: str, stride: int | None = None) -> Score:
     """Score every token of `text` but the first (its context); see the module docstring."""
     ids = np.asarray(tokenizer.encode(text))
     if len(ids) < 2:  # the first token is only context
         raise DataError(f"a text of {len(ids)} token(s) is too short to score")
-    nll, tokens = evaluate_ids(model, ids)
+    nll, tokens = evaluate_ids(model, ids, stride=stride)
     if isinstance(tokenizer, CharTokenizer):
         scored = text[1:]  # one token per character
     else:
@@ -107,15 +111,20 @@ def evaluate(
     val_fraction: float = 0.1,
     val_split: str = "concat",
     layout: str = "original",
+    stride: int | None = None,
 ) -> dict:
     """Loss, bits per character and per byte of `split` ("val", "train" or "all") of a dataset.
 
     With `val_split="per_file"` each file's piece is scored on its own (its own windows) and
     reported under "files"; the totals add up the pieces. `layout="paragraph"` re-flows the scored
-    text (`quillgpt.layout.reflow`) first.
+    text (`quillgpt.layout.reflow`) first. `stride`: overlapping windows (the module docstring);
+    the result's "stride" is the one used, the context length by default.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r} (expected one of {', '.join(LAYOUTS)})")
+    block_size = model.config.block_size
+    if stride is not None and not 1 <= stride <= block_size:
+        raise ValueError(f"stride must be between 1 and the model's context length {block_size}, not {stride}")
     text_split = split_dataset(data, val_fraction, val_split)
     pieces = {"val": text_split.val_files, "train": text_split.train_files}.get(split)
     if pieces is None:  # "all": each whole file (per_file), or the whole text in one piece
@@ -123,13 +132,14 @@ def evaluate(
         pieces = load_files(data) if val_split == "per_file" else whole
     total, per_file = None, {}
     for name, text in pieces:
-        score = score_text(model, tokenizer, reflow(text) if layout == "paragraph" else text)
+        score = score_text(model, tokenizer, reflow(text) if layout == "paragraph" else text, stride)
         per_file[name] = score
         total = score if total is None else total + score
     result = {
         "split": split,
         "val_split": val_split,
         "layout": layout,
+        "stride": stride or block_size,
         "val_loss" if split == "val" else "loss": total.nll / total.tokens,
         **total.summary(),
         "data_sha256": text_split.data_sha256,

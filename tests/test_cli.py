@@ -222,3 +222,8 @@ def test_eval_takes_the_models_own_per_file_split_and_layout(tmp_path, capsys):
     assert "files" not in json.loads(out.strip().splitlines()[-1])
     code, out, _ = run("eval", str(tmp_path / "run"), "--data", str(books), "--layout", "paragraph", capsys=capsys)
     assert code == 0 and "paragraph layout" in out
+    code, out, _ = run("eval", str(tmp_path / "run"), "--data", str(books), "--stride", "4", "--json", capsys=capsys)
+    strided = json.loads(out.strip().splitlines()[-1])
+    assert code == 0 and "stride 4" in out and strided["stride"] == 4 and strided["tokens"] == result["tokens"]
+    code, _, err = run("eval", str(tmp_path / "run"), "--data", str(books), "--stride", "17", capsys=capsys)
+    assert code != 0 and "--stride must be between 1 and the model's context length 16, not 17" in err

@@ -119,13 +119,22 @@ def test_batches_are_shifted_windows():
         get_batch(data[:8], 1, 8, g)
 
 
-def test_sequential_windows_score_every_token_once():
-    data = np.arange(50, dtype=np.uint16)
+@pytest.mark.parametrize("stride", [None, 8, 5, 1])
+@pytest.mark.parametrize("length", [8, 9, 50])
+def test_sequential_windows_score_every_token_once(stride, length):
+    data = np.arange(length, dtype=np.uint16)  # each token is its own position
     targets = []
-    for x, y in sequential_windows(data, block_size=8, batch_size=3):
+    for x, y in sequential_windows(data, block_size=8, batch_size=3, stride=stride):
         assert x.shape[1] <= 8
-        targets += y[y >= 0].tolist()
-    assert targets == list(range(1, 50))
+        for row_x, row_y in zip(x, y):
+            for j in (row_y >= 0).nonzero().flatten().tolist():
+                assert row_y[j] == row_x[j] + 1  # the next token
+                if row_x[0] > 0:  # past the first window: at least 8 - stride tokens of context
+                    assert j + 1 >= 8 - (stride or 8)
+                targets.append(int(row_y[j]))
+    assert targets == list(range(1, length))
+    with pytest.raises(ValueError, match="stride must be between 1 and the context length 8, not 9"):
+        next(sequential_windows(data, block_size=8, batch_size=3, stride=9))
 
 
 def test_download_verifies_the_checksum(tmp_path, monkeypatch):

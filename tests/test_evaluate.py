@@ -99,6 +99,34 @@ def test_paragraph_layout_scores_the_reflowed_text(tmp_path, char_tokenizer):
     assert flowed["bits_per_byte"] != as_is["bits_per_byte"]
 
 
+def test_stride_one_predicts_every_token_from_its_full_context(tmp_path, char_tokenizer):
+    """Overlapping windows against the definition: each token scored once, from the context-length
+    tokens before it (fewer at the start), by a forward pass of its own."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config(vocab_size=char_tokenizer.vocab_size, block_size=16)).eval()
+    for p in model.parameters():
+        p.data.normal_(0, 0.3)
+    text = SAMPLE_TEXT[:70]
+    ids = np.asarray(char_tokenizer.encode(text))
+    expected = 0.0
+    with torch.no_grad():
+        for t in range(1, len(ids)):
+            window = torch.tensor(ids[max(0, t - 16) : t])[None]
+            expected -= F.log_softmax(model(window)[0][0, -1].double(), dim=-1)[ids[t]].item()
+    nll, tokens = evaluate_ids(model, ids, stride=1)
+    assert tokens == len(ids) - 1 and nll == pytest.approx(expected, rel=1e-5)
+    default, _ = evaluate_ids(model, ids)
+    assert evaluate_ids(model, ids, stride=16)[0] == pytest.approx(default)
+    assert evaluate_ids(model, ids, stride=5)[1] == tokens and default != pytest.approx(expected, rel=1e-3)
+    path = tmp_path / "t.txt"
+    path.write_text(text)
+    result = evaluate(model, char_tokenizer, str(path), "all", stride=1)
+    assert result["stride"] == 1 and result["loss"] == pytest.approx(expected / tokens, rel=1e-5)
+    assert evaluate(model, char_tokenizer, str(path), "all")["stride"] == 16
+    with pytest.raises(ValueError, match="stride must be between 1 and the model's context length 16, not 17"):
+        evaluate(model, char_tokenizer, str(path), "all", stride=17)
+
+
 def test_shakespeare_char_scores_exactly_as_before(shared_data, tmp_path):
     """The shipped 65-character model (no unknown token) on text it covers: the old arithmetic."""
     loaded = load_model(REPO / "models" / "shakespeare-char")
