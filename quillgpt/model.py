@@ -347,19 +347,20 @@ def prepare_for_inference(model: GPT, weights: str = "float32") -> GPT:
         raise ValueError(f"unknown inference weights {weights!r} (choose from {', '.join(INFERENCE_WEIGHTS)})")
     model.eval()
     cpu = next(model.parameters()).device.type == "cpu"
+    onednn = torch.backends.mkldnn.is_available()
     if weights == "auto":
         if not cpu:
             return model
-        weights = "int8"
+        weights = "int8" if onednn else "float32"
+    if weights in ("int8", "bfloat16") and not cpu:
+        raise ValueError(f"{weights} inference weights run on the CPU only")
+    if weights in ("int8", "bfloat16") and not onednn:
+        raise ValueError(f"{weights} inference weights need a CPU build of PyTorch with oneDNN (torch.backends.mkldnn)")
     if weights == "int8":
-        if not cpu:
-            raise ValueError("int8 inference weights run on the CPU only")
         return _replace_linears(model, Int8Linear)
-    if cpu and torch.backends.mkldnn.is_available():
+    if cpu and onednn:
         dtype = torch.bfloat16 if weights == "bfloat16" else None
         return _replace_linears(model, lambda linear: PackedLinear(linear, dtype))
-    if weights == "bfloat16":
-        raise ValueError("bfloat16 inference weights need a CPU with oneDNN (torch.backends.mkldnn)")
     return model
 
 
@@ -392,10 +393,11 @@ class Int8Linear(PackedLinear):
     and at the shapes here they fit the last-level cache. For up to `few_rows` rows PyTorch's
     weight-only int8 matmul (`aten._weight_int8pack_mm`, the kernel gpt-fast and torchao use)
     multiplies them against bfloat16 activations (the rounding the bfloat16 weights path applies
-    too): 2-5x faster than any float kernel at one row. It re-reads the weight for each row, though,
+    too): at one row 2.2x faster than oneDNN on bfloat16 weights, 5.5x faster than on float32 with
+    AVX2 only (docs/results.md). It re-reads the weight for each row, though,
     so past a few rows (prompts, large batches) the `PackedLinear` it also is, holding the same
-    rounded weight in bfloat16 where the CPU has it natively and float32 elsewhere, is faster
-    (docs/results.md). Results and the bias stay float32.
+    rounded weight in bfloat16 where the CPU has it natively and float32 elsewhere, is faster.
+    Results and the bias stay float32.
     """
 
     def __init__(self, linear: nn.Linear):
