@@ -150,7 +150,7 @@ def main() -> None:
     print(f"memory read bandwidth: {bandwidth / 1e9:.1f} GB/s (sum over a 512 MiB tensor)")
     base, tokenizer = base_model(args)
     read = weights_read_per_token(base)
-    auto = "int8"
+    auto = "int8" if torch.backends.mkldnn.is_available() else "fp32"  # as prepare_for_inference decides
     print(
         f"model: {base.num_params() / 1e6:.2f}M parameters, context {base.config.block_size}; "
         f"a decode step reads {read / 1e6:.2f}M weights ({read * 4 / 1e6:.1f} MB in fp32); "

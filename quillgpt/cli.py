@@ -268,15 +268,15 @@ def eval_flags(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="overlapping windows that advance N tokens, so every token after the first window is "
-        "predicted from at least context - N tokens, as a compressor would (N times fewer tokens per "
-        "forward pass); default: the context length, consecutive windows",
+        "predicted from at least context - N tokens, as a compressor would (context / N times the "
+        "compute); default: the context length, consecutive windows",
     )
     p.add_argument("--device", default="auto")
     add_weights_arg(p, "float32")
     p.add_argument("--json", action="store_true", help="end with one JSON line")
 
 
-@command("eval", "loss and bits per byte over a whole split, in consecutive windows", eval_flags)
+@command("eval", "loss and bits per byte over a whole split, in consecutive (or --stride) windows", eval_flags)
 def cmd_eval(args: argparse.Namespace) -> int:
     from quillgpt.checkpoint import load_model
     from quillgpt.config import ConfigError

@@ -400,6 +400,8 @@ def sequential_windows(data: np.ndarray, block_size: int, batch_size: int, strid
     if not 1 <= stride <= block_size:
         raise ValueError(f"stride must be between 1 and the context length {block_size}, not {stride}")
     targets = len(data) - 1
+    if targets < 1:  # a single token is only context
+        return
     starts = [0]
     while starts[-1] + block_size < targets:
         starts.append(starts[-1] + stride)

@@ -341,7 +341,7 @@ def prepare_for_inference(model: GPT, weights: str = "float32") -> GPT:
     - "int8": the linear layers' weights in int8 with a scale per row (`Int8Linear`), CPU only:
       a quarter of the bytes, the fastest at decoding.
     - "auto": "int8" on CPU; elsewhere the model is left as it is. What each costs in loss on the
-      shipped models is in docs/results.md (int8: 0.0004 nats on `shakespeare-char`).
+      shipped models is in docs/results.md (int8: 0.0005 nats on `shakespeare-char`).
     """
     if weights not in INFERENCE_WEIGHTS:
         raise ValueError(f"unknown inference weights {weights!r} (choose from {', '.join(INFERENCE_WEIGHTS)})")
@@ -397,7 +397,7 @@ class Int8Linear(PackedLinear):
     AVX2 only (docs/results.md). It re-reads the weight for each row, though,
     so past a few rows (prompts, large batches) the `PackedLinear` it also is, holding the same
     rounded weight in bfloat16 where the CPU has it natively and float32 elsewhere, is faster.
-    Results and the bias stay float32.
+    Both paths round their result to bfloat16 (as the bfloat16 weights path does) and return float32.
     """
 
     def __init__(self, linear: nn.Linear):

@@ -121,6 +121,15 @@ def test_int8_quantized_loading(tiny_model_dir, tiny_model):
             load_model(tiny_model_dir, device="meta", weights=weights)
 
 
+def test_without_onednn_int8_is_refused_in_one_line_and_auto_stays_float32(tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    for weights in ("int8", "bfloat16"):
+        with pytest.raises(CheckpointError, match=f"{weights} inference weights need a CPU build of PyTorch with"):
+            load_model(tiny_model_dir, weights=weights)
+    auto = load_model(tiny_model_dir, weights="auto").model
+    assert all(type(m) is torch.nn.Linear for m in auto.modules() if "Linear" in type(m).__name__)  # as it is
+
+
 def test_default_model_prefers_the_first_bundled(tmp_path, monkeypatch, tiny_model, char_tokenizer):
     from quillgpt.checkpoint import DEFAULT_MODELS, default_model
 

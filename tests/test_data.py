@@ -129,10 +129,11 @@ def test_sequential_windows_score_every_token_once(stride, length):
         for row_x, row_y in zip(x, y):
             for j in (row_y >= 0).nonzero().flatten().tolist():
                 assert row_y[j] == row_x[j] + 1  # the next token
-                if row_x[0] > 0:  # past the first window: at least 8 - stride tokens of context
-                    assert j + 1 >= 8 - (stride or 8)
+                if row_x[0] > 0:  # past the first window: at least 8 - stride tokens before the target
+                    assert j >= 8 - (stride or 8)
                 targets.append(int(row_y[j]))
     assert targets == list(range(1, length))
+    assert list(sequential_windows(data[:1], block_size=8, batch_size=3, stride=stride)) == []  # nothing to predict
     with pytest.raises(ValueError, match="stride must be between 1 and the context length 8, not 9"):
         next(sequential_windows(data, block_size=8, batch_size=3, stride=9))
 
