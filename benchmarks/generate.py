@@ -38,7 +38,7 @@ from machine import cpu_info, describe, memory_read_bandwidth
 from quillgpt.checkpoint import load_model
 from quillgpt.config import GPTConfig, load_train_config
 from quillgpt.generate import generate
-from quillgpt.model import GPT, Int8Linear, KVCache, PackedLinear, prepare_for_inference
+from quillgpt.model import GPT, Int8Linear, KVCache, PackedLinear, cpu_auto_weights, prepare_for_inference
 from quillgpt.sampling import SamplingParams
 from quillgpt.tokenizer import CharTokenizer
 
@@ -150,7 +150,7 @@ def main() -> None:
     print(f"memory read bandwidth: {bandwidth / 1e9:.1f} GB/s (sum over a 512 MiB tensor)")
     base, tokenizer = base_model(args)
     read = weights_read_per_token(base)
-    auto = "int8" if torch.backends.mkldnn.is_available() else "fp32"  # as prepare_for_inference decides
+    auto = next(variant for variant, weights in WEIGHTS.items() if weights == cpu_auto_weights())
     print(
         f"model: {base.num_params() / 1e6:.2f}M parameters, context {base.config.block_size}; "
         f"a decode step reads {read / 1e6:.2f}M weights ({read * 4 / 1e6:.1f} MB in fp32); "

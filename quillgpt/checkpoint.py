@@ -248,12 +248,10 @@ def load_model(
 
 
 def _for_inference(loaded: LoadedModel, device, weights: str) -> LoadedModel:
-    if weights in ("int8", "bfloat16") and torch.device(device).type != "cpu":
-        raise CheckpointError(f"{weights} inference weights run on the CPU only")
     if weights != "float32":
         try:
             prepare_for_inference(loaded.model, weights)
-        except ValueError as e:  # e.g. int8 on a PyTorch build without oneDNN
+        except ValueError as e:  # int8 or bfloat16 off the CPU, or without oneDNN
             raise CheckpointError(str(e)) from None
     return loaded
 

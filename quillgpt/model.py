@@ -351,7 +351,7 @@ def prepare_for_inference(model: GPT, weights: str = "float32") -> GPT:
     if weights == "auto":
         if not cpu:
             return model
-        weights = "int8" if onednn else "float32"
+        weights = cpu_auto_weights()
     if weights in ("int8", "bfloat16") and not cpu:
         raise ValueError(f"{weights} inference weights run on the CPU only")
     if weights in ("int8", "bfloat16") and not onednn:
@@ -362,6 +362,11 @@ def prepare_for_inference(model: GPT, weights: str = "float32") -> GPT:
         dtype = torch.bfloat16 if weights == "bfloat16" else None
         return _replace_linears(model, lambda linear: PackedLinear(linear, dtype))
     return model
+
+
+def cpu_auto_weights() -> str:
+    """What `weights="auto"` is on a CPU: "int8" where PyTorch has oneDNN, else "float32"."""
+    return "int8" if torch.backends.mkldnn.is_available() else "float32"
 
 
 def _replace_linears(model: GPT, make) -> GPT:
