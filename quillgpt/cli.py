@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -246,6 +247,8 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def eval_flags(p: argparse.ArgumentParser) -> None:
+    from quillgpt.evaluate import ADAPT_LR
+
     p.add_argument("model")
     p.add_argument("--data", required=True, help="dataset name, text file or folder")
     p.add_argument("--split", choices=["val", "train", "all"], default="val", help="all: the whole text")
@@ -271,6 +274,17 @@ def eval_flags(p: argparse.ArgumentParser) -> None:
         "predicted from at least context - N tokens, as a compressor would (context / N times the "
         "compute); default: the context length, consecutive windows",
     )
+    p.add_argument(
+        "--adapt",
+        type=float,
+        nargs="?",
+        const=ADAPT_LR,
+        default=None,
+        metavar="LR",
+        help="dynamic evaluation: after scoring each window, one Adam step on it (learning rate LR, "
+        f"default {ADAPT_LR:g}), as an adaptive compressor learns from what it has coded; every text "
+        "starts from the model's weights; about 3x the compute, windows one at a time",
+    )
     p.add_argument("--device", default="auto")
     add_weights_arg(p, "float32")
     p.add_argument("--json", action="store_true", help="end with one JSON line")
@@ -287,6 +301,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     block_size = loaded.model.config.block_size
     if args.stride is not None and not 1 <= args.stride <= block_size:
         raise ConfigError(f"--stride must be between 1 and the model's context length {block_size}, not {args.stride}")
+    if args.adapt is not None:
+        if args.weights != "float32":
+            raise ConfigError(
+                f"--adapt trains the model's float32 weights; it cannot run with --weights {args.weights}"
+            )
+        if not (math.isfinite(args.adapt) and args.adapt > 0):
+            raise ConfigError(f"--adapt's learning rate must be a positive number, not {args.adapt}")
     val_split = args.val_split
     if val_split is None:  # the model's own split of its own training data
         own = loaded.provenance.get("data") == str(args.data)
@@ -300,6 +321,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         val_split=val_split,
         layout=args.layout,
         stride=args.stride,
+        adapt_lr=args.adapt,
     )
     result = {"model": str(loaded.path), "data": str(args.data), **result}
     key = "val_loss" if args.split == "val" else "loss"
@@ -308,7 +330,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     unknown = f", {result['unknown_characters']:,} unknown characters" if result["unknown_characters"] else ""
     print(
         f"{loaded.name} on {args.data} ({args.split}, {val_split}, {args.layout} layout"
-        f"{f', stride {args.stride}' if args.stride else ''}): "
+        f"{f', stride {args.stride}' if args.stride else ''}"
+        f"{f', adapting as it reads with lr {args.adapt:g}' if args.adapt else ''}): "
         f"loss {result[key]:.4f} nats/token, {result['bits_per_char']:.4f} bits/char, "
         f"{result['bits_per_byte']:.4f} bits/byte, {result['tokens']:,} tokens{unknown}"
     )

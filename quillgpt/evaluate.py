@@ -15,6 +15,15 @@ model's unknown-character token (`CharTokenizer(unk=True)`) stands for a whole c
 characters, so each character it stands for costs the model's probability of the token plus
 8 bits per byte of the character's UTF-8 (spelling the character out); a vocabulary without that
 token cannot score text with other characters at all (a TokenizerError names them).
+
+`adapt_lr` turns on dynamic evaluation (Krause et al., 2018): the model keeps learning from the text
+as it reads it, the way an adaptive compressor (PPM, zpaq, NNCP) does. Windows are read in order,
+one at a time; each window's new tokens are scored first, then one Adam step is taken on the loss
+just paid for them and every weight is pulled `ADAPT_DECAY` of the way back toward the model's own
+(so a long text cannot drag it far from what it was trained to be), so no token is ever predicted by weights that have seen it, and a decoder
+repeating the same steps could rebuild the text from the code: the total is an honest code length.
+Every scored text starts again from the model's own weights, and the caller's model is left as it
+was. It costs about three times the compute of plain scoring, and its numbers are reported as such.
 """
 
 from __future__ import annotations
@@ -29,26 +38,77 @@ import torch.nn.functional as F
 from quillgpt.config import TrainConfig
 from quillgpt.data import DataError, TokenSplits, get_batch, load_files, sequential_windows, split_dataset
 from quillgpt.layout import reflow
-from quillgpt.model import GPT
+from quillgpt.model import GPT, PackedLinear
 from quillgpt.tokenizer import CharTokenizer
 
 LAYOUTS = ("original", "paragraph")
 """How scored text is laid out: as stored, or with hard-wrapped paragraphs re-flowed to one line."""
 UNKNOWN_CHAR_BITS_PER_BYTE = 8.0
+ADAPT_LR = 5e-4
+"""`quill eval --adapt`'s learning rate when none is given (docs/results.md shows how it was chosen)."""
+ADAPT_DECAY = 0.01
+"""After each adaptation step every weight moves this fraction of the way back toward the model's own."""
 
 
-@torch.no_grad()
-def evaluate_ids(model: GPT, ids, batch_size: int = 16, stride: int | None = None) -> tuple[float, int]:
-    """(total negative log-likelihood in nats, tokens scored) over a 1-D array of token ids."""
+def evaluate_ids(
+    model: GPT, ids, batch_size: int = 16, stride: int | None = None, adapt_lr: float | None = None
+) -> tuple[float, int]:
+    """(total negative log-likelihood in nats, tokens scored) over a 1-D array of token ids;
+    `adapt_lr`: learning as it reads (the module docstring)."""
     model.eval()
-    device = next(model.parameters()).device
+    if adapt_lr is not None:
+        return _adapted_nll(model, ids, stride, adapt_lr)
     total, count = 0.0, 0
-    for x, y in sequential_windows(ids, model.config.block_size, batch_size, stride):
-        logits, _ = model(x.to(device))
-        y = y.to(device)
-        nll = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), ignore_index=-1, reduction="sum")
-        total += nll.item()
-        count += int((y >= 0).sum())
+    with torch.no_grad():
+        for x, y in sequential_windows(ids, model.config.block_size, batch_size, stride):
+            nll, n = _window_nll(model, x, y)
+            total += nll.item()
+            count += n
+    return total, count
+
+
+def _window_nll(model: GPT, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed NLL of a batch of windows' scored targets (those >= 0), and how many there are."""
+    device = next(model.parameters()).device
+    logits, _ = model(x.to(device))
+    y = y.to(device)
+    nll = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), ignore_index=-1, reduction="sum")
+    return nll, int((y >= 0).sum())
+
+
+def check_adaptable(model: GPT, lr: float) -> list[torch.nn.Parameter]:
+    """The parameters adaptation trains; a ValueError for a bad learning rate or weights it cannot train."""
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"the adaptation learning rate must be a positive number, not {lr}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    packed = any(isinstance(m, PackedLinear) for m in model.modules())  # weights readied for decoding only
+    if packed or not params or any(p.dtype != torch.float32 for p in params):
+        raise ValueError("adapting while scoring needs the model's float32 weights (load it with weights='float32')")
+    return params
+
+
+def _adapted_nll(model: GPT, ids, stride: int | None, lr: float) -> tuple[float, int]:
+    """Score each window, then take one Adam step on what it just paid and pull the weights back toward
+    their own by `ADAPT_DECAY`; the weights are put back after."""
+    params = check_adaptable(model, lr)
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    own = [p.detach().clone() for p in params]
+    optimizer = torch.optim.Adam(params, lr=lr)
+    total, count = 0.0, 0
+    try:
+        with torch.enable_grad():
+            for x, y in sequential_windows(ids, model.config.block_size, 1, stride):
+                nll, n = _window_nll(model, x, y)
+                total += nll.item()  # scored before the step below learns from these tokens
+                count += n
+                optimizer.zero_grad(set_to_none=True)
+                (nll / n).backward()
+                optimizer.step()
+                with torch.no_grad():
+                    torch._foreach_lerp_(params, own, ADAPT_DECAY)
+    finally:
+        model.load_state_dict(saved)
+        model.zero_grad(set_to_none=True)
     return total, count
 
 
@@ -84,12 +144,12 @@ class Score:
         }
 
 
-def score_text(model: GPT, tokenizer, text: str, stride: int | None = None) -> Score:
+def score_text(model: GPT, tokenizer, text: str, stride: int | None = None, adapt_lr: float | None = None) -> Score:
     """Score every token of `text` but the first (its context); see the module docstring."""
     ids = np.asarray(tokenizer.encode(text))
     if len(ids) < 2:  # the first token is only context
         raise DataError(f"a text of {len(ids)} token(s) is too short to score")
-    nll, tokens = evaluate_ids(model, ids, stride=stride)
+    nll, tokens = evaluate_ids(model, ids, stride=stride, adapt_lr=adapt_lr)
     if isinstance(tokenizer, CharTokenizer):
         scored = text[1:]  # one token per character
     else:
@@ -112,19 +172,23 @@ def evaluate(
     val_split: str = "concat",
     layout: str = "original",
     stride: int | None = None,
+    adapt_lr: float | None = None,
 ) -> dict:
     """Loss, bits per character and per byte of `split` ("val", "train" or "all") of a dataset.
 
     With `val_split="per_file"` each file's piece is scored on its own (its own windows) and
     reported under "files"; the totals add up the pieces. `layout="paragraph"` re-flows the scored
     text (`quillgpt.layout.reflow`) first. `stride`: overlapping windows (the module docstring);
-    the result's "stride" is the one used, the context length by default.
+    the result's "stride" is the one used, the context length by default. `adapt_lr`: the model
+    learns from each text as it scores it (the module docstring); "adapt_lr" in the result.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r} (expected one of {', '.join(LAYOUTS)})")
     block_size = model.config.block_size
     if stride is not None and not 1 <= stride <= block_size:
         raise ValueError(f"stride must be between 1 and the model's context length {block_size}, not {stride}")
+    if adapt_lr is not None:
+        check_adaptable(model, adapt_lr)
     text_split = split_dataset(data, val_fraction, val_split)
     pieces = {"val": text_split.val_files, "train": text_split.train_files}.get(split)
     if pieces is None:  # "all": each whole file (per_file), or the whole text in one piece
@@ -132,7 +196,7 @@ def evaluate(
         pieces = load_files(data) if val_split == "per_file" else whole
     total, per_file = None, {}
     for name, text in pieces:
-        score = score_text(model, tokenizer, reflow(text) if layout == "paragraph" else text, stride)
+        score = score_text(model, tokenizer, reflow(text) if layout == "paragraph" else text, stride, adapt_lr)
         per_file[name] = score
         total = score if total is None else total + score
     result = {
@@ -140,6 +204,7 @@ def evaluate(
         "val_split": val_split,
         "layout": layout,
         "stride": stride or block_size,
+        "adapt_lr": adapt_lr,
         "val_loss" if split == "val" else "loss": total.nll / total.tokens,
         **total.summary(),
         "data_sha256": text_split.data_sha256,

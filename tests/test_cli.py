@@ -227,3 +227,16 @@ def test_eval_takes_the_models_own_per_file_split_and_layout(tmp_path, capsys):
     assert code == 0 and "stride 4" in out and strided["stride"] == 4 and strided["tokens"] == result["tokens"]
     code, _, err = run("eval", str(tmp_path / "run"), "--data", str(books), "--stride", "17", capsys=capsys)
     assert code != 0 and "--stride must be between 1 and the model's context length 16, not 17" in err
+    code, out, _ = run("eval", str(tmp_path / "run"), "--data", str(books), "--adapt", "--json", capsys=capsys)
+    adapted = json.loads(out.strip().splitlines()[-1])
+    assert code == 0 and "adapting as it reads with lr 0.0005" in out and adapted["adapt_lr"] == 5e-4
+    assert adapted["tokens"] == result["tokens"] and result["adapt_lr"] is None
+    for flags, message in [
+        (["--adapt", "0"], "--adapt's learning rate must be a positive number, not 0.0"),
+        (
+            ["--adapt", "--weights", "int8"],
+            "--adapt trains the model's float32 weights; it cannot run with --weights int8",
+        ),
+    ]:
+        code, _, err = run("eval", str(tmp_path / "run"), "--data", str(books), *flags, capsys=capsys)
+        assert code == 2 and message in err

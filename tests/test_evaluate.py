@@ -7,9 +7,9 @@ import torch.nn.functional as F
 
 from quillgpt.checkpoint import load_model
 from quillgpt.data import split_dataset, split_text
-from quillgpt.evaluate import evaluate, evaluate_ids, score_text
+from quillgpt.evaluate import ADAPT_DECAY, evaluate, evaluate_ids, score_text
 from quillgpt.layout import reflow
-from quillgpt.model import GPT
+from quillgpt.model import GPT, PackedLinear, prepare_for_inference
 from quillgpt.tokenizer import CharTokenizer, TokenizerError
 from tests.conftest import REPO, SAMPLE_TEXT, tiny_config
 
@@ -125,6 +125,54 @@ def test_stride_one_predicts_every_token_from_its_full_context(tmp_path, char_to
     assert evaluate(model, char_tokenizer, str(path), "all")["stride"] == 16
     with pytest.raises(ValueError, match="stride must be between 1 and the model's context length 16, not 17"):
         evaluate(model, char_tokenizer, str(path), "all", stride=17)
+
+
+def test_adapting_scores_each_window_before_learning_from_it(char_tokenizer):
+    """Dynamic evaluation against its definition, written out with torch.optim.Adam: window 1 is
+    scored by the model's own weights, window 2 by the weights after one step on window 1's loss
+    and the pull back toward the model's own."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config(vocab_size=char_tokenizer.vocab_size, block_size=16)).eval()
+    ids = np.asarray(char_tokenizer.encode(SAMPLE_TEXT[:33]))  # two windows of 16 targets
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    reference = GPT(model.config).eval()
+    reference.load_state_dict(before)
+    optimizer = torch.optim.Adam(reference.parameters(), lr=5e-2)
+    x = torch.tensor(ids, dtype=torch.long)
+    first = F.cross_entropy(reference(x[None, :16])[0][0], x[1:17], reduction="sum")
+    (first / 16).backward()
+    optimizer.step()
+    with torch.no_grad():
+        for p, p0 in zip(reference.parameters(), (model.get_parameter(n) for n, _ in reference.named_parameters())):
+            p.copy_(p + ADAPT_DECAY * (p0 - p))  # pulled back toward the model's own weights
+        second = F.cross_entropy(reference(x[None, 16:32])[0][0], x[17:33], reduction="sum")
+    nll, tokens = evaluate_ids(model, ids, adapt_lr=5e-2)
+    assert tokens == 32 and nll == pytest.approx(first.item() + second.item(), rel=1e-5)
+    plain_second = evaluate_ids(model, ids[16:])[0]
+    assert abs(second.item() - plain_second) > 1e-3  # the step changed what window 2 costs
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the caller's weights back
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_adapting_learns_a_repetitive_text_and_refuses_what_it_cannot_train(tmp_path, char_tokenizer):
+    torch.manual_seed(0)
+    model = GPT(tiny_config(vocab_size=char_tokenizer.vocab_size, block_size=16)).eval()
+    path = tmp_path / "t.txt"
+    path.write_text("First Citizen:\nSpeak, speak.\n" * 12)
+    plain = evaluate(model, char_tokenizer, str(path), "all")
+    adapted = evaluate(model, char_tokenizer, str(path), "all", adapt_lr=1e-2)
+    strided = evaluate(model, char_tokenizer, str(path), "all", stride=8, adapt_lr=1e-2)
+    assert plain["adapt_lr"] is None and adapted["adapt_lr"] == 1e-2 and adapted["tokens"] == plain["tokens"]
+    assert adapted["bits_per_byte"] < 0.8 * plain["bits_per_byte"]  # it learned the refrain while reading
+    assert strided["tokens"] == plain["tokens"] and strided["bits_per_byte"] < 0.8 * plain["bits_per_byte"]
+    assert evaluate(model, char_tokenizer, str(path), "all") == plain  # nothing it learned stayed behind
+    for lr in (0.0, -1e-3, float("nan")):
+        with pytest.raises(ValueError, match="learning rate must be a positive number"):
+            evaluate(model, char_tokenizer, str(path), "all", adapt_lr=lr)
+    prepare_for_inference(model, "float32")
+    if any(isinstance(m, PackedLinear) for m in model.modules()):  # CPUs with oneDNN
+        with pytest.raises(ValueError, match="needs the model's float32 weights"):
+            evaluate(model, char_tokenizer, str(path), "all", adapt_lr=1e-2)
 
 
 def test_shakespeare_char_scores_exactly_as_before(shared_data, tmp_path):
