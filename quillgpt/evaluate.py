@@ -19,11 +19,12 @@ token cannot score text with other characters at all (a TokenizerError names the
 `adapt_lr` turns on dynamic evaluation (Krause et al., 2018): the model keeps learning from the text
 as it reads it, the way an adaptive compressor (PPM, zpaq, NNCP) does. Windows are read in order,
 one at a time; each window's new tokens are scored first, then one Adam step is taken on the loss
-just paid for them and every weight is pulled `ADAPT_DECAY` of the way back toward the model's own
-(so a long text cannot drag it far from what it was trained to be), so no token is ever predicted by weights that have seen it, and a decoder
-repeating the same steps could rebuild the text from the code: the total is an honest code length.
-Every scored text starts again from the model's own weights, and the caller's model is left as it
-was. It costs about three times the compute of plain scoring, and its numbers are reported as such.
+just paid for them, and every weight is pulled `ADAPT_DECAY` of the way back toward the model's own
+(a long text cannot drag it far from what it was trained to be). No token is ever predicted by
+weights that have seen it, and a decoder repeating the same steps could rebuild the text from the
+code: the total is an honest code length. Every scored text starts again from the model's own
+weights, and the caller's model is left as it was. It costs two to three times the compute of plain
+scoring, and its numbers are reported as such.
 """
 
 from __future__ import annotations
