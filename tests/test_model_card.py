@@ -3,7 +3,10 @@
 import json
 import re
 
-from quillgpt.checkpoint import save_model
+from quillgpt.checkpoint import load_model, save_model
+from quillgpt.data import split_dataset
+from quillgpt.evaluate import score_text
+from quillgpt.layout import reflow
 from quillgpt.model import GPT
 from quillgpt.tokenizer import CharTokenizer
 from tests.conftest import REPO, tiny_config
@@ -60,3 +63,17 @@ def test_card_per_book_table_matches_quill_eval(tmp_path, shared_data, capsys):
             assert row is not None, name
             assert row.group(1) == f"{scores['bytes']:,}"
             assert row.group(1 + column) == f"{scores['bits_per_byte']:.3f}"
+
+
+def test_shipped_harpoon_card_states_what_quill_eval_measures(shared_data):
+    """The shipped card's per-book rows for its two smallest books, scored again in both layouts."""
+    loaded = load_model("harpoon")
+    card = (REPO / "models" / "harpoon" / "README.md").read_text(encoding="utf-8")
+    val = dict(split_dataset(shared_data / "gutenberg", 0.1, "per_file").val_files)
+    for name in ("blake-poems.txt", "shakespeare-macbeth.txt"):
+        row = re.search(rf"^\| {re.escape(name)} \| ([0-9,]+) \| ([0-9.]+) \| ([0-9.]+) \|$", card, re.M)
+        assert row is not None, name
+        stored = score_text(loaded.model, loaded.tokenizer, val[name]).summary()
+        reflowed = score_text(loaded.model, loaded.tokenizer, reflow(val[name])).summary()
+        assert row.group(1) == f"{stored['bytes']:,}"  # the bytes as stored (re-flowing drops trailing spaces)
+        assert row.group(2) == f"{stored['bits_per_byte']:.3f}" and row.group(3) == f"{reflowed['bits_per_byte']:.3f}"
