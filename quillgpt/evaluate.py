@@ -93,7 +93,7 @@ def _adapted_nll(model: GPT, ids, stride: int | None, lr: float) -> tuple[float,
     their own by `ADAPT_DECAY`; the weights are put back after."""
     params = check_adaptable(model, lr)
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    own = [p.detach().clone() for p in params]
+    own = [saved[name] for name, p in model.named_parameters() if p.requires_grad]  # the same order as params
     optimizer = torch.optim.Adam(params, lr=lr)
     total, count = 0.0, 0
     try:
