@@ -73,3 +73,7 @@ def test_harpoon_notebook_scores_books_in_both_layouts_and_fine_tunes(tmp_path, 
     assert any("image/png" in o.get("data", {}) for o in outputs)  # the per-book chart
     before, after = (float(x) for x in re.search(r"([0-9.]+) bits/byte before, ([0-9.]+) after", text).groups())
     assert after < before  # even three seconds of fine-tuning a random model helps
+    plain, adapted = (
+        float(x) for x in re.search(r"([0-9.]+) bits/byte plain, ([0-9.]+) learning as it reads", text).groups()
+    )
+    assert plain == before and adapted < plain  # a random model learns from the poems as it reads them
