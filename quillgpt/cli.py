@@ -283,7 +283,7 @@ def eval_flags(p: argparse.ArgumentParser) -> None:
         metavar="LR",
         help="dynamic evaluation: after scoring each window, one Adam step on it (learning rate LR, "
         f"default {ADAPT_LR:g}), as an adaptive compressor learns from what it has coded; every text "
-        "starts from the model's weights; about 3x the compute, windows one at a time",
+        "starts from the model's weights; 2-3x the compute, windows one at a time",
     )
     p.add_argument("--device", default="auto")
     add_weights_arg(p, "float32")

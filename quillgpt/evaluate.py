@@ -106,7 +106,8 @@ def _adapted_nll(model: GPT, ids, stride: int | None, lr: float) -> tuple[float,
                 (nll / n).backward()
                 optimizer.step()
                 with torch.no_grad():
-                    torch._foreach_lerp_(params, own, ADAPT_DECAY)
+                    for p, p0 in zip(params, own):
+                        p.lerp_(p0, ADAPT_DECAY)
     finally:
         model.load_state_dict(saved)
         model.zero_grad(set_to_none=True)
