@@ -7,6 +7,7 @@ onto HuggingFace's `GPT2LMHeadModel`. Shapes: B batch, T time, C n_embd, nh head
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from quillgpt.config import GPTConfig
+from quillgpt.kernels import decode_attention_op
 
 
 def make_norm(config: GPTConfig, dim: int) -> nn.Module:
@@ -54,13 +56,23 @@ class KVCache:
         first = int(pos[0, 0])
         kv_len = int(pos.max()) + 1
         uniform = bool((pos == torch.arange(first, first + T, device=pos.device)).all())
+        start = first if uniform else None
+        if T == 1 and (kernel := self._decode_kernel()) is not None:  # one new token per row
+            return CacheStep(self, pos, start, kv_len, mask=None, causal=False, kernel=kernel, lengths=pos[:, 0] + 1)
         if uniform and T == 1:  # one new token per row, rows level: it may see every cached key
             return CacheStep(self, pos, first, kv_len, mask=None, causal=False)
         if uniform and first == 0:  # a fresh prompt: plain causal attention
             return CacheStep(self, pos, first, kv_len, mask=None, causal=True)
         # a key is visible to a query when its position is not later than the query's
         mask = torch.arange(kv_len, device=pos.device) <= pos[:, None, :, None]  # (B, 1, T, kv_len)
-        return CacheStep(self, pos, first if uniform else None, kv_len, mask=mask, causal=False)
+        return CacheStep(self, pos, start, kv_len, mask=mask, causal=False)
+
+    def _decode_kernel(self):
+        """The compiled decode attention (`quillgpt.kernels`), where it serves this cache: on the
+        CPU, float32 or bfloat16, no gradients wanted (it has no backward)."""
+        if self.k.device.type != "cpu" or self.k.dtype not in (torch.float32, torch.bfloat16):
+            return None
+        return None if torch.is_grad_enabled() else decode_attention_op()
 
 
 @dataclass
@@ -74,6 +86,10 @@ class CacheStep:
     kv_len: int
     mask: torch.Tensor | None
     causal: bool
+    kernel: Callable | None = None
+    """`quillgpt.kernels`' decode attention, for one new token per row; None: PyTorch's SDPA."""
+    lengths: torch.Tensor | None = None
+    """(B,) how many keys each row attends to, for the kernel."""
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this call's k, v (B, nh, T, hs); return all keys and values to attend over."""
@@ -87,6 +103,15 @@ class CacheStep:
             ck[rows, :, self.pos] = k.transpose(1, 2)  # (B, T, nh, hs) into (B, nh, Tmax, hs)
             cv[rows, :, self.pos] = v.transpose(1, 2)
         return ck[:B, :, : self.kv_len], cv[:B, :, : self.kv_len]
+
+    def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Attention of this call's queries q (B, nh, T, hs) over `update`'s keys and values: (B, T, nh*hs)."""
+        B, nh, T, hs = q.shape
+        if self.kernel is not None:
+            return self.kernel(q[:, :, 0].float(), keys, values, self.lengths).to(q.dtype).view(B, 1, nh * hs)
+        keys, values = keys.to(q.dtype), values.to(q.dtype)  # no copy unless the cache is held in another dtype
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask, is_causal=self.causal)
+        return y.transpose(1, 2).reshape(B, T, nh * hs)
 
 
 class Rotary(nn.Module):
@@ -144,10 +169,9 @@ class CausalSelfAttention(nn.Module):
         if cache is None:
             dropout = self.dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+            y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_size)  # (B, T, nh*hs)
         else:
-            keys, values = cache.update(layer, k, v)  # (B, nh, kv_len, hs)
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=cache.mask, is_causal=cache.causal)
-        y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_size)  # (B, T, nh*hs)
+            y = cache.attend(q, *cache.update(layer, k, v))  # keys and values (B, nh, kv_len, hs)
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -161,19 +185,25 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        h = self.c_fc(x)
-        if self.activation == "gelu":
-            h = F.gelu(h, approximate="tanh")
-        elif self.activation == "gelu_exact":
-            h = F.gelu(h)
-        elif self.activation == "relu":
-            h = F.relu(h)
-        elif self.activation == "relu2":
-            h = F.relu(h).square()
-        else:  # swiglu
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
+        if isinstance(self.c_fc, PackedLinear) and self.activation in POST_OPS:  # inference: one oneDNN call
+            h = self.c_fc.activated(x, self.activation)
+        else:
+            h = activate(self.c_fc(x), self.activation)
         return self.dropout(self.c_proj(h))
+
+
+def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
+    """The MLP's non-linearity (`GPTConfig.activation`) applied to the first layer's output."""
+    if activation == "gelu":
+        return F.gelu(h, approximate="tanh")
+    if activation == "gelu_exact":
+        return F.gelu(h)
+    if activation == "relu":
+        return F.relu(h)
+    if activation == "relu2":
+        return F.relu(h).square()
+    gate, up = h.chunk(2, dim=-1)  # swiglu
+    return F.silu(gate) * up
 
 
 class Block(nn.Module):
@@ -205,6 +235,8 @@ class GPT(nn.Module):
             )
         )
         self.rotary = Rotary(config) if config.pos_emb == "rope" else None
+        self.cache_dtype: torch.dtype | None = None
+        """The KV cache's dtype when decoding (`prepare_for_inference` sets it); None: the weights'."""
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=config.lm_head_bias)
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
@@ -296,6 +328,9 @@ class GPT(nn.Module):
 
 
 INFERENCE_WEIGHTS = ("auto", "float32", "bfloat16", "int8")
+POST_OPS = {"none": ("none", ""), "gelu": ("gelu", "tanh"), "gelu_exact": ("gelu", "none"), "relu": ("relu", "")}
+POST_OPS["relu2"] = POST_OPS["relu"]  # then squared
+"""Activations oneDNN's linear can apply as it writes its output: (attr, algorithm) of `_linear_pointwise`."""
 
 
 class PackedLinear(nn.Module):
@@ -325,8 +360,15 @@ class PackedLinear(nn.Module):
         self.packed_bias = None if self.bias is None else self.bias.detach().to(self.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.packed, self.packed_bias, "none", [], "")
-        return y.to(x.dtype)
+        return self.activated(x, "none").to(x.dtype)
+
+    def activated(self, x: torch.Tensor, activation: str) -> torch.Tensor:
+        """`activate(x W^T + b, activation)` in the packed weight's dtype (bfloat16 stays bfloat16 for
+        the next layer). oneDNN applies gelu or relu to each product as it writes it (`POST_OPS`),
+        which saves a pass over the MLP's widest activations and the dtype copies around it."""
+        attr, algorithm = POST_OPS[activation]
+        y = torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.packed, self.packed_bias, attr, [], algorithm)
+        return y.square() if activation == "relu2" else y
 
 
 def prepare_for_inference(model: GPT, weights: str = "float32") -> GPT:
@@ -335,11 +377,12 @@ def prepare_for_inference(model: GPT, weights: str = "float32") -> GPT:
     `weights`:
     - "float32": exact. On CPU the linear layers become `PackedLinear`s (same arithmetic, faster).
     - "bfloat16": the linear layers' weights in bfloat16, packed the same way: half the bytes to
-      read per token. Activations, norms, attention and the KV cache stay float32 (bfloat16
-      attention is slower on CPUs, and float32 keeps the residual stream exact). Worth it only where
-      the CPU computes in bfloat16 natively (AVX512-BF16, AMX).
+      read per token. Activations, norms and attention stay float32 (float32 keeps the residual
+      stream exact); the KV cache is bfloat16 where `quillgpt.kernels`' decode attention reads it
+      (PyTorch's attention is slower on bfloat16). Worth it only where the CPU computes in
+      bfloat16 natively (AVX512-BF16, AMX).
     - "int8": the linear layers' weights in int8 with a scale per row (`Int8Linear`), CPU only:
-      a quarter of the bytes, the fastest at decoding.
+      a quarter of the bytes, the fastest at decoding. The KV cache as for "bfloat16".
     - "auto": "int8" on CPU; elsewhere the model is left as it is. What each costs in loss on the
       shipped models is in docs/results.md (int8: 0.0005 nats on `shakespeare-char`).
     """
@@ -356,6 +399,10 @@ def prepare_for_inference(model: GPT, weights: str = "float32") -> GPT:
         raise ValueError(f"{weights} inference weights run on the CPU only")
     if weights in ("int8", "bfloat16") and not onednn:
         raise ValueError(f"{weights} inference weights need a CPU build of PyTorch with oneDNN (torch.backends.mkldnn)")
+    if weights in ("int8", "bfloat16") and decode_attention_op() is not None:
+        # keys and values come out of the linears rounded to bfloat16 already (rotated keys are
+        # rounded once more): a bfloat16 cache halves what each step reads, through the kernel
+        model.cache_dtype = torch.bfloat16
     if weights == "int8":
         return _replace_linears(model, Int8Linear)
     if cpu and onednn:
@@ -402,7 +449,8 @@ class Int8Linear(PackedLinear):
     AVX2 only (docs/results.md). It re-reads the weight for each row, though,
     so past a few rows (prompts, large batches) the `PackedLinear` it also is, holding the same
     rounded weight in bfloat16 where the CPU has it natively and float32 elsewhere, is faster.
-    Both paths round their result to bfloat16 (as the bfloat16 weights path does) and return float32.
+    Both paths round their result to bfloat16 (as the bfloat16 weights path does): `forward`
+    returns it in the input's dtype, `activated` in bfloat16.
     """
 
     def __init__(self, linear: nn.Linear):
@@ -416,11 +464,12 @@ class Int8Linear(PackedLinear):
         # (PyTorch 2.13: NaN or a crash at 24 or 1,020 inputs on AVX-512); those layers take the copy.
         self.few_rows = (4 if native else 16) if self.in_features % 16 == 0 else 0
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def activated(self, x: torch.Tensor, activation: str) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         if rows.shape[0] > self.few_rows:
-            return super().forward(x)
-        y = torch.ops.aten._weight_int8pack_mm(rows.to(torch.bfloat16), self.qweight, self.scale).to(x.dtype)
+            return super().activated(x, activation)
+        y = torch.ops.aten._weight_int8pack_mm(rows.to(torch.bfloat16), self.qweight, self.scale)
         if self.bias is not None:
-            y = y + self.bias
-        return y.view(*x.shape[:-1], self.out_features)
+            y = y + self.packed_bias  # in bfloat16, as oneDNN returns it on the other path
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if activation == "none" else activate(y, activation)

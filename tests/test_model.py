@@ -7,7 +7,7 @@ import torch
 
 from quillgpt.config import ConfigError, GPTConfig, load_train_config
 from quillgpt.interop.hf_gpt2 import gpt_from_hf_gpt2
-from quillgpt.model import GPT, Int8Linear, KVCache, PackedLinear, prepare_for_inference, quantize_rows
+from quillgpt.model import GPT, Int8Linear, KVCache, PackedLinear, activate, prepare_for_inference, quantize_rows
 from tests.conftest import REPO, tiny_config
 
 MODERN = dict(
@@ -199,6 +199,26 @@ def test_int8_linear_multiplies_by_its_rounded_weight_on_both_paths(bias, width)
         assert y.dtype == torch.float32
         torch.testing.assert_close(y.double(), reference, atol=0.05, rtol=0.01)  # both round to bfloat16
         assert (y.double() - (x.double() @ linear.weight.double().T)).abs().max() > 0.3  # not the original
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_exact", "relu", "relu2"])
+def test_packed_linears_apply_the_mlp_activation_as_they_multiply(activation):
+    """oneDNN applies the activation to each product before rounding it (`PackedLinear.activated`):
+    the same as the activation on the float32 product, to the output's own rounding."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(32, 48)
+    layers = {"float32": PackedLinear(linear), "bfloat16": PackedLinear(linear, torch.bfloat16)}
+    layers["int8"] = Int8Linear(linear)
+    for name, layer in layers.items():
+        for rows in (1, 9):  # int8: the int8 kernel, then the packed copy
+            x = torch.randn(rows, 1, 32).to(torch.bfloat16).float()
+            y = layer.activated(x, activation)
+            assert y.dtype == layer.dtype or (name == "int8" and rows <= layer.few_rows and y.dtype == torch.bfloat16)
+            exact = activate(layer(x), activation)  # the unfused path this replaces
+            tolerance = 1e-5 if name == "float32" else 0.02
+            torch.testing.assert_close(y.float(), exact, atol=tolerance, rtol=tolerance)
+            if activation.startswith("relu"):
+                assert (y >= 0).all() and (y == 0).any()
 
 
 @pytest.mark.parametrize("variant", ["gpt2", "modern"])

@@ -1,0 +1,162 @@
+"""The compiled decode attention (quillgpt/kernels) against attention written out in float64, and
+the model's use of it: chosen for decoding on the CPU, the same tokens as PyTorch's attention,
+a bfloat16 cache behind int8 weights, and a clear fallback where it cannot be built."""
+
+import logging
+import math
+import os
+import shutil
+
+import pytest
+import torch
+
+from quillgpt import kernels
+from quillgpt.generate import Decoder, generate
+from quillgpt.model import GPT, KVCache, prepare_for_inference
+from quillgpt.sampling import SamplingParams
+from tests.conftest import tiny_config
+
+CAN_BUILD = (
+    shutil.which(os.environ.get("CXX", "c++")) is not None
+    and shutil.which("ninja") is not None
+    and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    and os.environ.get("QUILL_KERNELS", "1") != "0"
+)
+needs_kernel = pytest.mark.skipif(not CAN_BUILD, reason="no C++ compiler, ninja or AVX2 here")
+
+
+@pytest.fixture(scope="module")
+def op():
+    op = kernels.decode_attention_op()
+    assert op is not None, "the kernel must build where a compiler and ninja are installed"
+    return op
+
+
+def reference(q, k, v, lengths):
+    """softmax(q . k / sqrt(D)) @ v per row and head over its first lengths[b] keys, in float64."""
+    B, H, _, D = k.shape
+    out = torch.empty(B, H, D, dtype=torch.float64)
+    for b in range(B):
+        n = int(lengths[b])
+        keys, values = k[b, :, :n].double(), v[b, :, :n].double()  # (H, n, D)
+        scores = torch.einsum("hd,hnd->hn", q[b].double(), keys) / math.sqrt(D)
+        out[b] = torch.einsum("hn,hnd->hd", scores.softmax(-1), values)
+    return out.view(B, H * D)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,H,D,T", [(1, 1, 8, 1), (3, 2, 24, 37), (5, 6, 64, 130)])
+def test_decode_attention_matches_attention_written_out(op, dtype, B, H, D, T):
+    torch.manual_seed(0)
+    cache_k = (3 * torch.randn(B + 1, H, T + 9, D)).to(dtype)  # views into a larger cache, as the model passes
+    cache_v = torch.randn(B + 1, H, T + 9, D).to(dtype)
+    k, v = cache_k[1:, :, :T], cache_v[1:, :, :T]
+    q = torch.randn(B, 3 * H, D)[:, ::3]  # strided heads too
+    lengths = torch.randint(1, T + 1, (B,))
+    lengths[0] = T
+    got = op(q, k, v, lengths)
+    assert got.shape == (B, H * D) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), reference(q, k, v, lengths), atol=2e-6, rtol=1e-5)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k.float(), v.float())  # all T keys
+    full = torch.full((B,), T)
+    torch.testing.assert_close(op(q, k, v, full), sdpa.reshape(B, H * D), atol=2e-6, rtol=1e-5)
+
+
+@needs_kernel
+def test_decode_attention_refuses_bad_inputs(op):
+    q, k = torch.randn(2, 3, 8), torch.randn(2, 3, 5, 8)
+    n = torch.tensor([5, 5])
+    cases = [
+        ((q, k, k, torch.tensor([5, 6])), "lengths must lie in"),
+        ((q, k, k, torch.tensor([0, 5])), "lengths must lie in"),
+        ((q, k, k, torch.tensor([5])), "lengths must be"),
+        ((q, k, k.double(), n), "float32 or both bfloat16"),
+        ((q.double(), k, k, n), "q must be float32"),
+        ((q[:, :2], k, k, n), "must match"),
+        ((q, k.transpose(2, 3), k.transpose(2, 3), n), "must match"),
+        ((q, torch.randn(2, 3, 5, 16)[..., ::2], k, n), "last dimension must be contiguous"),
+    ]
+    for args, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            op(*args)
+
+
+PROMPTS = ["Fi", "You are all", "S", "Speak, speak.\n\nAll:\nBefore"]  # of different lengths
+
+
+def noisy_model(vocab_size=40, **overrides) -> GPT:
+    """Random weights large enough that greedy decoding does not settle on one token."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config(vocab_size=vocab_size, block_size=24, tie_embeddings=False, **overrides)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    return model
+
+
+@needs_kernel
+def test_decoding_on_the_cpu_takes_the_kernel_and_keeps_every_token(op, char_tokenizer, monkeypatch):
+    model = noisy_model(char_tokenizer.vocab_size, pos_emb="rope", qk_norm=True)
+    cache = KVCache.allocate(model.config, 2)
+    with torch.inference_mode():
+        assert cache.prepare(torch.tensor([[3], [7]])).kernel is op  # rows at different positions too
+        assert cache.prepare(torch.tensor([[0, 1, 2]])).kernel is None  # prompts: PyTorch's causal attention
+    assert cache.prepare(torch.tensor([[3]])).kernel is None  # gradients wanted: the kernel has no backward
+    params = [SamplingParams(max_new_tokens=40, temperature=0), SamplingParams(max_new_tokens=40, seed=3)]
+    # 40 new tokens overflow the 24-token window: rows re-encode and decode at different positions
+    with_kernel = [[c.tokens for c in generate(model, char_tokenizer, PROMPTS, p)] for p in params]
+    monkeypatch.setattr("quillgpt.model.decode_attention_op", lambda: None)
+    without = [[c.tokens for c in generate(model, char_tokenizer, PROMPTS, p)] for p in params]
+    assert with_kernel == without and len(set(with_kernel[1][0])) > 5
+
+
+@needs_kernel
+@pytest.mark.parametrize("weights", ["int8", "bfloat16"])
+def test_rounded_weights_decode_from_a_bfloat16_cache(op, char_tokenizer, weights):
+    """Keys and values leave int8 and bfloat16 linears rounded to bfloat16, so the cache holds them
+    in bfloat16 (half the bytes a step reads); the logits stay those of a float32 cache."""
+    model = prepare_for_inference(noisy_model(char_tokenizer.vocab_size, pos_emb="rope"), weights)
+    assert model.cache_dtype == torch.bfloat16
+    assert Decoder(model, max_batch=2).cache.k.dtype == torch.bfloat16
+    assert prepare_for_inference(noisy_model(), "float32").cache_dtype is None  # exact stays exact
+    idx = torch.randint(0, char_tokenizer.vocab_size, (2, 20))
+    logits = {}
+    with torch.inference_mode():
+        for dtype in (torch.float32, torch.bfloat16):
+            cache = KVCache.allocate(model.config, 2, dtype=dtype)
+            model(idx[:, :5], cache=cache)
+            steps = [model(idx[:, t : t + 1], pos=torch.full((2, 1), t), cache=cache)[0] for t in range(5, 20)]
+            logits[dtype] = torch.cat(steps, dim=1)
+    scale = logits[torch.float32].abs().max().item()
+    assert 0 < (logits[torch.bfloat16] - logits[torch.float32]).abs().max() < 0.01 * scale
+
+
+def test_without_a_compiler_decoding_falls_back_and_says_why(monkeypatch, caplog):
+    from torch.utils import cpp_extension
+
+    def broken_build(*args, **kwargs):
+        raise RuntimeError("Error building extension 'quill_kernels'\nc++: fatal error")
+
+    monkeypatch.setattr(cpp_extension, "load", broken_build)
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/" + name)
+    monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: True)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    with caplog.at_level(logging.WARNING, logger="quillgpt.kernels"):
+        assert kernels._build() is None
+    assert "could not build" in caplog.text and "Error building extension 'quill_kernels'" in caplog.text
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with caplog.at_level(logging.INFO, logger="quillgpt.kernels"):
+        assert kernels._build() is None
+    assert "no C++ compiler or ninja" in caplog.text
+    monkeypatch.setenv("QUILL_KERNELS", "0")
+    assert kernels._build() is None
+
+
+def test_decoding_without_the_kernel_still_matches_the_full_forward(char_tokenizer, monkeypatch):
+    monkeypatch.setattr("quillgpt.model.decode_attention_op", lambda: None)
+    model = noisy_model(char_tokenizer.vocab_size)
+    params = SamplingParams(max_new_tokens=30, temperature=0)
+    cached = generate(model, char_tokenizer, PROMPTS, params)
+    uncached = generate(model, char_tokenizer, PROMPTS, params, use_cache=False)
+    assert [c.tokens for c in cached] == [c.tokens for c in uncached]
