@@ -100,8 +100,8 @@ class CacheStep:
             cv[:B, :, self.start : self.start + T] = v
         else:
             rows = torch.arange(B, device=k.device)[:, None]  # (B, 1)
-            ck[rows, :, self.pos] = k.transpose(1, 2)  # (B, T, nh, hs) into (B, nh, Tmax, hs)
-            cv[rows, :, self.pos] = v.transpose(1, 2)
+            ck[rows, :, self.pos] = k.transpose(1, 2).to(ck.dtype)  # (B, T, nh, hs) into (B, nh, Tmax, hs)
+            cv[rows, :, self.pos] = v.transpose(1, 2).to(cv.dtype)
         return ck[:B, :, : self.kv_len], cv[:B, :, : self.kv_len]
 
     def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

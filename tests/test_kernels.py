@@ -130,6 +130,11 @@ def test_rounded_weights_decode_from_a_bfloat16_cache(op, char_tokenizer, weight
             logits[dtype] = torch.cat(steps, dim=1)
     scale = logits[torch.float32].abs().max().item()
     assert 0 < (logits[torch.bfloat16] - logits[torch.float32]).abs().max() < 0.01 * scale
+    # rows at different positions write the cache one by one (continuous batching, the server)
+    greedy = SamplingParams(max_new_tokens=40, temperature=0)
+    tokens = [c.tokens for c in generate(model, char_tokenizer, PROMPTS, greedy)]
+    model.cache_dtype = None
+    assert tokens == [c.tokens for c in generate(model, char_tokenizer, PROMPTS, greedy)]
 
 
 def test_without_a_compiler_decoding_falls_back_and_says_why(monkeypatch, caplog):
