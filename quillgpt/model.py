@@ -106,12 +106,18 @@ class CacheStep:
 
     def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """Attention of this call's queries q (B, nh, T, hs) over `update`'s keys and values: (B, T, nh*hs)."""
-        B, nh, T, hs = q.shape
-        if self.kernel is not None:
-            return self.kernel(q[:, :, 0].float(), keys, values, self.lengths).to(q.dtype).view(B, 1, nh * hs)
-        keys, values = keys.to(q.dtype), values.to(q.dtype)  # no copy unless the cache is held in another dtype
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask, is_causal=self.causal)
-        return y.transpose(1, 2).reshape(B, T, nh * hs)
+        if self.kernel is None:
+            return attend(q, keys, values, self.mask, self.causal)
+        B, nh, _, hs = q.shape
+        return self.kernel(q[:, :, 0].float(), keys, values, self.lengths).to(q.dtype).view(B, 1, nh * hs)
+
+
+def attend(q, keys, values, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+    """PyTorch's attention of queries q (B, nh, T, hs) over keys and values (B, nh, S, hs): (B, T, nh*hs)."""
+    B, nh, T, hs = q.shape
+    keys, values = keys.to(q.dtype), values.to(q.dtype)  # no copy unless the cache is held in another dtype
+    y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal)
+    return y.transpose(1, 2).reshape(B, T, nh * hs)
 
 
 class Rotary(nn.Module):

@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from quillgpt.checkpoint import CheckpointError, LoadedModel
 from quillgpt.config import GPTConfig
-from quillgpt.model import GPT
+from quillgpt.model import GPT, attend
 
 INPUTS = ("input_ids", "past_keys", "past_values")
 OUTPUTS = ("logits", "present_keys", "present_values")
@@ -32,7 +32,8 @@ METADATA_KEY = "quillgpt_config"
 
 
 class ConcatCache:
-    """Stands in for `KVCache` (its `prepare`/`update`): past keys and values in, all of them out."""
+    """Stands in for `KVCache` (its `prepare`, `update` and `attend`): past keys and values in, all
+    of them out; PyTorch's attention (the graph has no place for the CPU kernel)."""
 
     def __init__(self, past_keys: torch.Tensor, past_values: torch.Tensor):
         self.past_keys, self.past_values = past_keys, past_values
@@ -52,6 +53,9 @@ class ConcatCache:
         self.keys.append(k)
         self.values.append(v)
         return k, v
+
+    def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        return attend(q, keys, values, self.mask, self.causal)
 
 
 class CachedStep(nn.Module):
