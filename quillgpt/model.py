@@ -32,6 +32,8 @@ class KVCache:
     Each row belongs to one sequence, its tokens at their own positions from 0: rows of different
     lengths need no left padding, and a row can be refilled while the others keep decoding
     (continuous batching). It lives outside the model, so it is never part of the state dict.
+    Decoding one token per row on a CPU attends through `quillgpt.kernels`' decode attention (which
+    also reads a bfloat16 cache); prompts, and everything elsewhere, through PyTorch's SDPA (`attend`).
     """
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor):
@@ -455,8 +457,8 @@ class Int8Linear(PackedLinear):
     AVX2 only (docs/results.md). It re-reads the weight for each row, though,
     so past a few rows (prompts, large batches) the `PackedLinear` it also is, holding the same
     rounded weight in bfloat16 where the CPU has it natively and float32 elsewhere, is faster.
-    Both paths round their result to bfloat16 (as the bfloat16 weights path does): `forward`
-    returns it in the input's dtype, `activated` in bfloat16.
+    Both paths round their products to bfloat16 (as the bfloat16 weights path does); `forward`
+    returns the input's dtype, `activated` bfloat16 from the int8 kernel and the copy's dtype past it.
     """
 
     def __init__(self, linear: nn.Linear):
@@ -476,6 +478,6 @@ class Int8Linear(PackedLinear):
             return super().activated(x, activation)
         y = torch.ops.aten._weight_int8pack_mm(rows.to(torch.bfloat16), self.qweight, self.scale)
         if self.bias is not None:
-            y = y + self.packed_bias  # in bfloat16, as oneDNN returns it on the other path
+            y = y + self.packed_bias  # the bias as the packed copy holds it, added before any activation
         y = y.view(*x.shape[:-1], self.out_features)
         return y if activation == "none" else activate(y, activation)
