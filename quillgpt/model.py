@@ -458,7 +458,7 @@ class Int8Linear(PackedLinear):
     so past a few rows (prompts, large batches) the `PackedLinear` it also is, holding the same
     rounded weight in bfloat16 where the CPU has it natively and float32 elsewhere, is faster.
     Both paths round their products to bfloat16 (as the bfloat16 weights path does); `forward`
-    returns the input's dtype, `activated` bfloat16 from the int8 kernel and the copy's dtype past it.
+    returns the input's dtype, `activated` the input's from the int8 kernel and the copy's past it.
     """
 
     def __init__(self, linear: nn.Linear):
@@ -476,8 +476,10 @@ class Int8Linear(PackedLinear):
         rows = x.reshape(-1, self.in_features)
         if rows.shape[0] > self.few_rows:
             return super().activated(x, activation)
-        y = torch.ops.aten._weight_int8pack_mm(rows.to(torch.bfloat16), self.qweight, self.scale)
+        y = torch.ops.aten._weight_int8pack_mm(rows.to(torch.bfloat16), self.qweight, self.scale).to(x.dtype)
         if self.bias is not None:
-            y = y + self.packed_bias  # the bias as the packed copy holds it, added before any activation
-        y = y.view(*x.shape[:-1], self.out_features)
+            y = y + self.bias
+        y = y.view(
+            *x.shape[:-1], self.out_features
+        )  # the activation in x's dtype: bfloat16 is slow without AVX512-BF16
         return y if activation == "none" else activate(y, activation)
