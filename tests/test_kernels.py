@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import shutil
+import time
 
 import pytest
 import torch
@@ -156,6 +157,19 @@ def test_without_a_compiler_decoding_falls_back_and_says_why(monkeypatch, caplog
     assert "no C++ compiler or ninja" in caplog.text
     monkeypatch.setenv("QUILL_KERNELS", "0")
     assert kernels._build() is None
+
+
+def test_a_lock_left_by_a_killed_build_is_removed_and_a_live_one_kept(tmp_path, caplog):
+    lock = tmp_path / "lock"
+    lock.touch()
+    kernels.clear_stale_lock(tmp_path)  # another process is building right now: wait for it
+    assert lock.exists()
+    old = time.time() - kernels.STALE_LOCK_SECONDS - 5
+    os.utime(lock, (old, old))
+    with caplog.at_level(logging.WARNING, logger="quillgpt.kernels"):
+        kernels.clear_stale_lock(tmp_path)
+    assert not lock.exists() and "did not finish" in caplog.text
+    kernels.clear_stale_lock(tmp_path)  # no lock: nothing to do
 
 
 def test_decoding_without_the_kernel_still_matches_the_full_forward(char_tokenizer, monkeypatch):

@@ -9,7 +9,9 @@ The first use builds it (about 10 s) into torch's extensions directory (`TORCH_E
 by default ~/.cache/torch_extensions), where later runs find it; a changed source or flag rebuilds.
 Where it cannot be built (no C++ compiler or `ninja`, a CPU without AVX2, an unwritable cache) or
 `QUILL_KERNELS=0` is set, `decode_attention_op()` is None and the model uses PyTorch's attention:
-the same results, slower at large batches. Installing `g++` and `ninja` is all it needs.
+the same results, slower at large batches. It needs a C++ compiler and ninja (`apt-get install g++
+ninja-build`, or `pip install ninja` in an activated virtual environment). A build that was killed
+leaves a lock file torch's builder would wait on forever; one older than ten minutes is removed.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -32,6 +35,9 @@ FLAGS = [
     "-fopenmp",  # at::parallel_for is inlined here: without OpenMP it would run on one thread
     "-ffast-math",  # float sums in vector lanes, and glibc's vector exp (libmvec) for the softmax
 ]
+NAME = "quill_kernels"
+STALE_LOCK_SECONDS = 600
+"""A build takes ~10 s; a lock file older than this was left by a build that was killed."""
 _lock = threading.Lock()
 _NOT_TRIED = object()
 _op = _NOT_TRIED
@@ -62,11 +68,23 @@ def _build():
         return None
     log.info("building the decode attention kernel (once; cached in torch's extensions directory)")
     try:
-        cpp_extension.load(
-            "quill_kernels", [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], is_python_module=False
-        )
+        clear_stale_lock(Path(cpp_extension._get_build_directory(NAME, verbose=False)))
+        cpp_extension.load(NAME, [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], is_python_module=False)
     except Exception as error:  # a failed build or an unwritable cache: decoding still works, slower
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         log.warning("could not build QuillGPT's decode attention kernel (%s); using PyTorch's attention", reason)
         return None
     return torch.ops.quill.decode_attention
+
+
+def clear_stale_lock(build_dir: Path) -> None:
+    """Remove the lock file a killed build left in `build_dir`: torch's builder waits for it to go
+    away with no time limit, so every later run would hang before decoding its first token."""
+    lock = build_dir / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_SECONDS:
+        log.warning("removing %s, left by a kernel build that did not finish %.0f s ago", lock, age)
+        lock.unlink(missing_ok=True)
