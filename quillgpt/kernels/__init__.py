@@ -66,7 +66,7 @@ def _build():
     if not shutil.which(os.environ.get("CXX", "c++")) or not cpp_extension.is_ninja_available():
         log.info("no C++ compiler or ninja here: decoding uses PyTorch's attention (install g++ and ninja to build it)")
         return None
-    log.info("building the decode attention kernel (once; cached in torch's extensions directory)")
+    log.info("loading the decode attention kernel (the first run builds it, ~10 s; later runs find it cached)")
     try:
         clear_stale_lock(Path(cpp_extension._get_build_directory(NAME, verbose=False)))
         cpp_extension.load(NAME, [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], is_python_module=False)
