@@ -65,6 +65,19 @@ def test_decode_attention_matches_attention_written_out(op, dtype, B, H, D, T):
 
 
 @needs_kernel
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_a_broken_cache_gives_what_pytorchs_attention_gives(op, bad):
+    """Built with -ffast-math, the kernel must still carry a NaN or an infinity in the cache (an
+    overflowed model) through as SDPA does, so the sampler's NaN check still sees it."""
+    torch.manual_seed(0)
+    for where in ("k", "v"):
+        q, k, v = torch.randn(2, 3, 16), torch.randn(2, 3, 9, 16), torch.randn(2, 3, 9, 16)
+        (k if where == "k" else v)[1, 2, 4, 5] = bad
+        sdpa = torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k, v).reshape(2, 48)
+        torch.testing.assert_close(op(q, k, v, torch.tensor([9, 9])), sdpa, equal_nan=True, atol=2e-6, rtol=1e-5)
+
+
+@needs_kernel
 def test_decode_attention_refuses_bad_inputs(op):
     q, k = torch.randn(2, 3, 8), torch.randn(2, 3, 5, 8)
     n = torch.tensor([5, 5])

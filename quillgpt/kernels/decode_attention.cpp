@@ -5,10 +5,13 @@
 // q is (B, H, D) float32; k and v are (B, H, T, D) views of the KV cache in float32 or bfloat16
 // (any strides, unit stride along D); lengths (B,) int64 says how many keys each row sees (rows of
 // a continuous batch sit at different positions), each in [1, T]; out is (B, H*D) float32, the
-// layout the output projection reads. Each (b, h) streams its keys once and its values once, so the kernel runs at the speed of
-// memory; PyTorch's CPU flash attention spends more time per (b, h) than the reading takes at the
-// shapes of a decode step (docs/results.md). Accumulation is in float32; rows run in parallel on
-// PyTorch's own threads (at::parallel_for).
+// layout the output projection reads.
+//
+// Each (b, h) streams its keys once and its values once, so a float32 cache is read at about the
+// memory's speed; PyTorch's CPU flash attention takes about twice as long at the shapes of a decode
+// step (docs/results.md). Sums are in float32; rows and heads run in parallel on PyTorch's own
+// threads (at::parallel_for). Built with -ffast-math (see __init__.py): sums are reordered into
+// vector lanes and exp is glibc's vector one; inputs are finite keys and values from the model.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
