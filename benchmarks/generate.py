@@ -14,7 +14,8 @@ Variants (`--variants`):
   int8        prepare_for_inference(weights="int8"): int8 linear weights, a scale per row (Int8Linear)
   onnx        `quill export onnx` run by onnxruntime (OnnxDecoder; greedy, rows of equal length)
 `auto` (what `quill generate`, `quill serve` and the playground use) is int8 on CPUs; the summary
-names it.
+names it, and whether decoding attends through the compiled kernel (`quillgpt.kernels`; with int8
+and bf16 weights the KV cache is then bfloat16) or PyTorch's SDPA (`QUILL_KERNELS=0`).
 
 Weights are random (speed does not depend on them) unless --model names a trained model; --config
 builds any shape from a training config (e.g. configs/harpoon-226m.json).
@@ -38,6 +39,7 @@ from machine import cpu_info, describe, memory_read_bandwidth
 from quillgpt.checkpoint import load_model
 from quillgpt.config import GPTConfig, load_train_config
 from quillgpt.generate import generate
+from quillgpt.kernels import decode_attention_op
 from quillgpt.model import GPT, Int8Linear, KVCache, PackedLinear, cpu_auto_weights, prepare_for_inference
 from quillgpt.sampling import SamplingParams
 from quillgpt.tokenizer import CharTokenizer
@@ -157,6 +159,8 @@ def main() -> None:
         f"batch-1 bound in fp32: {bandwidth / (read * 4):,.0f} tokens/s"
     )
     print(f"default path (weights=auto) on this CPU: {auto}")
+    attention = "compiled kernel (quillgpt/kernels)" if decode_attention_op() else "PyTorch SDPA (no kernel here)"
+    print(f"decode attention: {attention}; QUILL_KERNELS=0 compares against PyTorch's")
     report = {}
     for variant in args.variants.split(","):
         if variant == "onnx":
@@ -206,6 +210,7 @@ def main() -> None:
         "weights_read_per_token": read,
         "fp32_batch1_bound_tokens_per_s": fp32_bound,
         "default_variant": auto,
+        "decode_attention": "kernel" if decode_attention_op() else "sdpa",
         "results": report,
     }
     print(json.dumps(summary))
