@@ -84,7 +84,7 @@ def weights_read_per_token(model: GPT) -> int:
 
 @torch.inference_mode()
 def prefill_tokens_per_s(model: GPT, length: int, repeats: int = 5) -> float:
-    dtype = next(model.parameters()).dtype
+    dtype = model.cache_dtype or next(model.parameters()).dtype  # the cache the decoder allocates
     idx = torch.randint(0, model.config.vocab_size, (1, length))
     cache = KVCache.allocate(model.config, 1, dtype=dtype)
     model(idx, cache=cache, last_only=True)  # warm-up

@@ -60,7 +60,9 @@ class KVCache:
         uniform = bool((pos == torch.arange(first, first + T, device=pos.device)).all())
         start = first if uniform else None
         if T == 1 and (kernel := self._decode_kernel()) is not None:  # one new token per row
-            return CacheStep(self, pos, start, kv_len, mask=None, causal=False, kernel=kernel, lengths=pos[:, 0] + 1)
+            return CacheStep(
+                self, pos, start, kv_len, mask=None, causal=False, kernel=kernel, lengths=(pos[:, 0] + 1).long()
+            )
         if uniform and T == 1:  # one new token per row, rows level: it may see every cached key
             return CacheStep(self, pos, first, kv_len, mask=None, causal=False)
         if uniform and first == 0:  # a fresh prompt: plain causal attention
@@ -407,7 +409,8 @@ def prepare_for_inference(model: GPT, weights: str = "float32") -> GPT:
         raise ValueError(f"{weights} inference weights run on the CPU only")
     if weights in ("int8", "bfloat16") and not onednn:
         raise ValueError(f"{weights} inference weights need a CPU build of PyTorch with oneDNN (torch.backends.mkldnn)")
-    if weights in ("int8", "bfloat16") and decode_attention_op() is not None:
+    kernel = decode_attention_op() if cpu else None  # built now (once), not in the first request's first step
+    if weights in ("int8", "bfloat16") and kernel is not None:
         # keys and values come out of the linears rounded to bfloat16 already (rotated keys are
         # rounded once more): a bfloat16 cache halves what each step reads, through the kernel
         model.cache_dtype = torch.bfloat16

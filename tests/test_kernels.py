@@ -6,7 +6,6 @@ import logging
 import math
 import os
 import shutil
-import time
 
 import pytest
 import torch
@@ -52,16 +51,18 @@ def test_decode_attention_matches_attention_written_out(op, dtype, B, H, D, T):
     torch.manual_seed(0)
     cache_k = (3 * torch.randn(B + 1, H, T + 9, D)).to(dtype)  # views into a larger cache, as the model passes
     cache_v = torch.randn(B + 1, H, T + 9, D).to(dtype)
-    k, v = cache_k[1:, :, :T], cache_v[1:, :, :T]
     q = torch.randn(B, 3 * H, D)[:, ::3]  # strided heads too
     lengths = torch.randint(1, T + 1, (B,))
     lengths[0] = T
+    for b, n in enumerate(lengths.tolist()):  # keys past a row's length must never be read
+        cache_k[b + 1, :, n:], cache_v[b + 1, :, n:] = math.nan, math.nan
+    k, v = cache_k[1:, :, :T], cache_v[1:, :, :T]
     got = op(q, k, v, lengths)
     assert got.shape == (B, H * D) and got.dtype == torch.float32
     torch.testing.assert_close(got.double(), reference(q, k, v, lengths), atol=2e-6, rtol=1e-5)
-    sdpa = torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k.float(), v.float())  # all T keys
-    full = torch.full((B,), T)
-    torch.testing.assert_close(op(q, k, v, full), sdpa.reshape(B, H * D), atol=2e-6, rtol=1e-5)
+    k, v = (3 * torch.randn(B, H, T, D)).to(dtype), torch.randn(B, H, T, D).to(dtype)  # every key seen
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k.float(), v.float())
+    torch.testing.assert_close(op(q, k, v, torch.full((B,), T)), sdpa.reshape(B, H * D), atol=2e-6, rtol=1e-5)
 
 
 @needs_kernel
@@ -115,6 +116,7 @@ def test_decoding_on_the_cpu_takes_the_kernel_and_keeps_every_token(op, char_tok
     cache = KVCache.allocate(model.config, 2)
     with torch.inference_mode():
         assert cache.prepare(torch.tensor([[3], [7]])).kernel is op  # rows at different positions too
+        assert cache.prepare(torch.tensor([[3], [7]], dtype=torch.int32)).lengths.dtype == torch.int64
         assert cache.prepare(torch.tensor([[0, 1, 2]])).kernel is None  # prompts: PyTorch's causal attention
     assert cache.prepare(torch.tensor([[3]])).kernel is None  # gradients wanted: the kernel has no backward
     params = [SamplingParams(max_new_tokens=40, temperature=0), SamplingParams(max_new_tokens=40, seed=3)]
@@ -172,17 +174,25 @@ def test_without_a_compiler_decoding_falls_back_and_says_why(monkeypatch, caplog
     assert kernels._build() is None
 
 
-def test_a_lock_left_by_a_killed_build_is_removed_and_a_live_one_kept(tmp_path, caplog):
-    lock = tmp_path / "lock"
-    lock.touch()
-    kernels.clear_stale_lock(tmp_path)  # another process is building right now: wait for it
-    assert lock.exists()
-    old = time.time() - kernels.STALE_LOCK_SECONDS - 5
-    os.utime(lock, (old, old))
+def test_builds_take_turns_and_clear_a_lock_a_killed_build_left(tmp_path, caplog):
+    """torch's builder would wait forever on the `lock` file of a build that was killed; under the
+    OS lock nobody else is building, so it goes, and the load runs while the OS lock is held."""
+    import fcntl
+
+    (tmp_path / "lock").touch()
+    seen = []
+
+    def load():
+        with open(tmp_path / "quill.flock") as other:  # another process's attempt, as far as flock goes
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        seen.append((tmp_path / "lock").exists())
+
     with caplog.at_level(logging.WARNING, logger="quillgpt.kernels"):
-        kernels.clear_stale_lock(tmp_path)
-    assert not lock.exists() and "did not finish" in caplog.text
-    kernels.clear_stale_lock(tmp_path)  # no lock: nothing to do
+        kernels.locked_load(tmp_path, load)
+    assert seen == [False] and "did not finish" in caplog.text
+    with open(tmp_path / "quill.flock") as after:  # released once the load is done
+        fcntl.flock(after, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def test_decoding_without_the_kernel_still_matches_the_full_forward(char_tokenizer, monkeypatch):

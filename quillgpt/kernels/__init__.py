@@ -2,7 +2,7 @@
 
 - `decode_attention` (decode_attention.cpp): attention of one new query per row over that row's
   KV cache, the step every decoded token takes in every layer. It reads the cache at the speed of
-  memory, float32 or bfloat16; PyTorch's CPU attention spends about twice as long at these shapes
+  memory, float32 or bfloat16; PyTorch's CPU attention takes 1.6-1.9x as long at these shapes
   (docs/results.md). Results agree with `F.scaled_dot_product_attention` to float32 rounding.
 
 The first use builds it (about 10 s) into torch's extensions directory (`TORCH_EXTENSIONS_DIR`,
@@ -10,8 +10,8 @@ by default ~/.cache/torch_extensions), where later runs find it; a changed sourc
 Where it cannot be built (no C++ compiler or `ninja`, a CPU without AVX2, an unwritable cache) or
 `QUILL_KERNELS=0` is set, `decode_attention_op()` is None and the model uses PyTorch's attention:
 the same results, slower at large batches. It needs a C++ compiler and ninja (`apt-get install g++
-ninja-build`, or `pip install ninja` in an activated virtual environment). A build that was killed
-leaves a lock file torch's builder would wait on forever; one older than ten minutes is removed.
+ninja-build`, or `pip install ninja` in an activated virtual environment). Builds take turns under
+an OS lock (`locked_load`), which also clears the lock file a killed build leaves behind.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import logging
 import os
 import shutil
 import threading
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -36,8 +36,6 @@ FLAGS = [
     "-ffast-math",  # float sums in vector lanes, and glibc's vector exp (libmvec) for the softmax
 ]
 NAME = "quill_kernels"
-STALE_LOCK_SECONDS = 600
-"""A build takes ~10 s; a lock file older than this was left by a build that was killed."""
 _lock = threading.Lock()
 _NOT_TRIED = object()
 _op = _NOT_TRIED
@@ -67,9 +65,12 @@ def _build():
         log.info("no C++ compiler or ninja here: decoding uses PyTorch's attention (install g++ and ninja to build it)")
         return None
     log.info("loading the decode attention kernel (the first run builds it, ~10 s; later runs find it cached)")
-    try:
-        clear_stale_lock(Path(cpp_extension._get_build_directory(NAME, verbose=False)))
+
+    def load():
         cpp_extension.load(NAME, [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], is_python_module=False)
+
+    try:
+        locked_load(Path(cpp_extension._get_build_directory(NAME, verbose=False)), load)
     except Exception as error:  # a failed build or an unwritable cache: decoding still works, slower
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         log.warning("could not build QuillGPT's decode attention kernel (%s); using PyTorch's attention", reason)
@@ -77,14 +78,22 @@ def _build():
     return torch.ops.quill.decode_attention
 
 
-def clear_stale_lock(build_dir: Path) -> None:
-    """Remove the lock file a killed build left in `build_dir`: torch's builder waits for it to go
-    away with no time limit, so every later run would hang before decoding its first token."""
-    lock = build_dir / "lock"
+def locked_load(build_dir: Path, load: Callable[[], None]) -> None:
+    """Run `load()` (torch's build-or-load) holding an OS lock on `build_dir`: one process at a time.
+
+    Torch's builder marks a build with a `lock` file and makes other processes wait, with no time
+    limit, until it is gone; a build that was killed leaves it behind, and every later run would hang
+    before its first token. The OS releases `flock` when its holder dies, so whoever holds it knows no
+    build is under way and removes a `lock` file left over."""
     try:
-        age = time.time() - lock.stat().st_mtime
-    except FileNotFoundError:
+        import fcntl
+    except ImportError:  # not POSIX: torch's own lock file only
+        load()
         return
-    if age > STALE_LOCK_SECONDS:
-        log.warning("removing %s, left by a kernel build that did not finish %.0f s ago", lock, age)
-        lock.unlink(missing_ok=True)
+    with open(build_dir / "quill.flock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # waits while another process builds (about 10 s)
+        stale = build_dir / "lock"
+        if stale.exists():
+            log.warning("removing %s, left by a kernel build that did not finish", stale)
+            stale.unlink(missing_ok=True)
+        load()

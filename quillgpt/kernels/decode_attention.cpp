@@ -8,7 +8,7 @@
 // layout the output projection reads.
 //
 // Each (b, h) streams its keys once and its values once, so a float32 cache is read at about the
-// memory's speed; PyTorch's CPU flash attention takes about twice as long at the shapes of a decode
+// memory's speed; PyTorch's CPU flash attention takes 1.6-1.9x as long at the shapes of a decode
 // step (docs/results.md). Sums are in float32; rows and heads run in parallel on PyTorch's own
 // threads (at::parallel_for). Built with -ffast-math (see __init__.py): sums are reordered into
 // vector lanes and exp is glibc's vector one; inputs are finite keys and values from the model.

@@ -223,7 +223,7 @@ class PoisonedModel(torch.nn.Module):
 
     def __init__(self, model, poison: int):
         super().__init__()
-        self.model, self.config, self.cache_dtype, self.poison = model, model.config, model.cache_dtype, poison
+        self.model, self.config, self.poison = model, model.config, poison
 
     def forward(self, idx, **kwargs):
         logits, loss = self.model(idx, **kwargs)
