@@ -84,9 +84,8 @@ def weights_read_per_token(model: GPT) -> int:
 
 @torch.inference_mode()
 def prefill_tokens_per_s(model: GPT, length: int, repeats: int = 5) -> float:
-    dtype = model.cache_dtype or next(model.parameters()).dtype  # the cache the decoder allocates
     idx = torch.randint(0, model.config.vocab_size, (1, length))
-    cache = KVCache.allocate(model.config, 1, dtype=dtype)
+    cache = KVCache.allocate(model.config, 1, dtype=KVCache.dtype_for(model))  # as the decoder holds it
     model(idx, cache=cache, last_only=True)  # warm-up
     return length * repeats / sum(timed(lambda: model(idx, cache=cache, last_only=True)) for _ in range(repeats))
 
@@ -159,7 +158,8 @@ def main() -> None:
         f"batch-1 bound in fp32: {bandwidth / (read * 4):,.0f} tokens/s"
     )
     print(f"default path (weights=auto) on this CPU: {auto}")
-    attention = "compiled kernel (quillgpt/kernels)" if decode_attention_op() else "PyTorch SDPA (no kernel here)"
+    kernel = decode_attention_op() is not None
+    attention = "compiled kernel (quillgpt/kernels)" if kernel else "PyTorch SDPA (no kernel here)"
     print(f"decode attention: {attention}; QUILL_KERNELS=0 compares against PyTorch's")
     report = {}
     for variant in args.variants.split(","):
@@ -210,7 +210,7 @@ def main() -> None:
         "weights_read_per_token": read,
         "fp32_batch1_bound_tokens_per_s": fp32_bound,
         "default_variant": auto,
-        "decode_attention": "kernel" if decode_attention_op() else "sdpa",
+        "decode_attention": "kernel" if kernel else "sdpa",
         "results": report,
     }
     print(json.dumps(summary))

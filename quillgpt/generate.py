@@ -115,7 +115,7 @@ class Decoder:
         self.max_batch = max_batch
         self.use_cache = use_cache
         self.device = next(model.parameters()).device
-        dtype = getattr(model, "cache_dtype", None) or next(model.parameters()).dtype  # wrappers may not say
+        dtype = KVCache.dtype_for(model)
         self.cache = KVCache.allocate(self.config, max_batch, self.device, dtype) if use_cache else None
         self.active: list[SequenceState] = []
         self.keep = max(1, math.ceil(KEEP_FRACTION * self.config.block_size))

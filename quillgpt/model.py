@@ -33,11 +33,17 @@ class KVCache:
     lengths need no left padding, and a row can be refilled while the others keep decoding
     (continuous batching). It lives outside the model, so it is never part of the state dict.
     Decoding one token per row on a CPU attends through `quillgpt.kernels`' decode attention (which
-    also reads a bfloat16 cache); prompts, and everything elsewhere, through PyTorch's SDPA (`attend`).
+    also reads a bfloat16 cache); prompts, and everything elsewhere, through PyTorch's SDPA (`pytorch_attention`).
     """
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor):
         self.k, self.v = k, v  # (n_layer, B, nh, block_size, hs)
+
+    @staticmethod
+    def dtype_for(model: nn.Module) -> torch.dtype:
+        """The dtype a cache for `model` is held in: its `cache_dtype` (`prepare_for_inference` sets it),
+        else its weights' (models wrapped by other code may not name one)."""
+        return getattr(model, "cache_dtype", None) or next(model.parameters()).dtype
 
     @classmethod
     def allocate(cls, config: GPTConfig, batch_size: int, device=None, dtype=torch.float32) -> KVCache:
@@ -111,12 +117,12 @@ class CacheStep:
     def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """Attention of this call's queries q (B, nh, T, hs) over `update`'s keys and values: (B, T, nh*hs)."""
         if self.kernel is None:
-            return attend(q, keys, values, self.mask, self.causal)
+            return pytorch_attention(q, keys, values, self.mask, self.causal)
         B, nh, _, hs = q.shape
         return self.kernel(q[:, :, 0].float(), keys, values, self.lengths).to(q.dtype).view(B, 1, nh * hs)
 
 
-def attend(q, keys, values, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+def pytorch_attention(q, keys, values, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
     """PyTorch's attention of queries q (B, nh, T, hs) over keys and values (B, nh, S, hs): (B, T, nh*hs)."""
     B, nh, T, hs = q.shape
     keys, values = keys.to(q.dtype), values.to(q.dtype)  # no copy unless the cache is held in another dtype

@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from quillgpt.checkpoint import CheckpointError, LoadedModel
 from quillgpt.config import GPTConfig
-from quillgpt.model import GPT, attend
+from quillgpt.model import GPT, pytorch_attention
 
 INPUTS = ("input_ids", "past_keys", "past_values")
 OUTPUTS = ("logits", "present_keys", "present_values")
@@ -55,7 +55,7 @@ class ConcatCache:
         return k, v
 
     def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        return attend(q, keys, values, self.mask, self.causal)
+        return pytorch_attention(q, keys, values, self.mask, self.causal)
 
 
 class CachedStep(nn.Module):
