@@ -97,14 +97,21 @@ class CacheStep:
     mask: torch.Tensor | None
     causal: bool
     kernel: Callable | None = None
-    """`quillgpt.kernels`' decode attention, for one new token per row; None: PyTorch's SDPA."""
+    """`quillgpt.kernels`' decode attention, for one new token per row (it also stores that token's key
+    and value); None: PyTorch's SDPA."""
     lengths: torch.Tensor | None = None
     """(B,) how many keys each row attends to, for the kernel."""
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this call's k, v (B, nh, T, hs); return all keys and values to attend over."""
-        B, _, T, _ = k.shape
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Store this call's keys and values k, v (B, nh, T, hs) in layer `layer`'s cache, and return
+        the attention of its queries q (B, nh, T, hs) over every key each row sees: (B, T, nh*hs)."""
+        B, nh, T, hs = k.shape
         ck, cv = self.cache.k[layer], self.cache.v[layer]
+        keys, values = ck[:B, :, : self.kv_len], cv[:B, :, : self.kv_len]
+        if self.kernel is not None:  # it stores each row's new key and value itself, then attends
+            q, k_new, v_new = q[:, :, 0].float(), k[:, :, 0].float(), v[:, :, 0].float()  # (B, nh, hs)
+            y = self.kernel(q, keys, values, self.lengths, k_new, v_new)
+            return y.to(k.dtype).view(B, 1, nh * hs)
         if self.start is not None:
             ck[:B, :, self.start : self.start + T] = k
             cv[:B, :, self.start : self.start + T] = v
@@ -112,14 +119,7 @@ class CacheStep:
             rows = torch.arange(B, device=k.device)[:, None]  # (B, 1)
             ck[rows, :, self.pos] = k.transpose(1, 2).to(ck.dtype)  # (B, T, nh, hs) into (B, nh, Tmax, hs)
             cv[rows, :, self.pos] = v.transpose(1, 2).to(cv.dtype)
-        return ck[:B, :, : self.kv_len], cv[:B, :, : self.kv_len]
-
-    def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """Attention of this call's queries q (B, nh, T, hs) over `update`'s keys and values: (B, T, nh*hs)."""
-        if self.kernel is None:
-            return pytorch_attention(q, keys, values, self.mask, self.causal)
-        B, nh, _, hs = q.shape
-        return self.kernel(q[:, :, 0].float(), keys, values, self.lengths).to(q.dtype).view(B, 1, nh * hs)
+        return pytorch_attention(q, keys, values, self.mask, self.causal)
 
 
 def pytorch_attention(q, keys, values, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
@@ -187,7 +187,7 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
             y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_size)  # (B, T, nh*hs)
         else:
-            y = cache.attend(q, *cache.update(layer, k, v))  # keys and values (B, nh, kv_len, hs)
+            y = cache.attend(layer, q, k, v)
         return self.resid_dropout(self.c_proj(y))
 
 

@@ -32,7 +32,7 @@ METADATA_KEY = "quillgpt_config"
 
 
 class ConcatCache:
-    """Stands in for `KVCache` (its `prepare`, `update` and `attend`): past keys and values in, all
+    """Stands in for `KVCache` (its `prepare` and `attend`): past keys and values in, all
     of them out; PyTorch's attention (the graph has no place for the CPU kernel)."""
 
     def __init__(self, past_keys: torch.Tensor, past_values: torch.Tensor):
@@ -47,15 +47,12 @@ class ConcatCache:
         self.mask = torch.arange(kv_len, device=pos.device) <= pos[:, None, :, None]  # (B, 1, T, P + T)
         return self
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k = torch.cat([self.past_keys[layer], k], dim=2)  # (B, nh, P + T, hs)
         v = torch.cat([self.past_values[layer], v], dim=2)
         self.keys.append(k)
         self.values.append(v)
-        return k, v
-
-    def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        return pytorch_attention(q, keys, values, self.mask, self.causal)
+        return pytorch_attention(q, k, v, self.mask, self.causal)
 
 
 class CachedStep(nn.Module):

@@ -5,28 +5,41 @@
 // q is (B, H, D) float32; k and v are (B, H, T, D) views of the KV cache in float32 or bfloat16
 // (any strides, unit stride along D); lengths (B,) int64 says how many keys each row sees (rows of
 // a continuous batch sit at different positions), each in [1, T]; out is (B, H*D) float32, the
-// layout the output projection reads.
+// layout the output projection reads. Given k_new and v_new (B, H, D) float32, the step's own key
+// and value, it first stores them at each row's last position, k[b, h, n - 1] (rounded to
+// bfloat16 to nearest even, as Tensor.to does, for a bfloat16 cache): one pass over the cache
+// where a separate copy would miss the caches for every row and head.
 //
-// Each (b, h) streams its keys once and its values once, so a float32 cache is read at about the
-// memory's speed; PyTorch's CPU flash attention takes 1.6-1.9x as long at the shapes of a decode
-// step (docs/results.md). Sums are in float32; rows and heads run in parallel on PyTorch's own
-// threads (at::parallel_for). Built with -ffast-math (see __init__.py): sums are reordered into
-// vector lanes and exp is glibc's vector one; inputs are finite keys and values from the model.
+// Each (b, h) streams its keys once and its values once, asking for the next keys and values ahead
+// of use (the cache is cold: a step's weights pass through the CPU caches between layers). Where D
+// is a multiple of 16, AVX2 multiply-adds take 16 values at a time, bfloat16 converted by
+// interleaving (`load16`); other head sizes take a plain loop. Sums are in float32; rows and heads
+// run in parallel on PyTorch's own threads (at::parallel_for). Built with -ffast-math (see
+// __init__.py): sums are reordered into vector lanes and exp is glibc's vector one; a NaN or an
+// infinity in the cache still comes out as PyTorch's attention gives it (tests/test_kernels.py).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <immintrin.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace {
 
 inline float as_float(float x) { return x; }
+
+inline void store(float x, float* to) { *to = x; }
+
+inline void store(float x, uint16_t* to) { *to = c10::BFloat16(x).x; }  // to nearest even, as PyTorch
 
 inline float as_float(uint16_t bfloat16_bits) {  // a bfloat16 is the high half of a float32
   const uint32_t bits = static_cast<uint32_t>(bfloat16_bits) << 16;
@@ -35,70 +48,170 @@ inline float as_float(uint16_t bfloat16_bits) {  // a bfloat16 is the high half 
   return x;
 }
 
+// Sixteen cache values as two vectors of eight floats. For bfloat16, interleaving a zero below each
+// value makes it a float32; AVX2 interleaves within 128-bit halves, so the values come out in the
+// order 0-3 8-11 | 4-7 12-15 (`slot`). q and the output are kept in the same order.
+inline void load16(const float* x, __m256& lo, __m256& hi) {
+  lo = _mm256_loadu_ps(x);
+  hi = _mm256_loadu_ps(x + 8);
+}
+
+inline void load16(const uint16_t* x, __m256& lo, __m256& hi) {
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+  const __m256i zero = _mm256_setzero_si256();
+  lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, bits));
+  hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, bits));
+}
+
+// Where load16 puts value d: its position in the pair of vectors, counted from d's group of 16.
+template <typename cache_t>
+inline int64_t slot(int64_t d) {
+  if (std::is_same<cache_t, float>::value) return d;
+  const int64_t r = d & 15;
+  return (d & ~int64_t{15}) + ((r >> 2) & 1) * 8 + (r >> 3) * 4 + (r & 3);
+}
+
+// The four sums of a, b, c and d's lanes.
+inline __m128 sum4(__m256 a, __m256 b, __m256 c, __m256 d) {
+  const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+  return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+
+// Asks for a cache row (D values) to be brought into the caches ahead of its use.
+template <typename cache_t>
+inline void prefetch_row(const cache_t* row, int64_t D) {
+  const char* bytes = reinterpret_cast<const char*>(row);
+  for (int64_t at = 0; at < D * static_cast<int64_t>(sizeof(cache_t)); at += 64) __builtin_prefetch(bytes + at);
+}
+
+constexpr int64_t AHEAD = 16;  // how many keys ahead to prefetch
+
+// p[:n] = softmax(p[:n]); returns nothing, p holds probabilities.
+inline void softmax(float* p, int64_t n) {
+  const float top = *std::max_element(p, p + n);
+  float total = 0.0f;
+  for (int64_t t = 0; t < n; ++t) total += (p[t] = std::exp(p[t] - top));
+  const float inv = 1.0f / total;
+  for (int64_t t = 0; t < n; ++t) p[t] *= inv;
+}
+
+// One (b, h): o[:D] = softmax(q . k[:n] * scale) @ v[:n]; q and o in `slot` order when `vector`.
+// next_k, next_n: the keys the thread reads next, prefetched while this one sums its values.
+template <typename cache_t, bool vector>
+void attend_one(const float* q, const cache_t* k, const cache_t* v, int64_t kt, int64_t vt, int64_t n, int64_t D,
+                float scale, const cache_t* next_k, int64_t next_n, float* p, float* o) {
+  int64_t t = 0;
+  for (; t + 4 <= n; t += 4) {  // scores, four keys at a time: independent sums keep the units busy
+    const cache_t* k0 = k + t * kt;
+    const cache_t *k1 = k0 + kt, *k2 = k1 + kt, *k3 = k2 + kt;
+    for (int64_t j = t; j < t + 4; ++j) {
+      if (j + AHEAD < n) prefetch_row(k + (j + AHEAD) * kt, D);
+      prefetch_row(v + j * vt, D);
+    }
+    if constexpr (vector) {
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+      for (int64_t d = 0; d < D; d += 16) {
+        const __m256 qlo = _mm256_loadu_ps(q + d), qhi = _mm256_loadu_ps(q + d + 8);
+        __m256 lo, hi;
+        load16(k0 + d, lo, hi), a0 = _mm256_fmadd_ps(lo, qlo, a0), b0 = _mm256_fmadd_ps(hi, qhi, b0);
+        load16(k1 + d, lo, hi), a1 = _mm256_fmadd_ps(lo, qlo, a1), b1 = _mm256_fmadd_ps(hi, qhi, b1);
+        load16(k2 + d, lo, hi), a2 = _mm256_fmadd_ps(lo, qlo, a2), b2 = _mm256_fmadd_ps(hi, qhi, b2);
+        load16(k3 + d, lo, hi), a3 = _mm256_fmadd_ps(lo, qlo, a3), b3 = _mm256_fmadd_ps(hi, qhi, b3);
+      }
+      const __m128 s = sum4(_mm256_add_ps(a0, b0), _mm256_add_ps(a1, b1), _mm256_add_ps(a2, b2), _mm256_add_ps(a3, b3));
+      _mm_storeu_ps(p + t, _mm_mul_ps(s, _mm_set1_ps(scale)));
+    } else {
+      float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+      for (int64_t d = 0; d < D; ++d) {
+        s0 += q[d] * as_float(k0[d]);
+        s1 += q[d] * as_float(k1[d]);
+        s2 += q[d] * as_float(k2[d]);
+        s3 += q[d] * as_float(k3[d]);
+      }
+      p[t] = s0 * scale, p[t + 1] = s1 * scale, p[t + 2] = s2 * scale, p[t + 3] = s3 * scale;
+    }
+  }
+  for (; t < n; ++t) {
+    const cache_t* key = k + t * kt;
+    float dot = 0.0f;
+    for (int64_t d = 0; d < D; ++d) dot += q[vector ? slot<cache_t>(d) : d] * as_float(key[d]);
+    p[t] = dot * scale;
+  }
+  softmax(p, n);
+  // the weighted sum of values, four at a time: the output row is read and written once per four
+  std::fill(o, o + D, 0.0f);
+  for (t = 0; t + 4 <= n; t += 4) {
+    const cache_t* v0 = v + t * vt;
+    const cache_t *v1 = v0 + vt, *v2 = v1 + vt, *v3 = v2 + vt;
+    for (int64_t j = t; j < t + 4 && j < next_n; ++j) prefetch_row(next_k + j * kt, D);
+    if constexpr (vector) {
+      const __m256 w0 = _mm256_set1_ps(p[t]), w1 = _mm256_set1_ps(p[t + 1]);
+      const __m256 w2 = _mm256_set1_ps(p[t + 2]), w3 = _mm256_set1_ps(p[t + 3]);
+      for (int64_t d = 0; d < D; d += 16) {
+        __m256 olo = _mm256_loadu_ps(o + d), ohi = _mm256_loadu_ps(o + d + 8), lo, hi;
+        load16(v0 + d, lo, hi), olo = _mm256_fmadd_ps(lo, w0, olo), ohi = _mm256_fmadd_ps(hi, w0, ohi);
+        load16(v1 + d, lo, hi), olo = _mm256_fmadd_ps(lo, w1, olo), ohi = _mm256_fmadd_ps(hi, w1, ohi);
+        load16(v2 + d, lo, hi), olo = _mm256_fmadd_ps(lo, w2, olo), ohi = _mm256_fmadd_ps(hi, w2, ohi);
+        load16(v3 + d, lo, hi), olo = _mm256_fmadd_ps(lo, w3, olo), ohi = _mm256_fmadd_ps(hi, w3, ohi);
+        _mm256_storeu_ps(o + d, olo), _mm256_storeu_ps(o + d + 8, ohi);
+      }
+    } else {
+      const float w0 = p[t], w1 = p[t + 1], w2 = p[t + 2], w3 = p[t + 3];
+      for (int64_t d = 0; d < D; ++d) {
+        o[d] += w0 * as_float(v0[d]) + w1 * as_float(v1[d]) + w2 * as_float(v2[d]) + w3 * as_float(v3[d]);
+      }
+    }
+  }
+  for (; t < n; ++t) {
+    const cache_t* value = v + t * vt;
+    for (int64_t d = 0; d < D; ++d) o[vector ? slot<cache_t>(d) : d] += p[t] * as_float(value[d]);
+  }
+}
+
 template <typename cache_t>
 void attend_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const int64_t* lengths,
-                 at::Tensor& out) {
+                 const at::Tensor* k_new, const at::Tensor* v_new, at::Tensor& out) {
   const int64_t B = k.size(0), H = k.size(1), T = k.size(2), D = k.size(3);
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const bool vector = D % 16 == 0;
   const float* qp = q.data_ptr<float>();
-  const auto* kp = static_cast<const cache_t*>(k.data_ptr());
-  const auto* vp = static_cast<const cache_t*>(v.data_ptr());
+  auto* kp = static_cast<cache_t*>(k.data_ptr());
+  auto* vp = static_cast<cache_t*>(v.data_ptr());
+  const float* knp = k_new ? k_new->data_ptr<float>() : nullptr;
+  const float* vnp = v_new ? v_new->data_ptr<float>() : nullptr;
   float* op = out.data_ptr<float>();
   const int64_t qb = q.stride(0), qh = q.stride(1);
   const int64_t kb = k.stride(0), kh = k.stride(1), kt = k.stride(2);
   const int64_t vb = v.stride(0), vh = v.stride(1), vt = v.stride(2);
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> p(T);  // scores, then probabilities
+    std::vector<float> p(T), qs(D), os(D);  // scores then probabilities; q and o in slot order
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / H, h = i % H, n = lengths[b];
       const float* qi = qp + b * qb + h * qh;
-      const cache_t* ki = kp + b * kb + h * kh;
-      const cache_t* vi = vp + b * vb + h * vh;
-      // scores, four keys at a time: four independent sums keep the multiply-add units busy
-      int64_t t = 0;
-      for (; t + 4 <= n; t += 4) {
-        const cache_t* k0 = ki + t * kt;
-        const cache_t *k1 = k0 + kt, *k2 = k1 + kt, *k3 = k2 + kt;
-        float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-        for (int64_t d = 0; d < D; ++d) {
-          s0 += qi[d] * as_float(k0[d]);
-          s1 += qi[d] * as_float(k1[d]);
-          s2 += qi[d] * as_float(k2[d]);
-          s3 += qi[d] * as_float(k3[d]);
-        }
-        p[t] = s0 * scale, p[t + 1] = s1 * scale, p[t + 2] = s2 * scale, p[t + 3] = s3 * scale;
-      }
-      for (; t < n; ++t) {
-        const cache_t* key = ki + t * kt;
-        float dot = 0.0f;
-        for (int64_t d = 0; d < D; ++d) dot += qi[d] * as_float(key[d]);
-        p[t] = dot * scale;
-      }
-      const float top = *std::max_element(p.begin(), p.begin() + n);
-      float total = 0.0f;
-      for (t = 0; t < n; ++t) total += (p[t] = std::exp(p[t] - top));
-      const float inv = 1.0f / total;
-      // the weighted sum of values, four at a time: the output row is read and written once per four
       float* o = op + i * D;
-      std::fill(o, o + D, 0.0f);
-      for (t = 0; t + 4 <= n; t += 4) {
-        const cache_t* v0 = vi + t * vt;
-        const cache_t *v1 = v0 + vt, *v2 = v1 + vt, *v3 = v2 + vt;
-        const float w0 = p[t] * inv, w1 = p[t + 1] * inv, w2 = p[t + 2] * inv, w3 = p[t + 3] * inv;
-        for (int64_t d = 0; d < D; ++d) {
-          o[d] += w0 * as_float(v0[d]) + w1 * as_float(v1[d]) + w2 * as_float(v2[d]) + w3 * as_float(v3[d]);
-        }
+      const int64_t next_b = (i + 1) / H, next_h = (i + 1) % H;
+      const cache_t* next_k = kp + next_b * kb + next_h * kh;
+      const int64_t next_n = i + 1 < end ? lengths[next_b] : 0;
+      cache_t* ki = kp + b * kb + h * kh;
+      cache_t* vi = vp + b * vb + h * vh;
+      if (knp) {  // this step's key and value, at the row's last position
+        const float* kn = knp + b * k_new->stride(0) + h * k_new->stride(1);
+        const float* vn = vnp + b * v_new->stride(0) + h * v_new->stride(1);
+        for (int64_t d = 0; d < D; ++d) store(kn[d], ki + (n - 1) * kt + d), store(vn[d], vi + (n - 1) * vt + d);
       }
-      for (; t < n; ++t) {
-        const cache_t* value = vi + t * vt;
-        const float w = p[t] * inv;
-        for (int64_t d = 0; d < D; ++d) o[d] += w * as_float(value[d]);
+      if (vector) {
+        for (int64_t d = 0; d < D; ++d) qs[slot<cache_t>(d)] = qi[d];
+        attend_one<cache_t, true>(qs.data(), ki, vi, kt, vt, n, D, scale, next_k, next_n, p.data(), os.data());
+        for (int64_t d = 0; d < D; ++d) o[d] = os[slot<cache_t>(d)];
+      } else {
+        attend_one<cache_t, false>(qi, ki, vi, kt, vt, n, D, scale, next_k, next_n, p.data(), o);
       }
     }
   });
 }
 
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lengths) {
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lengths,
+                            const std::optional<at::Tensor>& k_new, const std::optional<at::Tensor>& v_new) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 4 && v.sizes() == k.sizes(),
               "decode_attention: q must be (B, H, D) and k, v (B, H, T, D)");
   TORCH_CHECK(q.size(0) == k.size(0) && q.size(1) == k.size(1) && q.size(2) == k.size(3),
@@ -112,21 +225,32 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == k.size(0) && lengths.scalar_type() == at::kLong &&
                   lengths.is_contiguous(),
               "decode_attention: lengths must be (B,) int64");
+  TORCH_CHECK(k_new.has_value() == v_new.has_value(), "decode_attention: give both k_new and v_new, or neither");
+  if (k_new.has_value()) {
+    for (const at::Tensor* t : {&*k_new, &*v_new}) {
+      TORCH_CHECK(t->sizes() == q.sizes() && t->scalar_type() == at::kFloat && t->stride(2) == 1,
+                  "decode_attention: k_new and v_new must be (B, H, D) float32 like q, the last dimension contiguous");
+    }
+  }
   const int64_t* n = lengths.data_ptr<int64_t>();
   for (int64_t b = 0; b < lengths.size(0); ++b) {
     TORCH_CHECK(n[b] >= 1 && n[b] <= k.size(2), "decode_attention: lengths must lie in [1, T]");
   }
   auto out = at::empty({q.size(0), q.size(1) * q.size(2)}, q.options());
+  const at::Tensor* kn = k_new.has_value() ? &*k_new : nullptr;
+  const at::Tensor* vn = v_new.has_value() ? &*v_new : nullptr;
   if (k.scalar_type() == at::kFloat) {
-    attend_rows<float>(q, k, v, n, out);
+    attend_rows<float>(q, k, v, n, kn, vn, out);
   } else {
-    attend_rows<uint16_t>(q, k, v, n, out);
+    attend_rows<uint16_t>(q, k, v, n, kn, vn, out);
   }
   return out;
 }
 
 }  // namespace
 
-TORCH_LIBRARY(quill, m) { m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor lengths) -> Tensor"); }
+TORCH_LIBRARY(quill, m) {
+  m.def("decode_attention(Tensor q, Tensor(a!) k, Tensor(b!) v, Tensor lengths, Tensor? k_new=None, Tensor? v_new=None) -> Tensor");
+}
 
 TORCH_LIBRARY_IMPL(quill, CPU, m) { m.impl("decode_attention", decode_attention); }
