@@ -71,6 +71,7 @@ def held_weight_mb(model: GPT) -> float:
             total += m.packed.numel() * m.packed.element_size()
         if isinstance(m, Int8Linear):
             total += m.qweight.numel() + m.scale.numel() * m.scale.element_size()
+            total += 0 if m.float16_copy is None else 2 * m.in_features * m.out_features  # its float16 copy
     return total / 1e6
 
 

@@ -441,6 +441,17 @@ def _replace_linears(model: GPT, make) -> GPT:
     return model
 
 
+HALF_ROWS = 48
+"""Up to how many rows `Int8Linear` multiplies by its float16 copy: past ~48, oneDNN's float32 one wins."""
+
+
+def fbgemm_half() -> bool:
+    """Whether this PyTorch has FBGEMM's float16-weight matmul (x86 builds, CPUs with AVX2)."""
+    return "fbgemm" in torch.backends.quantized.supported_engines and hasattr(
+        torch.ops.quantized, "linear_dynamic_fp16"
+    )
+
+
 def native_bfloat16() -> bool:
     """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX)."""
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
@@ -468,6 +479,12 @@ class Int8Linear(PackedLinear):
     rounded weight in bfloat16 where the CPU has it natively and float32 elsewhere, is faster.
     Both paths round their products to bfloat16 (as the bfloat16 weights path does); `forward`
     returns the input's dtype, `activated` the input's from the int8 kernel and the copy's past it.
+
+    Without native bfloat16 (AVX2-only CPUs such as AMD Zen 3) the copy is float32, and a batch of
+    5 to `HALF_ROWS` rows (a batched decode step) is faster through a third copy in float16,
+    FBGEMM's half-precision matmul (`torch.ops.quantized.linear_dynamic_fp16`: float32 sums, the
+    rounded weight to float16's 11 bits): 1.4x the int8 kernel's speed and the float32 copy's at 16
+    rows (docs/results.md). It returns float32.
     """
 
     def __init__(self, linear: nn.Linear):
@@ -477,12 +494,23 @@ class Int8Linear(PackedLinear):
         rounded = qweight.float() * scale.float()[:, None]
         super().__init__(linear, torch.bfloat16 if native else None, values=rounded)
         self.qweight, self.scale = qweight, scale
+        self.float16_copy = None  # FBGEMM's packed float16 copy, where it helps (the class docstring)
+        if not native and fbgemm_half() and rounded.abs().max() < torch.finfo(torch.float16).max:
+            bias = None if self.bias is None else self.bias.detach().float()
+            self.float16_copy = torch.ops.quantized.linear_prepack_fp16(rounded, bias)
         # The int8 kernel reads its input 16 values at a time and returns garbage for other widths
-        # (PyTorch 2.13: NaN or a crash at 24 or 1,020 inputs on AVX-512); those layers take the copy.
-        self.few_rows = (4 if native else 16) if self.in_features % 16 == 0 else 0
+        # (PyTorch 2.13: NaN or a crash at 24 or 1,020 inputs on AVX-512); those layers take a copy.
+        self.few_rows = (4 if native or self.float16_copy is not None else 16) if self.in_features % 16 == 0 else 0
 
     def activated(self, x: torch.Tensor, activation: str) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
+        if self.float16_copy is not None and self.few_rows < rows.shape[0] <= HALF_ROWS:
+            fused = activation in ("relu", "relu2")
+            matmul = torch.ops.quantized.linear_relu_dynamic_fp16 if fused else torch.ops.quantized.linear_dynamic_fp16
+            y = matmul(rows.float(), self.float16_copy).view(*x.shape[:-1], self.out_features)
+            if activation == "relu2":
+                return y.square()
+            return y if fused or activation == "none" else activate(y, activation)
         if rows.shape[0] > self.few_rows:
             return super().activated(x, activation)
         y = torch.ops.aten._weight_int8pack_mm(rows.to(torch.bfloat16), self.qweight, self.scale).to(x.dtype)

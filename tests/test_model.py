@@ -5,9 +5,20 @@ import math
 import pytest
 import torch
 
+import quillgpt.model
 from quillgpt.config import ConfigError, GPTConfig, load_train_config
 from quillgpt.interop.hf_gpt2 import gpt_from_hf_gpt2
-from quillgpt.model import GPT, Int8Linear, KVCache, PackedLinear, activate, prepare_for_inference, quantize_rows
+from quillgpt.model import (
+    GPT,
+    HALF_ROWS,
+    Int8Linear,
+    KVCache,
+    PackedLinear,
+    activate,
+    fbgemm_half,
+    prepare_for_inference,
+    quantize_rows,
+)
 from tests.conftest import REPO, tiny_config
 
 MODERN = dict(
@@ -201,6 +212,40 @@ def test_int8_linear_multiplies_by_its_rounded_weight_on_both_paths(bias, width)
         assert (y.double() - (x.double() @ linear.weight.double().T)).abs().max() > 0.3  # not the original
 
 
+@pytest.mark.skipif(not fbgemm_half(), reason="this PyTorch has no FBGEMM")
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_linear_without_native_bfloat16_multiplies_batches_by_a_float16_copy(monkeypatch, bias):
+    """On AVX2-only CPUs 5 to HALF_ROWS rows go through FBGEMM's float16 copy of the rounded weight:
+    float32 activations and sums, so closer to the float64 product than the int8 kernel's bfloat16
+    rounding of the activations. Every activation it fuses or not equals the unfused one."""
+    monkeypatch.setattr(quillgpt.model, "native_bfloat16", lambda: False)
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 40, bias=bias)
+    linear.weight.data[:, 0] = 10.0
+    layer = Int8Linear(linear)
+    assert layer.float16_copy is not None and layer.few_rows == 4 and layer.dtype == torch.float32
+    rounded = layer.qweight.double() * layer.scale.double()[:, None]
+    for rows in (1, 4, 5, 16, HALF_ROWS, HALF_ROWS + 1, 64):
+        x = torch.randn(rows, 1, 96)
+        reference = (x.double() @ rounded.T + (linear.bias.double() if bias else 0)).view(rows, 40)
+        error = (layer(x).view(rows, 40).double() - reference).abs().max().item()
+        if 4 < rows <= HALF_ROWS:  # float16 weights: 11 bits, where the int8 kernel's inputs keep 8
+            assert 1e-4 < error < 0.01, (rows, error)  # and their rounding shows: not the float32 copy
+        else:
+            assert error < 0.1, (rows, error)
+        for activation in ("gelu", "relu", "relu2"):
+            y = layer.activated(x, activation)
+            assert y.dtype == torch.float32
+            torch.testing.assert_close(y, activate(layer(x), activation), atol=1e-5, rtol=1e-5)
+    huge = torch.nn.Linear(96, 8)
+    huge.weight.data[0, 0] = 1e6  # past float16's range: no float16 copy, the float32 one instead
+    layer = Int8Linear(huge)
+    assert layer.float16_copy is None and layer.few_rows == 16
+    x = torch.randn(17, 96)  # past the int8 kernel's rows: the float32 copy
+    reference = x.double() @ (layer.qweight.double() * layer.scale.double()[:, None]).T + huge.bias.double()
+    torch.testing.assert_close(layer(x).double(), reference, atol=1e-3, rtol=1e-5)  # row 0 is in millions
+
+
 @pytest.mark.parametrize("activation", ["gelu", "gelu_exact", "relu", "relu2"])
 def test_packed_linears_apply_the_mlp_activation_as_they_multiply(activation):
     """oneDNN applies the activation to each product before rounding it (`PackedLinear.activated`):
@@ -221,8 +266,11 @@ def test_packed_linears_apply_the_mlp_activation_as_they_multiply(activation):
                 assert (y >= 0).all() and (y == 0).any()
 
 
+@pytest.mark.parametrize("cpu", ["this", "without-native-bfloat16"])
 @pytest.mark.parametrize("variant", ["gpt2", "modern"])
-def test_int8_inference_weights_keep_the_model_and_stay_close(variant):
+def test_int8_inference_weights_keep_the_model_and_stay_close(monkeypatch, variant, cpu):
+    if cpu != "this":  # AVX2-only CPUs: float32 copies, and a float16 one for 5 to 48 rows
+        monkeypatch.setattr(quillgpt.model, "native_bfloat16", lambda: False)
     torch.manual_seed(0)
     model = GPT(tiny_config(**{**VARIANTS[variant], "tie_embeddings": True})).eval()
     for p in model.parameters():
