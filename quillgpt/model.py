@@ -97,8 +97,7 @@ class CacheStep:
     mask: torch.Tensor | None
     causal: bool
     kernel: Callable | None = None
-    """`quillgpt.kernels`' decode attention, for one new token per row (it also stores that token's key
-    and value); None: PyTorch's SDPA."""
+    """`quillgpt.kernels`' decode attention, for one new token per row; None: PyTorch's SDPA."""
     lengths: torch.Tensor | None = None
     """(B,) how many keys each row attends to, for the kernel."""
 
@@ -107,11 +106,6 @@ class CacheStep:
         the attention of its queries q (B, nh, T, hs) over every key each row sees: (B, T, nh*hs)."""
         B, nh, T, hs = k.shape
         ck, cv = self.cache.k[layer], self.cache.v[layer]
-        keys, values = ck[:B, :, : self.kv_len], cv[:B, :, : self.kv_len]
-        if self.kernel is not None:  # it stores each row's new key and value itself, then attends
-            q, k_new, v_new = q[:, :, 0].float(), k[:, :, 0].float(), v[:, :, 0].float()  # (B, nh, hs)
-            y = self.kernel(q, keys, values, self.lengths, k_new, v_new)
-            return y.to(k.dtype).view(B, 1, nh * hs)
         if self.start is not None:
             ck[:B, :, self.start : self.start + T] = k
             cv[:B, :, self.start : self.start + T] = v
@@ -119,7 +113,10 @@ class CacheStep:
             rows = torch.arange(B, device=k.device)[:, None]  # (B, 1)
             ck[rows, :, self.pos] = k.transpose(1, 2).to(ck.dtype)  # (B, T, nh, hs) into (B, nh, Tmax, hs)
             cv[rows, :, self.pos] = v.transpose(1, 2).to(cv.dtype)
-        return pytorch_attention(q, keys, values, self.mask, self.causal)
+        keys, values = ck[:B, :, : self.kv_len], cv[:B, :, : self.kv_len]
+        if self.kernel is None:
+            return pytorch_attention(q, keys, values, self.mask, self.causal)
+        return self.kernel(q[:, :, 0].float(), keys, values, self.lengths).to(q.dtype).view(B, 1, nh * hs)
 
 
 def pytorch_attention(q, keys, values, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:

@@ -68,30 +68,6 @@ def test_decode_attention_matches_attention_written_out(op, dtype, B, H, D, T):
 
 
 @needs_kernel
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("D", [24, 64])
-def test_decode_attention_stores_the_new_key_and_value_first(op, dtype, D):
-    """Given the step's own key and value, each row's go to its last position (rounded as Tensor.to
-    rounds them) before it attends; nothing else in the cache changes."""
-    torch.manual_seed(0)
-    B, H, T = 3, 2, 20
-    k, v = torch.randn(B, H, T, D).to(dtype), torch.randn(B, H, T, D).to(dtype)
-    q, k_new, v_new = torch.randn(B, H, D), 3 * torch.randn(B, 2 * H, D)[:, ::2], torch.randn(B, H, D)
-    ties = torch.tensor([0x3F808000, 0x3F818000, -0x407F8000, 0x00008000], dtype=torch.int32).view(torch.float32)
-    k_new[0, 0, :4] = ties  # halfway between two bfloat16s: to the even one
-    lengths = torch.tensor([20, 1, 7])
-    expected_k, expected_v = k.clone(), v.clone()
-    for b, n in enumerate(lengths.tolist()):
-        expected_k[b, :, n - 1], expected_v[b, :, n - 1] = k_new[b].to(dtype), v_new[b].to(dtype)
-    got = op(q, k, v, lengths, k_new, v_new)
-    assert torch.equal(k, expected_k) and torch.equal(v, expected_v)
-    torch.testing.assert_close(got.double(), reference(q, k, v, lengths), atol=2e-6, rtol=1e-5)
-    for args, message in [((k_new, None), "both k_new and v_new"), ((k_new[:, :1], v_new), "k_new and v_new must be")]:
-        with pytest.raises(RuntimeError, match=message):
-            op(q, k, v, lengths, *args)
-
-
-@needs_kernel
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_a_broken_cache_gives_what_pytorchs_attention_gives(op, bad):
     """Built with -ffast-math, the kernel must still carry a NaN or an infinity in the cache (an

@@ -1,10 +1,9 @@
 """CPU kernels PyTorch lacks, compiled from C++ on first use and cached (`torch.utils.cpp_extension`).
 
 - `decode_attention` (decode_attention.cpp): attention of one new query per row over that row's
-  KV cache, the step every decoded token takes in every layer; given the step's own key and value,
-  it stores them in the cache first. It streams the cache, float32 or bfloat16, once per step with
-  AVX2 multiply-adds; PyTorch's CPU attention takes 1.6-1.9x as long at these shapes
-  (docs/results.md). Results agree with `F.scaled_dot_product_attention` to float32 rounding.
+  KV cache, the step every decoded token takes in every layer. It streams the cache, float32 or
+  bfloat16, once per step with AVX2 multiply-adds; PyTorch's CPU attention takes 1.5-2.1x as long
+  at these shapes (docs/results.md). Results agree with `F.scaled_dot_product_attention` to float32 rounding.
 
 The first use builds it (about 10 s) into torch's extensions directory (`TORCH_EXTENSIONS_DIR`,
 by default ~/.cache/torch_extensions), where later runs find it; a changed source or flag rebuilds.
@@ -43,10 +42,9 @@ _op = _NOT_TRIED
 
 
 def decode_attention_op():
-    """`torch.ops.quill.decode_attention(q (B, H, D), k, v (B, H, T, D), lengths (B,), k_new=None,
-    v_new=None) -> (B, H*D)`: row b attends to its first lengths[b] keys, after storing k_new[b] and
-    v_new[b] (B, H, D) at position lengths[b] - 1 where given. Built on the first call; None where
-    it cannot be (see the module's notes)."""
+    """`torch.ops.quill.decode_attention(q (B, H, D), k, v (B, H, T, D), lengths (B,)) -> (B, H*D)`:
+    row b attends to its first lengths[b] keys. Built on the first call; None where it cannot be
+    (see the module's notes)."""
     global _op
     if _op is _NOT_TRIED:
         with _lock:

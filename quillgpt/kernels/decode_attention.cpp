@@ -5,10 +5,7 @@
 // q is (B, H, D) float32; k and v are (B, H, T, D) views of the KV cache in float32 or bfloat16
 // (any strides, unit stride along D); lengths (B,) int64 says how many keys each row sees (rows of
 // a continuous batch sit at different positions), each in [1, T]; out is (B, H*D) float32, the
-// layout the output projection reads. Given k_new and v_new (B, H, D) float32, the step's own key
-// and value, it first stores them at each row's last position, k[b, h, n - 1] (rounded to
-// bfloat16 to nearest even, as Tensor.to does, for a bfloat16 cache): one pass over the cache
-// where a separate copy would miss the caches for every row and head.
+// layout the output projection reads.
 //
 // Each (b, h) streams its keys once and its values once, asking for the next keys and values ahead
 // of use (the cache is cold: a step's weights pass through the CPU caches between layers). Where D
@@ -17,11 +14,11 @@
 // run in parallel on PyTorch's own threads (at::parallel_for). Built with -ffast-math (see
 // __init__.py): sums are reordered into vector lanes and exp is glibc's vector one; a NaN or an
 // infinity in the cache still comes out as PyTorch's attention gives it (tests/test_kernels.py).
+// PyTorch's CPU flash attention takes 1.5-2.1x as long at the shapes of a decode step (docs/results.md).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/util/BFloat16.h>
 #include <immintrin.h>
 #include <torch/library.h>
 
@@ -29,17 +26,12 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <optional>
 #include <type_traits>
 #include <vector>
 
 namespace {
 
 inline float as_float(float x) { return x; }
-
-inline void store(float x, float* to) { *to = x; }
-
-inline void store(float x, uint16_t* to) { *to = c10::BFloat16(x).x; }  // to nearest even, as PyTorch
 
 inline float as_float(uint16_t bfloat16_bits) {  // a bfloat16 is the high half of a float32
   const uint32_t bits = static_cast<uint32_t>(bfloat16_bits) << 16;
@@ -170,15 +162,13 @@ void attend_one(const float* q, const cache_t* k, const cache_t* v, int64_t kt, 
 
 template <typename cache_t>
 void attend_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const int64_t* lengths,
-                 const at::Tensor* k_new, const at::Tensor* v_new, at::Tensor& out) {
+                 at::Tensor& out) {
   const int64_t B = k.size(0), H = k.size(1), T = k.size(2), D = k.size(3);
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const bool vector = D % 16 == 0;
   const float* qp = q.data_ptr<float>();
-  auto* kp = static_cast<cache_t*>(k.data_ptr());
-  auto* vp = static_cast<cache_t*>(v.data_ptr());
-  const float* knp = k_new ? k_new->data_ptr<float>() : nullptr;
-  const float* vnp = v_new ? v_new->data_ptr<float>() : nullptr;
+  const auto* kp = static_cast<const cache_t*>(k.data_ptr());
+  const auto* vp = static_cast<const cache_t*>(v.data_ptr());
   float* op = out.data_ptr<float>();
   const int64_t qb = q.stride(0), qh = q.stride(1);
   const int64_t kb = k.stride(0), kh = k.stride(1), kt = k.stride(2);
@@ -192,13 +182,8 @@ void attend_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
       const int64_t next_b = (i + 1) / H, next_h = (i + 1) % H;
       const cache_t* next_k = kp + next_b * kb + next_h * kh;
       const int64_t next_n = i + 1 < end ? lengths[next_b] : 0;
-      cache_t* ki = kp + b * kb + h * kh;
-      cache_t* vi = vp + b * vb + h * vh;
-      if (knp) {  // this step's key and value, at the row's last position
-        const float* kn = knp + b * k_new->stride(0) + h * k_new->stride(1);
-        const float* vn = vnp + b * v_new->stride(0) + h * v_new->stride(1);
-        for (int64_t d = 0; d < D; ++d) store(kn[d], ki + (n - 1) * kt + d), store(vn[d], vi + (n - 1) * vt + d);
-      }
+      const cache_t* ki = kp + b * kb + h * kh;
+      const cache_t* vi = vp + b * vb + h * vh;
       if (vector) {
         for (int64_t d = 0; d < D; ++d) qs[slot<cache_t>(d)] = qi[d];
         attend_one<cache_t, true>(qs.data(), ki, vi, kt, vt, n, D, scale, next_k, next_n, p.data(), os.data());
@@ -210,8 +195,7 @@ void attend_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   });
 }
 
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lengths,
-                            const std::optional<at::Tensor>& k_new, const std::optional<at::Tensor>& v_new) {
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lengths) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 4 && v.sizes() == k.sizes(),
               "decode_attention: q must be (B, H, D) and k, v (B, H, T, D)");
   TORCH_CHECK(q.size(0) == k.size(0) && q.size(1) == k.size(1) && q.size(2) == k.size(3),
@@ -225,32 +209,21 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == k.size(0) && lengths.scalar_type() == at::kLong &&
                   lengths.is_contiguous(),
               "decode_attention: lengths must be (B,) int64");
-  TORCH_CHECK(k_new.has_value() == v_new.has_value(), "decode_attention: give both k_new and v_new, or neither");
-  if (k_new.has_value()) {
-    for (const at::Tensor* t : {&*k_new, &*v_new}) {
-      TORCH_CHECK(t->sizes() == q.sizes() && t->scalar_type() == at::kFloat && t->stride(2) == 1,
-                  "decode_attention: k_new and v_new must be (B, H, D) float32 like q, the last dimension contiguous");
-    }
-  }
   const int64_t* n = lengths.data_ptr<int64_t>();
   for (int64_t b = 0; b < lengths.size(0); ++b) {
     TORCH_CHECK(n[b] >= 1 && n[b] <= k.size(2), "decode_attention: lengths must lie in [1, T]");
   }
   auto out = at::empty({q.size(0), q.size(1) * q.size(2)}, q.options());
-  const at::Tensor* kn = k_new.has_value() ? &*k_new : nullptr;
-  const at::Tensor* vn = v_new.has_value() ? &*v_new : nullptr;
   if (k.scalar_type() == at::kFloat) {
-    attend_rows<float>(q, k, v, n, kn, vn, out);
+    attend_rows<float>(q, k, v, n, out);
   } else {
-    attend_rows<uint16_t>(q, k, v, n, kn, vn, out);
+    attend_rows<uint16_t>(q, k, v, n, out);
   }
   return out;
 }
 
 }  // namespace
 
-TORCH_LIBRARY(quill, m) {
-  m.def("decode_attention(Tensor q, Tensor(a!) k, Tensor(b!) v, Tensor lengths, Tensor? k_new=None, Tensor? v_new=None) -> Tensor");
-}
+TORCH_LIBRARY(quill, m) { m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor lengths) -> Tensor"); }
 
 TORCH_LIBRARY_IMPL(quill, CPU, m) { m.impl("decode_attention", decode_attention); }
