@@ -480,8 +480,8 @@ class Int8Linear(PackedLinear):
     Without native bfloat16 (AVX2-only CPUs such as AMD Zen 3) the copy is float32, and a batch of
     5 to `HALF_ROWS` rows (a batched decode step) is faster through a third copy in float16,
     FBGEMM's half-precision matmul (`torch.ops.quantized.linear_dynamic_fp16`: float32 sums, the
-    rounded weight to float16's 11 bits): 1.4x the int8 kernel's speed and the float32 copy's at 16
-    rows (docs/results.md). It returns float32.
+    rounded weight to float16's 11 bits): at 16 rows 1.4x the int8 kernel's speed and 1.5x the
+    float32 copy's (docs/results.md). It returns float32.
     """
 
     def __init__(self, linear: nn.Linear):
