@@ -439,13 +439,17 @@ def _replace_linears(model: GPT, make) -> GPT:
 
 
 HALF_ROWS = 48
-"""Up to how many rows `Int8Linear` multiplies by its float16 copy: past ~48, oneDNN's float32 one wins."""
+"""Up to how many rows `Int8Linear` multiplies by its float16 copy: float16 was faster at 32 rows
+and oneDNN's float32 copy at 64 (docs/results.md)."""
 
 
 def fbgemm_half() -> bool:
-    """Whether this PyTorch has FBGEMM's float16-weight matmul (x86 builds, CPUs with AVX2)."""
-    return "fbgemm" in torch.backends.quantized.supported_engines and hasattr(
-        torch.ops.quantized, "linear_dynamic_fp16"
+    """Whether this PyTorch has FBGEMM's float16-weight matmul (x86 builds, CPUs with AVX2) and it
+    is the quantized engine in use (packing refuses under "onednn" or "qnnpack")."""
+    return (
+        "fbgemm" in torch.backends.quantized.supported_engines
+        and torch.backends.quantized.engine in ("x86", "fbgemm")
+        and hasattr(torch.ops.quantized, "linear_dynamic_fp16")
     )
 
 
@@ -478,10 +482,11 @@ class Int8Linear(PackedLinear):
     returns the input's dtype, `activated` the input's from the int8 kernel and the copy's past it.
 
     Without native bfloat16 (AVX2-only CPUs such as AMD Zen 3) the copy is float32, and a batch of
-    5 to `HALF_ROWS` rows (a batched decode step) is faster through a third copy in float16,
-    FBGEMM's half-precision matmul (`torch.ops.quantized.linear_dynamic_fp16`: float32 sums, the
-    rounded weight to float16's 11 bits): at 16 rows 1.4x the int8 kernel's speed and 1.5x the
-    float32 copy's (docs/results.md). It returns float32.
+    5 to `HALF_ROWS` rows (a batched decode step; 1 to `HALF_ROWS` for layers the int8 kernel cannot
+    take) is faster through a third copy in float16, FBGEMM's half-precision matmul
+    (`torch.ops.quantized.linear_dynamic_fp16`: float32 sums, the rounded weight to float16's 11
+    bits): at 16 rows 1.4x the int8 kernel's speed and 1.5x the float32 copy's (docs/results.md). It
+    returns float32. It holds half the float32 copy's bytes on top (a 10.7M model: 21 MB more).
     """
 
     def __init__(self, linear: nn.Linear):

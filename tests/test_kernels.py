@@ -68,16 +68,19 @@ def test_decode_attention_matches_attention_written_out(op, dtype, B, H, D, T):
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
-def test_a_broken_cache_gives_what_pytorchs_attention_gives(op, bad):
+def test_a_broken_cache_gives_what_pytorchs_attention_gives(op, bad, dtype):
     """Built with -ffast-math, the kernel must still carry a NaN or an infinity in the cache (an
-    overflowed model) through as SDPA does, so the sampler's NaN check still sees it."""
+    overflowed model) through as SDPA does, so the sampler's NaN check still sees it: in a key or a
+    value, among the four-at-a-time keys (4) or the last one (8), on both head-size paths."""
     torch.manual_seed(0)
-    for where in ("k", "v"):
-        q, k, v = torch.randn(2, 3, 16), torch.randn(2, 3, 9, 16), torch.randn(2, 3, 9, 16)
-        (k if where == "k" else v)[1, 2, 4, 5] = bad
-        sdpa = torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k, v).reshape(2, 48)
-        torch.testing.assert_close(op(q, k, v, torch.tensor([9, 9])), sdpa, equal_nan=True, atol=2e-6, rtol=1e-5)
+    for where, key, D in [("k", 4, 16), ("v", 4, 16), ("k", 8, 16), ("v", 8, 16), ("k", 4, 8), ("v", 8, 8)]:
+        q, k, v = torch.randn(2, 3, D), torch.randn(2, 3, 9, D).to(dtype), torch.randn(2, 3, 9, D).to(dtype)
+        (k if where == "k" else v)[1, 2, key, 5] = bad
+        sdpa = torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k.float(), v.float()).reshape(2, 3 * D)
+        got = op(q, k, v, torch.tensor([9, 9]))
+        torch.testing.assert_close(got, sdpa, equal_nan=True, atol=2e-6, rtol=1e-5)
 
 
 @needs_kernel

@@ -32,8 +32,8 @@ METADATA_KEY = "quillgpt_config"
 
 
 class ConcatCache:
-    """Stands in for `KVCache` (its `prepare` and `attend`): past keys and values in, all
-    of them out; PyTorch's attention (the graph has no place for the CPU kernel)."""
+    """Stands in for `KVCache.prepare` and the `CacheStep` it returns (its `attend`): past keys and
+    values in, all of them out; PyTorch's attention (the graph has no place for the CPU kernel)."""
 
     def __init__(self, past_keys: torch.Tensor, past_values: torch.Tensor):
         self.past_keys, self.past_values = past_keys, past_values

@@ -179,9 +179,9 @@ void attend_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
       const int64_t b = i / H, h = i % H, n = lengths[b];
       const float* qi = qp + b * qb + h * qh;
       float* o = op + i * D;
-      const int64_t next_b = (i + 1) / H, next_h = (i + 1) % H;
-      const cache_t* next_k = kp + next_b * kb + next_h * kh;
-      const int64_t next_n = i + 1 < end ? lengths[next_b] : 0;
+      const bool more = i + 1 < end;  // the (b, h) this thread takes next, whose keys to prefetch
+      const cache_t* next_k = more ? kp + (i + 1) / H * kb + (i + 1) % H * kh : nullptr;
+      const int64_t next_n = more ? lengths[(i + 1) / H] : 0;
       const cache_t* ki = kp + b * kb + h * kh;
       const cache_t* vi = vp + b * vb + h * vh;
       if (vector) {
