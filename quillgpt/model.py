@@ -515,10 +515,8 @@ class Int8Linear(PackedLinear):
             return y if fused or activation == "none" else activate(y, activation)
         if rows.shape[0] > self.few_rows:
             return super().activated(x, activation)
-        y = torch.ops.aten._weight_int8pack_mm(rows.to(torch.bfloat16), self.qweight, self.scale).to(x.dtype)
-        if self.bias is not None:
-            y = y + self.bias
-        y = y.view(
-            *x.shape[:-1], self.out_features
-        )  # the activation in x's dtype: bfloat16 is slow without AVX512-BF16
+        y = torch.ops.aten._weight_int8pack_mm(rows.to(torch.bfloat16), self.qweight, self.scale)
+        # back to x's dtype (the activation is slow in bfloat16 without AVX512-BF16); adding the
+        # float32 bias to the bfloat16 product widens it exactly, in the same call
+        y = (y if self.bias is None else y + self.bias).to(x.dtype).view(*x.shape[:-1], self.out_features)
         return y if activation == "none" else activate(y, activation)
