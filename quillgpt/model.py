@@ -119,11 +119,13 @@ class CacheStep:
         return self.kernel(q[:, :, 0].float(), keys, values, self.lengths).to(q.dtype).view(B, 1, nh * hs)
 
 
-def pytorch_attention(q, keys, values, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+def pytorch_attention(
+    q, keys, values, mask: torch.Tensor | None = None, causal: bool = False, dropout: float = 0.0
+) -> torch.Tensor:
     """PyTorch's attention of queries q (B, nh, T, hs) over keys and values (B, nh, S, hs): (B, T, nh*hs)."""
     B, nh, T, hs = q.shape
     keys, values = keys.to(q.dtype), values.to(q.dtype)  # no copy unless the cache is held in another dtype
-    y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal)
+    y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, dropout_p=dropout, is_causal=causal)
     return y.transpose(1, 2).reshape(B, T, nh * hs)
 
 
@@ -177,12 +179,9 @@ class CausalSelfAttention(nn.Module):
         return q, k, v
 
     def forward(self, x, rope=None, cache: CacheStep | None = None, layer: int = 0):
-        B, T, _ = x.size()
         q, k, v = self.qkv(x, rope)
         if cache is None:
-            dropout = self.dropout if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
-            y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_size)  # (B, T, nh*hs)
+            y = pytorch_attention(q, k, v, causal=True, dropout=self.dropout if self.training else 0.0)
         else:
             y = cache.attend(layer, q, k, v)
         return self.resid_dropout(self.c_proj(y))
@@ -507,12 +506,12 @@ class Int8Linear(PackedLinear):
     def activated(self, x: torch.Tensor, activation: str) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         if self.float16_copy is not None and self.few_rows < rows.shape[0] <= HALF_ROWS:
-            fused = activation in ("relu", "relu2")
-            matmul = torch.ops.quantized.linear_relu_dynamic_fp16 if fused else torch.ops.quantized.linear_dynamic_fp16
+            relu = activation in ("relu", "relu2")  # FBGEMM applies relu as it writes
+            matmul = torch.ops.quantized.linear_relu_dynamic_fp16 if relu else torch.ops.quantized.linear_dynamic_fp16
             y = matmul(rows.float(), self.float16_copy).view(*x.shape[:-1], self.out_features)
-            if activation == "relu2":
-                return y.square()
-            return y if fused or activation == "none" else activate(y, activation)
+            if relu:
+                return y.square() if activation == "relu2" else y
+            return y if activation == "none" else activate(y, activation)
         if rows.shape[0] > self.few_rows:
             return super().activated(x, activation)
         y = torch.ops.aten._weight_int8pack_mm(rows.to(torch.bfloat16), self.qweight, self.scale)
