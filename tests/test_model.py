@@ -16,6 +16,7 @@ from quillgpt.model import (
     PackedLinear,
     activate,
     fbgemm_half,
+    fbgemm_half_linear,
     prepare_for_inference,
     quantize_rows,
 )
@@ -249,6 +250,29 @@ def test_int8_linear_without_native_bfloat16_multiplies_batches_by_a_float16_cop
     x = torch.randn(17, 96)  # past the int8 kernel's rows: the float32 copy
     reference = x.double() @ (layer.qweight.double() * layer.scale.double()[:, None]).T + huge.bias.double()
     torch.testing.assert_close(layer(x).double(), reference, atol=1e-3, rtol=1e-5)  # row 0 is in millions
+
+
+@pytest.mark.skipif(not fbgemm_half(), reason="this PyTorch has no FBGEMM")
+def test_fbgemm_half_linear_past_python_dispatch_equals_torch_ops():
+    """The dispatcher's own entry point gives FBGEMM's result bit for bit, relu fused or not, and a
+    tensor subclass still goes through `torch.ops` (its own `__torch_function__` runs)."""
+    torch.manual_seed(0)
+    weight, bias, x = torch.randn(40, 96), torch.randn(40), torch.randn(16, 96)
+    packed = torch.ops.quantized.linear_prepack_fp16(weight, bias)
+    assert torch.equal(fbgemm_half_linear(x, packed), torch.ops.quantized.linear_dynamic_fp16(x, packed))
+    relu = torch.ops.quantized.linear_relu_dynamic_fp16(x, packed)
+    assert torch.equal(fbgemm_half_linear(x, packed, relu=True), relu) and (relu == 0).any()
+
+    class Seen(torch.Tensor):
+        calls = []
+
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            cls.calls.append(func)
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    y = fbgemm_half_linear(x.as_subclass(Seen), packed)
+    assert Seen.calls and torch.equal(y.as_subclass(torch.Tensor), torch.ops.quantized.linear_dynamic_fp16(x, packed))
 
 
 @pytest.mark.parametrize("activation", ["gelu", "gelu_exact", "relu", "relu2"])
