@@ -19,6 +19,7 @@ A prompt longer than the context keeps its last `block_size` tokens (`prompt_tru
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -187,16 +188,7 @@ class Decoder:
             seq.start, seq.cached = len(seq.tokens) - self.keep, 0
 
     def _forward_cached(self) -> torch.Tensor:
-        # Catch up rows with several uncached tokens (new prompts, re-encoded windows) one by one,
-        # leaving exactly one pending token per row; then decode all rows in one batched call.
-        for i, seq in enumerate(self.active):
-            pending = len(seq.tokens) - seq.start - seq.cached
-            if pending > 1:
-                window = seq.tokens[seq.start + seq.cached : len(seq.tokens) - 1]
-                idx = torch.tensor([window], device=self.device)
-                pos = torch.arange(seq.cached, seq.cached + len(window), device=self.device)[None]
-                self.model(idx, pos=pos, cache=self.cache.rows(i, i + 1), last_only=True)
-                seq.cached += len(window)
+        self._catch_up()
         B = len(self.active)
         idx = torch.tensor([[s.tokens[-1]] for s in self.active], device=self.device)
         pos = torch.tensor([[s.cached] for s in self.active], device=self.device)
@@ -204,6 +196,27 @@ class Decoder:
         for seq in self.active:
             seq.cached += 1
         return logits[:, -1]
+
+    def _catch_up(self) -> None:
+        """Encode the window of each row that starts one (a new prompt, or a window re-encoded after
+        it filled: `cached` is 0), all but its last token, leaving one pending token per row for the
+        decode step.
+
+        Neighbouring rows share one call (sequences that join together sit in neighbouring rows):
+        a burst of 16 prompts is one prefill, not 16. Shorter windows are padded at the end; a pad's
+        key lands past its row's last real position, where no real query looks (causal attention)
+        and which decoding writes over before it reads it."""
+        row = 0
+        for starting, group in itertools.groupby(self.active, key=lambda s: len(s.tokens) - s.start - s.cached > 1):
+            seqs = list(group)
+            if starting:
+                windows = [s.tokens[s.start : -1] for s in seqs]
+                T = max(len(w) for w in windows)
+                idx = torch.tensor([w + w[-1:] * (T - len(w)) for w in windows], device=self.device)
+                self.model(idx, cache=self.cache.rows(row, row + len(seqs)), last_only=True)  # positions 0..T-1
+                for seq, window in zip(seqs, windows):
+                    seq.cached = len(window)
+            row += len(seqs)
 
     def _forward_uncached(self) -> torch.Tensor:
         rows = []

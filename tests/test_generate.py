@@ -50,6 +50,28 @@ def test_batched_equals_one_at_a_time(char_tokenizer):
         assert [c.tokens for c in batched] == [c.tokens for c in alone]
 
 
+def test_prompts_that_join_together_share_one_prefill(char_tokenizer):
+    """Neighbouring rows that start a window are encoded in one call, shorter ones padded at the end;
+    a row already decoding (or a one-token prompt) splits them. Outputs equal each prompt alone."""
+    model = noisy_model(char_tokenizer)
+    calls = []
+    model.register_forward_hook(lambda module, args, output: calls.append(tuple(args[0].shape)))
+    prompts = ["First Citizen:", "You are all resolved", "S", "Speak, speak.", "All:"]
+    greedy = SamplingParams(max_new_tokens=12, temperature=0)
+    alone = [generate(model, char_tokenizer, p, greedy)[0].tokens for p in prompts]
+    decoder = Decoder(model, max_batch=5)
+    seqs = [SequenceState(char_tokenizer.encode(p), greedy) for p in prompts]
+    for seq in seqs:
+        decoder.add(seq)
+    calls.clear()
+    decoder.step()
+    widths = [len(p) - 1 for p in prompts]  # all but each prompt's last token
+    assert calls == [(2, max(widths[:2])), (2, max(widths[3:])), (5, 1)]  # rows 0-1, rows 3-4, the decode step
+    while decoder.active:
+        decoder.step()
+    assert [s.generated for s in seqs] == alone
+
+
 def test_continuous_batching_sequences_join_and_leave(char_tokenizer):
     model = noisy_model(char_tokenizer)
     greedy = SamplingParams(max_new_tokens=30, temperature=0)
