@@ -509,9 +509,9 @@ class Int8Linear(PackedLinear):
     Without native bfloat16 (AVX2-only CPUs such as AMD Zen 3) the copy is float32, and a batch of
     5 to `HALF_ROWS` rows (a batched decode step; 1 to `HALF_ROWS` for layers the int8 kernel cannot
     take) is faster through a third copy in float16, FBGEMM's half-precision matmul
-    (`torch.ops.quantized.linear_dynamic_fp16`: float32 sums, the rounded weight to float16's 11
-    bits): at 16 rows 1.4x the int8 kernel's speed and 1.5x the float32 copy's (docs/results.md). It
-    returns float32. It holds half the float32 copy's bytes on top (a 10.7M model: 21 MB more).
+    (`fbgemm_half_linear`: float32 sums, the rounded weight to float16's 11 bits): at 16 rows 1.4x
+    the int8 kernel's speed and 1.5x the float32 copy's (docs/results.md). It returns float32. It
+    holds half the float32 copy's bytes on top (a 10.7M model: 21 MB more).
     """
 
     def __init__(self, linear: nn.Linear):
