@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from quillgpt.config import GPTConfig
-from quillgpt.kernels import decode_attention_op
+from quillgpt.kernels import decode_attention_op, int8_linear_op
 
 
 def make_norm(config: GPTConfig, dim: int) -> nn.Module:
@@ -438,6 +438,10 @@ def _replace_linears(model: GPT, make) -> GPT:
     return model
 
 
+KERNEL_ROWS = 4
+"""Up to how many rows `Int8Linear` multiplies through QuillGPT's int8 kernel: at 4 rows it is as
+fast as PyTorch's, and past a few rows FBGEMM or oneDNN on a packed copy is faster (docs/results.md)."""
+
 HALF_ROWS = 48
 """Up to how many rows `Int8Linear` multiplies by its float16 copy: float16 was faster at 32 rows
 and oneDNN's float32 copy at 64 (docs/results.md)."""
@@ -496,19 +500,23 @@ class Int8Linear(PackedLinear):
     (weight-only quantization: `quantize_rows`), for CPU decoding.
 
     A decode step reads every weight once, so int8 weights are a quarter of float32's bytes to read,
-    and at the shapes here they fit the last-level cache. For up to `few_rows` rows PyTorch's
-    weight-only int8 matmul (`aten._weight_int8pack_mm`, the kernel gpt-fast and torchao use)
-    multiplies them against bfloat16 activations (the rounding the bfloat16 weights path applies
-    too): at one row 2.2x faster than oneDNN on bfloat16 weights, 5.5x faster than on float32 with
-    AVX2 only (docs/results.md). It re-reads the weight for each row, though,
-    so past a few rows (prompts, large batches) the `PackedLinear` it also is, holding the same
-    rounded weight in bfloat16 where the CPU has it natively and float32 elsewhere, is faster.
-    Both paths round their products to bfloat16 (as the bfloat16 weights path does); `forward`
-    returns the input's dtype, `activated` the input's from the int8 kernel and the copy's past it.
+    and at the shapes here they fit the last-level cache. Up to `KERNEL_ROWS` rows (one decode
+    step of a few sequences) go through QuillGPT's own int8 kernel (`quillgpt.kernels.int8_linear_op`):
+    float32 activations, sums and output, the scale and bias applied in the same pass; at one row
+    it takes about half the time of PyTorch's kernel below with the conversions around it
+    (docs/results.md). Where it is not built, PyTorch's weight-only int8 matmul
+    (`aten._weight_int8pack_mm`, the kernel gpt-fast and torchao use) serves up to `few_rows` rows,
+    against bfloat16 activations: at one row 2.2x faster than oneDNN on bfloat16 weights, 5.5x
+    faster than on float32 with AVX2 only. Both re-read the weight for each row, though, so past a
+    few rows (prompts, large batches) the `PackedLinear` it also is, holding the same rounded weight
+    in bfloat16 where the CPU has it natively and float32 elsewhere, is faster. That copy and
+    PyTorch's int8 kernel round their products to bfloat16 (as the bfloat16 weights path does);
+    `forward` returns the input's dtype, `activated` float32 from QuillGPT's kernel, the input's
+    from PyTorch's, the copy's past them.
 
     Without native bfloat16 (AVX2-only CPUs such as AMD Zen 3) the copy is float32, and a batch of
-    5 to `HALF_ROWS` rows (a batched decode step; 1 to `HALF_ROWS` for layers the int8 kernel cannot
-    take) is faster through a third copy in float16, FBGEMM's half-precision matmul
+    5 to `HALF_ROWS` rows (a batched decode step; 1 to `HALF_ROWS` for layers PyTorch's int8 kernel
+    cannot take) is faster through a third copy in float16, FBGEMM's half-precision matmul
     (`fbgemm_half_linear`: float32 sums, the rounded weight to float16's 11 bits): at 16 rows 1.4x
     the int8 kernel's speed and 1.5x the float32 copy's (docs/results.md). It returns float32. It
     holds half the float32 copy's bytes on top (a 10.7M model: 21 MB more).
@@ -531,6 +539,9 @@ class Int8Linear(PackedLinear):
 
     def activated(self, x: torch.Tensor, activation: str) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
+        if rows.shape[0] <= KERNEL_ROWS and not torch.is_grad_enabled() and (kernel := int8_linear_op()) is not None:
+            y = kernel(rows.float(), self.qweight, self.scale, self.bias).view(*x.shape[:-1], self.out_features)
+            return y if activation == "none" else activate(y, activation)
         if self.float16_copy is not None and self.few_rows < rows.shape[0] <= HALF_ROWS:
             relu = activation in ("relu", "relu2")  # FBGEMM applies relu as it writes
             y = fbgemm_half_linear(rows.float(), self.float16_copy, relu).view(*x.shape[:-1], self.out_features)

@@ -6,11 +6,13 @@ import pytest
 import torch
 
 import quillgpt.model
+from quillgpt import kernels
 from quillgpt.config import ConfigError, GPTConfig, load_train_config
 from quillgpt.interop.hf_gpt2 import gpt_from_hf_gpt2
 from quillgpt.model import (
     GPT,
     HALF_ROWS,
+    KERNEL_ROWS,
     Int8Linear,
     KVCache,
     PackedLinear,
@@ -211,6 +213,18 @@ def test_int8_linear_multiplies_by_its_rounded_weight_on_both_paths(bias, width)
         assert y.dtype == torch.float32
         torch.testing.assert_close(y.double(), reference, atol=0.05, rtol=0.01)  # both round to bfloat16
         assert (y.double() - (x.double() @ linear.weight.double().T)).abs().max() > 0.3  # not the original
+    if kernels.int8_linear_op() is None:
+        return
+    for rows in range(1, KERNEL_ROWS + 2):  # decoding (no gradients): QuillGPT's kernel up to KERNEL_ROWS
+        x = torch.randn(rows, 1, width)  # float32 throughout: no rounding of x or y to bfloat16
+        reference = x.double() @ rounded.T + (linear.bias.double() if bias else 0)
+        with torch.no_grad():
+            y = layer(x).double()
+        error = (y - reference).abs().max().item()
+        if rows <= KERNEL_ROWS:
+            assert error < 1e-5 * reference.abs().max().item(), (rows, error)
+        else:  # past it, a packed copy that rounds x to bfloat16 where that is native
+            torch.testing.assert_close(y, reference, atol=0.1, rtol=0.01)
 
 
 @pytest.mark.skipif(not fbgemm_half(), reason="this PyTorch has no FBGEMM")

@@ -4,12 +4,15 @@
   KV cache, the step every decoded token takes in every layer. It streams the cache, float32 or
   bfloat16, once per step with AVX2 multiply-adds; PyTorch's CPU attention takes 1.5-2.1x as long
   at these shapes (docs/results.md). Results agree with `F.scaled_dot_product_attention` to float32 rounding.
+- `int8_linear` (int8_linear.cpp): a linear layer with int8 weights and a scale per output row for
+  the 1-4 rows of a decode step (`Int8Linear`), float32 in and out: about half the time of PyTorch's
+  weight-only int8 kernel with the bfloat16 conversions and bias around it, at 1 row.
 
-The first use builds it (about 10 s) into torch's extensions directory (`TORCH_EXTENSIONS_DIR`,
-by default ~/.cache/torch_extensions), where later runs find it; a changed source or flag rebuilds.
-Where it cannot be built (no C++ compiler or `ninja`, a CPU without AVX2, an unwritable cache) or
-`QUILL_KERNELS=0` is set, `decode_attention_op()` is None and the model uses PyTorch's attention:
-the same results, slower at large batches. It needs a C++ compiler and ninja (`apt-get install g++
+The first use builds them (about 15 s) into torch's extensions directory (`TORCH_EXTENSIONS_DIR`,
+by default ~/.cache/torch_extensions), where later runs find them; a changed source or flag rebuilds.
+Where they cannot be built (no C++ compiler or `ninja`, a CPU without AVX2, an unwritable cache) or
+`QUILL_KERNELS=0` is set, `decode_attention_op()` and `int8_linear_op()` are None and the model
+uses PyTorch's attention and int8 kernel: the same work, slower. It needs a C++ compiler and ninja (`apt-get install g++
 ninja-build`, or `pip install ninja` in an activated virtual environment). Builds take turns under
 an OS lock (`locked_load`), which also clears the lock file a killed build leaves behind.
 """
@@ -27,7 +30,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("decode_attention.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("decode_attention.cpp", "int8_linear.cpp")]
 FLAGS = [
     "-O3",
     "-mavx2",
@@ -38,19 +41,32 @@ FLAGS = [
 NAME = "quill_kernels"
 _lock = threading.Lock()
 _NOT_TRIED = object()
-_op = _NOT_TRIED
+_ops = _NOT_TRIED  # torch.ops.quill once built, None where it cannot be
 
 
 def decode_attention_op():
     """`torch.ops.quill.decode_attention(q (B, H, D), k, v (B, H, T, D), lengths (B,)) -> (B, H*D)`:
     row b attends to its first lengths[b] keys. Built on the first call; None where it cannot be
     (see the module's notes)."""
-    global _op
-    if _op is _NOT_TRIED:
+    ops = _built()
+    return None if ops is None else ops.decode_attention
+
+
+def int8_linear_op():
+    """`torch.ops.quill.int8_linear(x (M, K) float32, w (N, K) int8, scale (N,), bias (N,) or None)
+    -> (M, N) float32`: x times the int8 weight, row n scaled by scale[n], plus the bias. Built on the
+    first call; None where it cannot be (see the module's notes)."""
+    ops = _built()
+    return None if ops is None else ops.int8_linear
+
+
+def _built():
+    global _ops
+    if _ops is _NOT_TRIED:
         with _lock:
-            if _op is _NOT_TRIED:
-                _op = _build()
-    return _op
+            if _ops is _NOT_TRIED:
+                _ops = _build()
+    return _ops
 
 
 def _build():
@@ -59,23 +75,25 @@ def _build():
     from torch.utils import cpp_extension
 
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        log.info("no AVX2 on this CPU: decoding uses PyTorch's attention")
+        log.info("no AVX2 on this CPU: decoding uses PyTorch's attention and int8 kernel")
         return None
     if not shutil.which(os.environ.get("CXX", "c++")) or not cpp_extension.is_ninja_available():
-        log.info("no C++ compiler or ninja here: decoding uses PyTorch's attention (install g++ and ninja to build it)")
+        log.info("no C++ compiler or ninja here: decoding uses PyTorch's kernels (install g++ and ninja to build ours)")
         return None
-    log.info("loading the decode attention kernel (the first run builds it, ~10 s; later runs find it cached)")
+    log.info("loading QuillGPT's CPU kernels (the first run builds them, ~15 s; later runs find them cached)")
 
     def load():
-        cpp_extension.load(NAME, [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], is_python_module=False)
+        cpp_extension.load(
+            NAME, [str(p) for p in SOURCES], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], is_python_module=False
+        )
 
     try:
         locked_load(Path(cpp_extension._get_build_directory(NAME, verbose=False)), load)
     except Exception as error:  # a failed build or an unwritable cache: decoding still works, slower
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        log.warning("could not build QuillGPT's decode attention kernel (%s); using PyTorch's attention", reason)
+        log.warning("could not build QuillGPT's CPU kernels (%s); using PyTorch's attention and int8 kernel", reason)
         return None
-    return torch.ops.quill.decode_attention
+    return torch.ops.quill
 
 
 def locked_load(build_dir: Path, load: Callable[[], None]) -> None:
