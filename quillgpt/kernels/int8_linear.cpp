@@ -23,6 +23,10 @@
 
 namespace {
 
+inline float as_float(float x) { return x; }
+
+inline float as_float(c10::BFloat16 x) { return static_cast<float>(x); }
+
 inline __m256 widen8(const int8_t* w) {  // eight int8 weights as eight floats
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w))));
 }
@@ -35,8 +39,8 @@ inline float sum8(__m256 v) {
 
 // Output columns [n0, n1) of M rows (M <= 4). Each row of x keeps four sums for 32 weights at a time
 // (a single chain of multiply-adds would wait on its own latency at one row).
-template <int M>
-void multiply(const float* x, int64_t K, const int8_t* w, const float* scale, const float* bias, float* y,
+template <int M, typename scale_t>
+void multiply(const float* x, int64_t K, const int8_t* w, const scale_t* scale, const float* bias, float* y,
               int64_t N, int64_t n0, int64_t n1) {
   constexpr int U = M == 1 ? 4 : M == 2 ? 2 : 1;  // sums per row: at most 8 vector registers of them
   for (int64_t n = n0; n < n1; ++n) {
@@ -64,9 +68,30 @@ void multiply(const float* x, int64_t K, const int8_t* w, const float* scale, co
       for (int u = 1; u < U; ++u) total = _mm256_add_ps(total, acc[m][u]);
       float s = sum8(total);
       for (int64_t t = k; t < K; ++t) s += x[m * K + t] * static_cast<float>(wn[t]);
-      y[m * N + n] = s * scale[n] + (bias != nullptr ? bias[n] : 0.0f);
+      y[m * N + n] = s * as_float(scale[n]) + (bias != nullptr ? bias[n] : 0.0f);
     }
   }
+}
+
+template <typename scale_t>
+void multiply_rows(const at::Tensor& x, const at::Tensor& w, const scale_t* scale, const at::Tensor& bias, at::Tensor& y) {
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  const float* xp = x.data_ptr<float>();
+  const int8_t* wp = w.data_ptr<int8_t>();
+  const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    for (int64_t m = 0; m < M; m += 4) {  // four rows of x at a time
+      const float* xm = xp + m * K;
+      float* ym = yp + m * N;
+      switch (std::min<int64_t>(M - m, 4)) {
+        case 1: multiply<1>(xm, K, wp, scale, bp, ym, N, n0, n1); break;
+        case 2: multiply<2>(xm, K, wp, scale, bp, ym, N, n0, n1); break;
+        case 3: multiply<3>(xm, K, wp, scale, bp, ym, N, n0, n1); break;
+        default: multiply<4>(xm, K, wp, scale, bp, ym, N, n0, n1); break;
+      }
+    }
+  });
 }
 
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
@@ -78,27 +103,17 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   TORCH_CHECK(scale.dim() == 1 && scale.size(0) == N, "int8_linear: scale must be (N,)");
   TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == N), "int8_linear: bias must be (N,)");
-  const at::Tensor xs = x.contiguous(), s = scale.to(at::kFloat).contiguous();
+  TORCH_CHECK(scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kBFloat16,
+              "int8_linear: scale must be float32 or bfloat16");
+  const at::Tensor xs = x.contiguous(), s = scale.contiguous();
   const at::Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
-  const float* xp = xs.data_ptr<float>();
-  const int8_t* wp = w.data_ptr<int8_t>();
-  const float* sp = s.data_ptr<float>();
-  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-    for (int64_t m = 0; m < M; m += 4) {  // four rows of x at a time
-      const float* xm = xp + m * K;
-      float* ym = yp + m * N;
-      switch (std::min<int64_t>(M - m, 4)) {
-        case 1: multiply<1>(xm, K, wp, sp, bp, ym, N, n0, n1); break;
-        case 2: multiply<2>(xm, K, wp, sp, bp, ym, N, n0, n1); break;
-        case 3: multiply<3>(xm, K, wp, sp, bp, ym, N, n0, n1); break;
-        default: multiply<4>(xm, K, wp, sp, bp, ym, N, n0, n1); break;
-      }
-    }
-  });
+  if (s.scalar_type() == at::kFloat) {
+    multiply_rows(xs, w, s.data_ptr<float>(), b, y);
+  } else {
+    multiply_rows(xs, w, s.data_ptr<c10::BFloat16>(), b, y);
+  }
   return y;
 }
 
