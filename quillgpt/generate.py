@@ -3,7 +3,8 @@
 Layers, bottom up (the settings, `SamplingParams`, are in `quillgpt.sampling`):
 - the sampler (`quillgpt.sampling.sample_next_tokens`): a batch of logits rows → one token per row.
 - `Decoder`: continuous batching on ids. Sequences join and leave between steps; each owns one row
-  of the `KVCache`, its tokens at their own positions, so rows of different lengths need no padding.
+  of the `KVCache`, its tokens at their own positions, so decode steps over rows of different
+  lengths need no padding (only prompts encoded together are padded, to their longest).
 - `TextRequest`, `generate`, `stream`: text in, text out — detokenizing without splitting UTF-8
   characters and stopping on stop strings. The server's engine uses the same pieces.
 - `stream_with_probs`: `stream` with each token's own text, its probability and the alternatives
@@ -202,18 +203,20 @@ class Decoder:
         it filled: `cached` is 0), all but its last token, leaving one pending token per row for the
         decode step.
 
-        Neighbouring rows share one call (sequences that join together sit in neighbouring rows):
-        a burst of 16 prompts is one prefill, not 16. Shorter windows are padded at the end; a pad's
-        key lands past its row's last real position, where no real query looks (causal attention)
-        and which decoding writes over before it reads it."""
+        Neighbouring rows share calls (sequences that join together sit in neighbouring rows): a
+        burst of 16 prompts of similar length is one prefill, not 16. Shorter windows are padded at
+        the end, to at most half again a call's real tokens (`padded_groups`); a pad's key lands past
+        its row's last real position, where no real query looks (causal attention) and which
+        decoding writes over before it reads it."""
         row = 0
-        for starting, group in itertools.groupby(self.active, key=lambda s: len(s.tokens) - s.start - s.cached > 1):
-            seqs = list(group)
+        for starting, run in itertools.groupby(self.active, key=lambda s: len(s.tokens) - s.start - s.cached > 1):
+            seqs = list(run)
             if starting:
                 windows = [s.tokens[s.start : -1] for s in seqs]
-                T = max(len(w) for w in windows)
-                idx = torch.tensor([w + w[-1:] * (T - len(w)) for w in windows], device=self.device)
-                self.model(idx, cache=self.cache.rows(row, row + len(seqs)), last_only=True)  # positions 0..T-1
+                for i, j in padded_groups([len(w) for w in windows]):
+                    T = max(len(w) for w in windows[i:j])
+                    idx = torch.tensor([w + w[-1:] * (T - len(w)) for w in windows[i:j]], device=self.device)
+                    self.model(idx, cache=self.cache.rows(row + i, row + j), last_only=True)  # positions 0..T-1
                 for seq, window in zip(seqs, windows):
                     seq.cached = len(window)
             row += len(seqs)
@@ -225,6 +228,20 @@ class Decoder:
             logits, _ = self.model(idx, last_only=True)
             rows.append(logits[0, -1])
         return torch.stack(rows)
+
+
+def padded_groups(lengths: list[int], waste: float = 0.5) -> list[tuple[int, int]]:
+    """Split windows of these lengths, in order, into runs [i, j) encoded together, each padded to
+    its longest: a run grows while its padding stays within `waste` of its real tokens, so a long
+    prompt beside short ones is not paid for once per row."""
+    groups, i = [], 0
+    while i < len(lengths):
+        j = i + 1
+        while j < len(lengths) and max(lengths[i : j + 1]) * (j + 1 - i) <= (1 + waste) * sum(lengths[i : j + 1]):
+            j += 1
+        groups.append((i, j))
+        i = j
+    return groups
 
 
 def _logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:

@@ -465,7 +465,8 @@ def fbgemm_half_linear(x: torch.Tensor, packed, relu: bool = False) -> torch.Ten
     Python-side checks of the packed weight (a TorchScript object) for `__torch_function__`, which
     raise and catch C++ exceptions: a quarter of a millisecond over a decode step's 25 matmuls.
     Plain tensors skip those checks through the dispatcher's own entry point
-    (`torch._C._dispatch_call_boxed`, 2.7 us); tensor subclasses (fake or traced tensors) keep `torch.ops`.
+    (`torch._C._dispatch_call_boxed`, 2.7 us); tensor subclasses (fake tensors, `__torch_function__`
+    overrides) keep `torch.ops`.
     """
     op, handle = _fbgemm_half_op(relu)
     if _dispatch_call_boxed is None or type(x) is not torch.Tensor:
@@ -515,11 +516,12 @@ class Int8Linear(PackedLinear):
     from PyTorch's, the copy's past them.
 
     Without native bfloat16 (AVX2-only CPUs such as AMD Zen 3) the copy is float32, and a batch of
-    5 to `HALF_ROWS` rows (a batched decode step; 1 to `HALF_ROWS` for layers PyTorch's int8 kernel
-    cannot take) is faster through a third copy in float16, FBGEMM's half-precision matmul
-    (`fbgemm_half_linear`: float32 sums, the rounded weight to float16's 11 bits): at 16 rows 1.4x
-    the int8 kernel's speed and 1.5x the float32 copy's (docs/results.md). It returns float32. It
-    holds half the float32 copy's bytes on top (a 10.7M model: 21 MB more).
+    5 to `HALF_ROWS` rows (a batched decode step; where QuillGPT's kernel is not in use, 1 to
+    `HALF_ROWS` for layers PyTorch's int8 kernel cannot take) is faster through a third copy in
+    float16, FBGEMM's half-precision matmul (`fbgemm_half_linear`: float32 sums, the rounded weight
+    to float16's 11 bits): at 16 rows 1.4x the speed of PyTorch's int8 kernel and 1.5x the float32
+    copy's (docs/results.md). It returns float32. It holds half the float32 copy's bytes on top (a
+    10.7M model: 21 MB more).
     """
 
     def __init__(self, linear: nn.Linear):
@@ -533,7 +535,7 @@ class Int8Linear(PackedLinear):
         if not native and fbgemm_half() and rounded.abs().max() < torch.finfo(torch.float16).max:
             bias = None if self.bias is None else self.bias.detach().float()
             self.float16_copy = torch.ops.quantized.linear_prepack_fp16(rounded, bias)
-        # The int8 kernel reads its input 16 values at a time and returns garbage for other widths
+        # PyTorch's int8 kernel reads its input 16 values at a time and returns garbage for other widths
         # (PyTorch 2.13: NaN or a crash at 24 or 1,020 inputs on AVX-512); those layers take a copy.
         self.few_rows = (4 if native or self.float16_copy is not None else 16) if self.in_features % 16 == 0 else 0
 

@@ -8,6 +8,7 @@ from quillgpt.generate import (
     SequenceState,
     StopStrings,
     generate,
+    padded_groups,
     stream,
     stream_with_probs,
 )
@@ -51,25 +52,39 @@ def test_batched_equals_one_at_a_time(char_tokenizer):
 
 
 def test_prompts_that_join_together_share_one_prefill(char_tokenizer):
-    """Neighbouring rows that start a window are encoded in one call, shorter ones padded at the end;
-    a row already decoding (or a one-token prompt) splits them. Outputs equal each prompt alone."""
+    """Neighbouring rows that start a window are encoded together, shorter ones padded at the end,
+    unless padding would add more than half the real tokens; a row already decoding (or a one-token
+    prompt) splits them. Outputs equal each prompt alone."""
     model = noisy_model(char_tokenizer)
     calls = []
     model.register_forward_hook(lambda module, args, output: calls.append(tuple(args[0].shape)))
     prompts = ["First Citizen:", "You are all resolved", "S", "Speak, speak.", "All:"]
-    greedy = SamplingParams(max_new_tokens=12, temperature=0)
-    alone = [generate(model, char_tokenizer, p, greedy)[0].tokens for p in prompts]
-    decoder = Decoder(model, max_batch=5)
-    seqs = [SequenceState(char_tokenizer.encode(p), greedy) for p in prompts]
-    for seq in seqs:
-        decoder.add(seq)
-    calls.clear()
-    decoder.step()
-    widths = [len(p) - 1 for p in prompts]  # all but each prompt's last token
-    assert calls == [(2, max(widths[:2])), (2, max(widths[3:])), (5, 1)]  # rows 0-1, rows 3-4, the decode step
-    while decoder.active:
+    widths = [len(p) - 1 for p in prompts]  # all but each prompt's last token: 13, 19, 0, 12, 3
+    assert padded_groups(widths[:2]) == [(0, 2)] and padded_groups(widths[3:]) == [(0, 1), (1, 2)]
+    for params in (SamplingParams(max_new_tokens=12, temperature=0), SamplingParams(max_new_tokens=12, seed=2)):
+        alone = [generate(model, char_tokenizer, p, params)[0].tokens for p in prompts]
+        decoder = Decoder(model, max_batch=5)
+        seqs = [SequenceState(char_tokenizer.encode(p), params) for p in prompts]
+        for seq in seqs:
+            decoder.add(seq)
+        calls.clear()
         decoder.step()
-    assert [s.generated for s in seqs] == alone
+        assert calls == [(2, 19), (1, 12), (1, 3), (5, 1)]  # rows 0-1 padded to 19; 3 and 4 apart; the decode step
+        while decoder.active:
+            decoder.step()
+        assert [s.generated for s in seqs] == alone
+
+
+def test_padded_groups_bound_the_padding():
+    assert padded_groups([]) == []
+    assert padded_groups([16] * 16) == [(0, 16)]  # a burst of equal prompts: one call
+    assert padded_groups([200, 5, 5, 5]) == [(0, 1), (1, 4)]  # the long one alone
+    assert padded_groups([10, 8, 12, 30, 25]) == [(0, 3), (3, 5)]
+    for lengths in ([3, 1, 7, 2, 9, 9, 1], [1] * 5, [50, 1, 50]):
+        groups = padded_groups(lengths)
+        assert [i for i, _ in groups] == [0, *[j for _, j in groups[:-1]]] and groups[-1][1] == len(lengths)
+        for i, j in groups:  # each run is one row, or pads at most half its real tokens
+            assert j - i == 1 or max(lengths[i:j]) * (j - i) <= 1.5 * sum(lengths[i:j])
 
 
 def test_continuous_batching_sequences_join_and_leave(char_tokenizer):

@@ -111,15 +111,16 @@ def int8_linear():
 
 @needs_kernel
 @pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 9])
-@pytest.mark.parametrize("K,N", [(8, 1), (24, 65), (40, 130), (384, 64), (1030, 33)])
+@pytest.mark.parametrize("K,N", [(5, 3), (8, 1), (24, 65), (40, 130), (384, 64), (1030, 33)])
 def test_int8_linear_matches_the_product_written_out(int8_linear, M, K, N):
-    """Every row count (four at a time, then the rest), widths with 32-, 8- and 1-value tails, a
-    scale in bfloat16 (as Int8Linear holds it) or float32, with a bias or without, x strided."""
+    """Every row count (four at a time, then the rest), widths of 32-, 8- and 1-value steps (5: only
+    the last), a scale in bfloat16 (as Int8Linear holds it) or float32, a bias in float32, bfloat16
+    or none, x strided."""
     torch.manual_seed(0)
     w = torch.randint(-127, 128, (N, K), dtype=torch.int8)
     x = torch.randn(M, 2 * K)[:, ::2]
     for scale in (torch.rand(N).to(torch.bfloat16), torch.rand(N)):
-        for bias in (torch.randn(N), None):
+        for bias in (torch.randn(N), torch.randn(N).to(torch.bfloat16), None):
             reference = x.double() @ (w.double() * scale.double()[:, None]).T
             reference += 0 if bias is None else bias.double()
             y = int8_linear(x, w, scale, bias)
@@ -129,16 +130,19 @@ def test_int8_linear_matches_the_product_written_out(int8_linear, M, K, N):
 
 @needs_kernel
 def test_int8_linear_keeps_a_nan_in_its_row_and_refuses_bad_inputs(int8_linear):
-    x, w, scale = torch.randn(3, 40), torch.ones(6, 40, dtype=torch.int8), torch.ones(6)
-    x[1, 37] = math.nan  # in the tail past the last 32 and 8 values
-    y = int8_linear(x, w, scale, None)
-    assert y[1].isnan().all() and not y[[0, 2]].isnan().any()
+    x, w, scale = torch.randn(3, 43), torch.ones(6, 43, dtype=torch.int8), torch.ones(6)
+    for k in (3, 35, 41):  # in a 32-value step, an 8-value step and the single values past them
+        x[1, k] = math.nan
+        y = int8_linear(x, w, scale, None)
+        assert y[1].isnan().all() and not y[[0, 2]].isnan().any()
+        x[1, k] = 0.0
     cases = [
         ((x.double(), w, scale, None), "x must be \\(M, K\\) float32"),
         ((x, w.float(), scale, None), "int8 matrix"),
         ((x, w.t(), scale, None), "int8 matrix"),
-        ((x, w[:, :32].contiguous(), scale, None), "x has 40 columns, w 32"),
+        ((x, w[:, :32].contiguous(), scale, None), "x has 43 columns, w 32"),
         ((x, w, scale[:5], None), "scale must be"),
+        ((x, w, scale.double(), None), "scale must be float32 or bfloat16"),
         ((x, w, scale, torch.ones(5)), "bias must be"),
     ]
     for args, message in cases:
