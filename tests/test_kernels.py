@@ -150,6 +150,19 @@ def test_int8_linear_keeps_a_nan_in_its_row_and_refuses_bad_inputs(int8_linear):
             int8_linear(*args)
 
 
+@needs_kernel
+def test_fake_tensors_trace_through_the_kernels(op, int8_linear):
+    """Both ops say their output's shape without running (torch.compile and torch.export need it)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        q, k = torch.empty(2, 3, 16), torch.empty(2, 3, 9, 16, dtype=torch.bfloat16)
+        out = op(q, k, k, torch.empty(2, dtype=torch.long))
+        y = int8_linear(torch.empty(4, 24), torch.empty(40, 24, dtype=torch.int8), torch.empty(40), None)
+    assert mode.is_our_fake(out) and out.shape == (2, 48) and out.dtype == torch.float32
+    assert mode.is_our_fake(y) and y.shape == (4, 40) and y.dtype == torch.float32
+
+
 PROMPTS = ["Fi", "You are all", "S", "Speak, speak.\n\nAll:\nBefore"]  # of different lengths
 
 

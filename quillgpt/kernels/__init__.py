@@ -93,7 +93,21 @@ def _build():
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         log.warning("could not build QuillGPT's CPU kernels (%s); using PyTorch's attention and int8 kernel", reason)
         return None
+    _register_shapes()
     return torch.ops.quill
+
+
+def _register_shapes() -> None:
+    """What each op returns, without running it: lets fake tensors, torch.compile and torch.export
+    trace through the kernels."""
+
+    @torch.library.register_fake("quill::decode_attention")
+    def _(q, k, v, lengths):
+        return q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
+
+    @torch.library.register_fake("quill::int8_linear")
+    def _(x, w, scale, bias):
+        return x.new_empty(x.shape[0], w.shape[0])
 
 
 def locked_load(build_dir: Path, load: Callable[[], None]) -> None:
