@@ -8,13 +8,14 @@
   the 1-4 rows of a decode step (`Int8Linear`), float32 in and out: about half the time of PyTorch's
   weight-only int8 kernel with the bfloat16 conversions and bias around it, at 1 row.
 
-The first use builds them (about 15 s) into torch's extensions directory (`TORCH_EXTENSIONS_DIR`,
-by default ~/.cache/torch_extensions), where later runs find them; a changed source or flag rebuilds.
-Where they cannot be built (no C++ compiler or `ninja`, a CPU without AVX2, an unwritable cache) or
-`QUILL_KERNELS=0` is set, `decode_attention_op()` and `int8_linear_op()` are None and the model
-uses PyTorch's attention and int8 kernel: the same work, slower. It needs a C++ compiler and ninja (`apt-get install g++
-ninja-build`, or `pip install ninja` in an activated virtual environment). Builds take turns under
-an OS lock (`locked_load`), which also clears the lock file a killed build leaves behind.
+The first use builds them (about 10 s) into torch's extensions directory (`TORCH_EXTENSIONS_DIR`,
+by default ~/.cache/torch_extensions), where later runs find them; a changed source or flag
+rebuilds. Where they cannot be built (no C++ compiler or `ninja`, a CPU without AVX2, an
+unwritable cache) or `QUILL_KERNELS=0` is set, `decode_attention_op()` and `int8_linear_op()` are
+None and the model uses PyTorch's attention and int8 kernel: the same work, slower. It needs a C++
+compiler and ninja (`apt-get install g++ ninja-build`, or `pip install ninja` in an activated
+virtual environment). Builds take turns under an OS lock (`locked_load`), which also clears the
+lock file a killed build leaves behind.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def _build():
     if not shutil.which(os.environ.get("CXX", "c++")) or not cpp_extension.is_ninja_available():
         log.info("no C++ compiler or ninja here: decoding uses PyTorch's kernels (install g++ and ninja to build ours)")
         return None
-    log.info("loading QuillGPT's CPU kernels (the first run builds them, ~15 s; later runs find them cached)")
+    log.info("loading QuillGPT's CPU kernels (the first run builds them, ~10 s; later runs find them cached)")
 
     def load():
         cpp_extension.load(
