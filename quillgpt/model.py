@@ -206,7 +206,9 @@ class MLP(nn.Module):
 
 
 def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
-    """The MLP's non-linearity (`GPTConfig.activation`) applied to the first layer's output."""
+    """The MLP's non-linearity (`GPTConfig.activation`, or "none") applied to the first layer's output."""
+    if activation == "none":
+        return h
     if activation == "gelu":
         return F.gelu(h, approximate="tanh")
     if activation == "gelu_exact":
@@ -457,6 +459,9 @@ def fbgemm_half() -> bool:
     )
 
 
+_dispatch_call_boxed = getattr(torch._C, "_dispatch_call_boxed", None)
+
+
 def fbgemm_half_linear(x: torch.Tensor, packed, relu: bool = False) -> torch.Tensor:
     """FBGEMM's float16-weight matmul of float32 rows x (N, in) by a `linear_prepack_fp16` weight,
     relu applied as it writes if asked: `quantized::linear_dynamic_fp16` (`linear_relu_dynamic_fp16`).
@@ -472,9 +477,6 @@ def fbgemm_half_linear(x: torch.Tensor, packed, relu: bool = False) -> torch.Ten
     if _dispatch_call_boxed is None or type(x) is not torch.Tensor:
         return op(x, packed)
     return _dispatch_call_boxed(handle, x, packed)
-
-
-_dispatch_call_boxed = getattr(torch._C, "_dispatch_call_boxed", None)
 
 
 @functools.cache
@@ -541,19 +543,20 @@ class Int8Linear(PackedLinear):
 
     def activated(self, x: torch.Tensor, activation: str) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
+        relu = False  # whether the matmul applied the activation's relu as it wrote
         if rows.shape[0] <= KERNEL_ROWS and not torch.is_grad_enabled() and (kernel := int8_linear_op()) is not None:
-            y = kernel(rows.float(), self.qweight, self.scale, self.bias).view(*x.shape[:-1], self.out_features)
-            return y if activation == "none" else activate(y, activation)
-        if self.float16_copy is not None and self.few_rows < rows.shape[0] <= HALF_ROWS:
+            y = kernel(rows.float(), self.qweight, self.scale, self.bias)
+        elif self.float16_copy is not None and self.few_rows < rows.shape[0] <= HALF_ROWS:
             relu = activation in ("relu", "relu2")  # FBGEMM applies relu as it writes
-            y = fbgemm_half_linear(rows.float(), self.float16_copy, relu).view(*x.shape[:-1], self.out_features)
-            if relu:
-                return y.square() if activation == "relu2" else y
-            return y if activation == "none" else activate(y, activation)
-        if rows.shape[0] > self.few_rows:
+            y = fbgemm_half_linear(rows.float(), self.float16_copy, relu)
+        elif rows.shape[0] > self.few_rows:
             return super().activated(x, activation)
-        y = torch.ops.aten._weight_int8pack_mm(rows.to(torch.bfloat16), self.qweight, self.scale)
-        # back to x's dtype (the activation is slow in bfloat16 without AVX512-BF16); adding the
-        # float32 bias to the bfloat16 product widens it exactly, in the same call
-        y = (y if self.bias is None else y + self.bias).to(x.dtype).view(*x.shape[:-1], self.out_features)
-        return y if activation == "none" else activate(y, activation)
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(rows.to(torch.bfloat16), self.qweight, self.scale)
+            # back to x's dtype (the activation is slow in bfloat16 without AVX512-BF16); adding the
+            # float32 bias to the bfloat16 product widens it exactly, in the same call
+            y = (y if self.bias is None else y + self.bias).to(x.dtype)
+        y = y.view(*x.shape[:-1], self.out_features)
+        if relu:
+            return y.square() if activation == "relu2" else y
+        return activate(y, activation)
