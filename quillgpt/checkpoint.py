@@ -24,10 +24,12 @@ from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_file as st_save_file
 from safetensors.torch import save_model as st_save_model
 
-from quillgpt.config import ConfigError, GPTConfig
+from quillgpt.config import ConfigError, GPTConfig, load_train_config
 from quillgpt.fileio import atomic_write, write_json
 from quillgpt.model import GPT, INFERENCE_WEIGHTS, prepare_for_inference, quantize_rows
+from quillgpt.original import find_files, load_if_original
 from quillgpt.tokenizer import BPE_FILE, BPETokenizer, CharTokenizer, TokenizerError, tokenizer_from_spec
+from quillgpt.weights import CheckpointError
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -40,10 +42,6 @@ MAX_BLOCK_SIZE = 1 << 20
 """The longest context a model directory may ask for: rotary tables and KV caches grow with it."""
 INT8_SCALE = ".int8_scale"
 """Suffix of the per-row scale stored beside each matrix of a model saved in int8."""
-
-
-class CheckpointError(RuntimeError):
-    """A model directory or weights file that cannot be read or written."""
 
 
 @dataclass
@@ -59,24 +57,9 @@ class LoadedModel:
         return self.path.name
 
     @property
-    def default_prompt(self) -> str:
-        return default_prompt({**self.provenance, **self.card})
-
-
-def default_prompt(info: dict[str, Any]) -> str:
-    """Where a UI starts a model that has no prompt yet: the model's own `default_prompt` (a top-level
-    key of its config.json, or its provenance, from the training config), else the one of the
-    registered dataset it was trained on (`data`: a name, or a path in a folder of that name)."""
-    from quillgpt.data import REGISTRY
-
-    if isinstance(info.get("default_prompt"), str):
-        return info["default_prompt"]
-    data = info.get("dataset") or info.get("data")
-    if isinstance(data, str):
-        for name in (data, Path(data).name, Path(data).parent.name):
-            if name in REGISTRY:
-                return REGISTRY[name].default_prompt
-    return ""
+    def info(self) -> dict[str, Any]:
+        """What the model directory says about itself: its provenance, overridden by its card's keys."""
+        return {**self.provenance, **self.card}
 
 
 def models_dirs() -> list[Path]:
@@ -222,11 +205,13 @@ def load_model(
     `weights` other than "float32" readies the model for fast decoding (`prepare_for_inference`):
     "auto" (what the CLI, the server and the playground use), "bfloat16" or "int8".
     """
-    from quillgpt.interop.quillgpt_v1 import find_files
-
     if weights not in INFERENCE_WEIGHTS:
         raise CheckpointError(f"unknown weights {weights!r} (choose from {', '.join(INFERENCE_WEIGHTS)})")
-    if (original := find_files(name_or_path)) is not None:  # the original QuillGPT's .pt + config JSON
+    if (Path(name_or_path).expanduser() / CONFIG_FILE).is_file():
+        original = None  # a model directory
+    else:
+        original = find_files(name_or_path)  # the original QuillGPT's .pt + config JSON, or None
+    if original is not None:
         return _for_inference(load_from_train_config(*original, device), device, weights)
     directory = resolve_model_path(name_or_path)
     data = read_model_config(directory)
@@ -387,16 +372,13 @@ def load_from_train_config(config_path: str | Path, weights_path: str | Path, de
     """The original QuillGPT's pair: a JSON training config (model keys, `encode`/`decode` maps) and
     a weights file: a `.pt` state dict in the original layout or ours, or `.safetensors`. A model
     directory works as either argument."""
-    from quillgpt.config import load_train_config
-
     for p in (Path(weights_path), Path(config_path)):
         directory = p if p.is_dir() else p.parent
         if _is_model_dir(directory):
             return load_model(directory, device)
-    from quillgpt.interop.quillgpt_v1 import load_if_original
-
-    if (original := load_if_original(config_path, weights_path, device)) is not None:
-        return original  # the original QuillGPT's layout (per-head q/k/v, biased lm_head)
+    if (original := load_if_original(config_path, weights_path)) is not None:
+        model, tokenizer = original  # the original QuillGPT's layout (per-head q/k/v, biased lm_head)
+        return LoadedModel(model.to(device), tokenizer, Path(weights_path).parent, {"imported_from": "quillgpt-v1"})
     cfg = load_train_config(config_path)
     if cfg.encode is None:
         raise CheckpointError(f"{config_path} has no 'encode' map, so the tokenizer is unknown; use a model directory")

@@ -15,6 +15,21 @@ from pathlib import Path
 
 import torch
 
+from quillgpt.checkpoint import CheckpointError, default_model, load_model, save_model
+from quillgpt.config import ConfigError, load_train_config, parse_overrides, train_config_from_dict
+from quillgpt.data import REGISTRY, DataError, cache_dir, get_dataset, load_text
+from quillgpt.device import resolve_device
+from quillgpt.evaluate import ADAPT_LR, evaluate
+from quillgpt.generate import generate, stream
+from quillgpt.interop import EXPORT_FORMATS, IMPORT_FORMATS, export_model, import_model
+from quillgpt.model import GPT, INFERENCE_WEIGHTS
+from quillgpt.playground.launch import launch
+from quillgpt.recipe import TextStats, describe, recipe
+from quillgpt.sampling import LIMITS, SamplingError, sampling_params
+from quillgpt.tokenizer import TokenizerError
+from quillgpt.train import TrainError, train
+from quillgpt.vocab import build_tokenizer
+
 INIT_CHARS = [chr(i) for i in range(32, 127)] + ["\n"]
 """`quill init`'s vocabulary when no other is given: printable ASCII and the newline."""
 
@@ -22,6 +37,8 @@ Flags = Callable[[argparse.ArgumentParser], None]
 Command = Callable[[argparse.Namespace], int | None]
 COMMANDS: dict[str, tuple[str, Flags, Command]] = {}
 """The command table: subcommand name → (help, the function adding its flags, the function running it)."""
+USER_ERRORS = (CheckpointError, ConfigError, DataError, SamplingError, TokenizerError, TrainError, OSError)
+"""Errors the user can fix: one line on stderr and exit code 2."""
 
 
 def command(name: str, help: str, flags: Flags):
@@ -34,32 +51,8 @@ def command(name: str, help: str, flags: Flags):
     return register
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from quillgpt.checkpoint import CheckpointError
-    from quillgpt.config import ConfigError
-    from quillgpt.sampling import SamplingError
-    from quillgpt.tokenizer import TokenizerError
-
-    errors: list[type[BaseException]] = [CheckpointError, ConfigError, SamplingError, TokenizerError, OSError]
-    try:
-        from quillgpt.data import DataError
-
-        errors.append(DataError)
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        from quillgpt.train import TrainError
-
-        errors.append(TrainError)
-    except ImportError:  # pragma: no cover
-        pass
-    return tuple(errors)
-
-
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     """Flags for `SamplingParams`; unset ones (None) take the defaults of `quillgpt.sampling.LIMITS`."""
-    from quillgpt.sampling import LIMITS
-
     default = {name: limit.default for name, limit in LIMITS.items()}
     p.add_argument("--max-new-tokens", type=int, help=f"tokens to generate (default {default['max_new_tokens']})")
     p.add_argument("--temperature", type=float, help=f"0 = greedy (default {default['temperature']:g})")
@@ -71,8 +64,6 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_weights_arg(p: argparse.ArgumentParser, default: str) -> None:
-    from quillgpt.model import INFERENCE_WEIGHTS
-
     p.add_argument(
         "--weights",
         choices=INFERENCE_WEIGHTS,
@@ -93,11 +84,6 @@ def generate_flags(p: argparse.ArgumentParser) -> None:
 
 @command("generate", "generate text from a model", generate_flags)
 def cmd_generate(args: argparse.Namespace) -> int:
-    from quillgpt.checkpoint import default_model, load_model
-    from quillgpt.device import resolve_device
-    from quillgpt.generate import generate, stream
-    from quillgpt.sampling import sampling_params
-
     params = sampling_params(vars(args))
     loaded = load_model(args.model or default_model(), device=resolve_device(args.device), weights=args.weights)
     if args.stream:
@@ -119,8 +105,6 @@ def info_flags(p: argparse.ArgumentParser) -> None:
 
 @command("info", "parameters, config and provenance of a model", info_flags)
 def cmd_info(args: argparse.Namespace) -> int:
-    from quillgpt.checkpoint import load_model
-
     loaded = load_model(args.model)
     info = {
         "path": str(loaded.path),
@@ -150,11 +134,6 @@ def init_flags(p: argparse.ArgumentParser) -> None:
 
 @command("init", "write a randomly initialised model (for tests and benchmarks)", init_flags)
 def cmd_init(args: argparse.Namespace) -> int:
-    from quillgpt.checkpoint import save_model
-    from quillgpt.config import load_train_config
-    from quillgpt.model import GPT
-    from quillgpt.tokenizer import build_tokenizer
-
     cfg = load_train_config(args.config, args.set)
     chars = sorted(set(args.chars)) if args.chars is not None else None
     if chars is None and not (cfg.tokenizer == "gpt2" and args.gpt2_dir):
@@ -181,9 +160,6 @@ def train_flags(p: argparse.ArgumentParser) -> None:
 
 @command("train", "train a model from a JSON config, or sized for a text and a time budget", train_flags)
 def cmd_train(args: argparse.Namespace) -> int:
-    from quillgpt.config import ConfigError, load_train_config
-    from quillgpt.train import train
-
     if args.config is not None:
         if args.minutes is not None:
             raise ConfigError("--minutes sizes the automatic recipe; with a config, use --set max_minutes=N")
@@ -207,10 +183,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def recipe_for_args(args: argparse.Namespace):
     """`quill train --data PATH [--minutes N]`: the recipe's config (and --set on top), printed in one line."""
-    from quillgpt.config import ConfigError, parse_overrides, train_config_from_dict
-    from quillgpt.data import load_text
-    from quillgpt.recipe import TextStats, describe, recipe
-
     if args.data is None:
         raise ConfigError("give a JSON config, or --data PATH (and --minutes N) for the automatic recipe")
     minutes = 20.0 if args.minutes is None else args.minutes
@@ -232,8 +204,6 @@ def data_flags(p: argparse.ArgumentParser) -> None:
 
 @command("data", "list or fetch registered datasets", data_flags)
 def cmd_data(args: argparse.Namespace) -> int:
-    from quillgpt.data import REGISTRY, cache_dir, get_dataset
-
     if args.data_command == "list":
         for d in REGISTRY.values():
             print(f"{d.name:16} {d.description} [{d.license}]")
@@ -247,8 +217,6 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def eval_flags(p: argparse.ArgumentParser) -> None:
-    from quillgpt.evaluate import ADAPT_LR
-
     p.add_argument("model")
     p.add_argument("--data", required=True, help="dataset name, text file or folder")
     p.add_argument("--split", choices=["val", "train", "all"], default="val", help="all: the whole text")
@@ -292,11 +260,6 @@ def eval_flags(p: argparse.ArgumentParser) -> None:
 
 @command("eval", "loss and bits per byte over a whole split, in consecutive (or --stride) windows", eval_flags)
 def cmd_eval(args: argparse.Namespace) -> int:
-    from quillgpt.checkpoint import load_model
-    from quillgpt.config import ConfigError
-    from quillgpt.device import resolve_device
-    from quillgpt.evaluate import evaluate
-
     loaded = load_model(args.model, device=resolve_device(args.device), weights=args.weights)
     block_size = loaded.model.config.block_size
     if args.stride is not None and not 1 <= args.stride <= block_size:
@@ -341,7 +304,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def import_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("format", choices=["quillgpt-v1", "nanogpt", "hf-gpt2"])
+    p.add_argument("format", choices=IMPORT_FORMATS)
     p.add_argument(
         "sources",
         nargs="+",
@@ -352,36 +315,27 @@ def import_flags(p: argparse.ArgumentParser) -> None:
 
 @command("import", "convert another project's weights into a model directory", import_flags)
 def cmd_import(args: argparse.Namespace) -> int:
-    from quillgpt.checkpoint import load_model
-    from quillgpt.interop import import_model
-
     out = import_model(args.format, args.sources, args.out)
     print(f"imported {args.format} ({load_model(out).model.num_params():,} parameters) into {out}")
     return 0
 
 
 def export_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("format", choices=["hf", "onnx"])
+    p.add_argument("format", choices=EXPORT_FORMATS)
     p.add_argument("model", help="bundled model name or model directory")
     p.add_argument("--out", required=True, help="hf: a directory; onnx: a .onnx file")
 
 
 @command("export", "write a model for HuggingFace transformers or ONNX Runtime", export_flags)
 def cmd_export(args: argparse.Namespace) -> int:
-    from quillgpt.checkpoint import load_model
-
     loaded = load_model(args.model)
-    if args.format == "hf":
-        from quillgpt.interop.export_hf import export_hf as exporter
-    else:
-        from quillgpt.interop.export_onnx import export_onnx as exporter
-    print(f"exported {loaded.name} to {exporter(loaded, args.out)}")
+    print(f"exported {loaded.name} to {export_model(args.format, loaded, args.out)}")
     return 0
 
 
 def serve_flags(p: argparse.ArgumentParser) -> None:
     try:
-        from quillgpt.serve.server import add_serve_arguments
+        from quillgpt.serve.server import add_serve_arguments  # the optional `serve` extra
     except ImportError:  # the `serve` extra is not installed; say so when the command runs
         p.set_defaults(missing_extra="serve")
         return
@@ -393,7 +347,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if getattr(args, "missing_extra", None):
         print("quill serve: error: the server needs the serve extra: pip install 'quillgpt[serve]'", file=sys.stderr)
         return 2
-    from quillgpt.serve.server import serve_from_args
+    from quillgpt.serve.server import serve_from_args  # the optional `serve` extra
 
     return serve_from_args(args)
 
@@ -407,8 +361,6 @@ def playground_flags(p: argparse.ArgumentParser) -> None:
 
 @command("playground", "the Streamlit playground in a browser", playground_flags)
 def cmd_playground(args: argparse.Namespace) -> int:
-    from quillgpt.playground.launch import launch
-
     return launch(args.model, args.api_url, args.host, args.port)
 
 
@@ -424,7 +376,7 @@ def run_with_clear_errors(name: str, fn: Callable[[argparse.Namespace], int | No
     """Run a command; a user error becomes one line on stderr and exit code 2, not a traceback."""
     try:
         return fn(args) or 0
-    except _user_errors() as e:
+    except USER_ERRORS as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -18,16 +18,15 @@ import zipfile
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from quillgpt.fileio import atomic_write, write_bytes
 from quillgpt.layout import normalize_newlines
-
-if TYPE_CHECKING:
-    from quillgpt.tokenizer import TextTokenizer
+from quillgpt.tokenizer import TextTokenizer
 
 
 class DataError(ValueError):
@@ -139,6 +138,20 @@ REGISTRY: dict[str, Dataset] = {
 }
 
 
+def default_prompt(info: dict[str, Any]) -> str:
+    """Where a UI starts a model that has no prompt yet: the model's own `default_prompt` (a top-level
+    key of its config.json, or its provenance, from the training config), else the one of the
+    registered dataset it was trained on (`data`: a name, or a path in a folder of that name)."""
+    if isinstance(info.get("default_prompt"), str):
+        return info["default_prompt"]
+    data = info.get("dataset") or info.get("data")
+    if isinstance(data, str):
+        for name in (data, Path(data).name, Path(data).parent.name):
+            if name in REGISTRY:
+                return REGISTRY[name].default_prompt
+    return ""
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("QUILL_CACHE_DIR") or Path.home() / ".cache" / "quillgpt")
 
@@ -198,8 +211,6 @@ def get_dataset(name: str, source: str | Path | None = None, download: bool = Tr
 
 
 def _download(f: DataFile, dest: Path, quiet: bool) -> None:
-    from tqdm import tqdm
-
     try:
         with urllib.request.urlopen(f.url, timeout=60) as response:
             total = int(response.headers.get("Content-Length") or 0) or None

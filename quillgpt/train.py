@@ -50,8 +50,9 @@ from quillgpt.fileio import atomic_dir, atomic_write, recover_dir, write_json
 from quillgpt.layout import mix_layouts
 from quillgpt.model import GPT
 from quillgpt.optim import build_optimizers, lr_factor, new_ema
-from quillgpt.tokenizer import CharTokenizer, TokenizerError, build_tokenizer, tokenizer_from_spec
+from quillgpt.tokenizer import CharTokenizer, TokenizerError, tokenizer_from_spec
 from quillgpt.trainlog import METRICS_FILE, PLOT_FILE, MetricsLog, plot_metrics, progress_bar, update_bar
+from quillgpt.vocab import build_tokenizer
 
 LAST_DIR = "last"
 STATE_FILE = "train_state.pt"

@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from quillgpt.fileio import atomic_write, write_text
 
 METRICS_FILE = "metrics.jsonl"
@@ -53,8 +55,6 @@ class MetricsLog:
 
 def progress_bar(max_iters: int, step: int, time_budgeted: bool):
     """Steps, loss, tokens/s and ETA; a time-budgeted run shows the minutes left instead of an ETA."""
-    from tqdm import tqdm
-
     total = None if time_budgeted else max_iters
     return tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
 
@@ -86,7 +86,7 @@ def _records(path: Path) -> list[dict]:
 
 def plot_metrics(metrics_path: str | Path, png_path: str | Path, title: str | None = None) -> None:
     """Train loss per step (smoothed) and eval train/val losses, written atomically as a PNG."""
-    import matplotlib
+    import matplotlib  # start-up time: training and the playground import this module, few runs plot
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

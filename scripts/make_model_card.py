@@ -21,6 +21,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from quillgpt.checkpoint import WEIGHTS_FILE, LoadedModel, load_model
+from quillgpt.data import default_prompt
 from quillgpt.evaluate import LAYOUTS, evaluate
 from quillgpt.fileio import write_text
 from quillgpt.generate import generate
@@ -198,7 +199,7 @@ def main() -> None:
     p.add_argument("--layouts", action="store_true", help="score the validation text per file in both layouts")
     args = p.parse_args()
     command = args.command or f"quill train {args.config} --out {args.model_dir}"
-    prompts = args.prompt or [load_model(args.model_dir).default_prompt or "\n"]
+    prompts = args.prompt or [default_prompt(load_model(args.model_dir).info) or "\n"]
     text = card(args.model_dir, args.config, args.title or args.model_dir.name, prompts, command, args.layouts)
     write_text(args.model_dir / "README.md", text)
     print(f"wrote {args.model_dir / 'README.md'}")

@@ -13,7 +13,8 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 import quillgpt.checkpoint as checkpoint
-from quillgpt.checkpoint import LoadedModel, default_prompt, load_model, save_model
+from quillgpt.checkpoint import LoadedModel, load_model, save_model
+from quillgpt.data import default_prompt
 from quillgpt.generate import generate
 from quillgpt.playground import launch, page
 from quillgpt.playground.api import ApiBackend
@@ -320,7 +321,7 @@ def test_default_prompt_comes_from_the_model_or_its_dataset(tiny_model_dir):
     config["default_prompt"] = "Call me Ishmael."  # a shipped model declares its own, beside its weights
     (tiny_model_dir / "config.json").write_text(json.dumps(config))
     assert LocalBackend([str(tiny_model_dir)]).card(str(tiny_model_dir)).default_prompt == "Call me Ishmael."
-    assert load_model(REPO / "models" / "shakespeare-char").default_prompt == "ROMEO:"
+    assert default_prompt(load_model(REPO / "models" / "shakespeare-char").info) == "ROMEO:"
 
 
 def test_local_backend_card(tiny_model_dir, tiny_model):

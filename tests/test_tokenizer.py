@@ -109,7 +109,7 @@ def test_bad_specs_and_files(tmp_path):
 def test_bpe_is_trained_on_the_training_split_only(tmp_path):
     from quillgpt.config import TrainConfig
     from quillgpt.data import split_dataset
-    from quillgpt.tokenizer import build_tokenizer
+    from quillgpt.vocab import build_tokenizer
 
     train = "the cat sat on the mat and the dog sat on the log\n" * 60
     for name, val in [("a", "zyzzyva quixotic zyzzyva quixotic " * 40), ("b", "the cat sat " * 120)]:

@@ -14,6 +14,7 @@ The tokenizer goes with it: BPE as its own `tokenizer.json`; the character token
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -75,7 +76,7 @@ def export_hf(loaded: LoadedModel, out: str | Path) -> Path:
             f"the NanoChat-based one lacks {', '.join(nanochat)}"
         )
     try:
-        import transformers
+        import transformers  # the optional `interop` extra
     except ImportError:
         raise CheckpointError("exporting needs transformers: pip install 'quillgpt[interop]'") from None
     transformers.utils.logging.disable_progress_bar()
@@ -132,8 +133,6 @@ def _gpt2_model(transformers, c: GPTConfig, state: dict[str, torch.Tensor], spec
 
 
 def _nanochat_model(c: GPTConfig, state: dict[str, torch.Tensor], special):
-    import importlib.util
-
     spec = importlib.util.spec_from_file_location("modeling_quillgpt", REMOTE_CODE)
     remote = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(remote)

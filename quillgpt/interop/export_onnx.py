@@ -73,7 +73,7 @@ class CachedStep(nn.Module):
 def export_onnx(loaded: LoadedModel, out: str | Path) -> Path:
     """Write the model's cached-step graph to `out` (a .onnx file), with its config as metadata."""
     try:
-        import onnx
+        import onnx  # the optional `interop` extra
     except ImportError:
         raise CheckpointError("exporting to ONNX needs onnx and onnxscript: pip install 'quillgpt[interop]'") from None
     model = loaded.model.float().cpu().eval()
@@ -125,7 +125,7 @@ class OnnxDecoder:
     """
 
     def __init__(self, path: str | Path, threads: int | None = None):
-        import onnxruntime as ort
+        import onnxruntime as ort  # the optional `interop` extra
 
         options = ort.SessionOptions()
         if threads:

@@ -18,9 +18,9 @@ from safetensors.torch import load_file
 
 from quillgpt.checkpoint import CheckpointError, check_loaded_keys, save_model
 from quillgpt.config import ConfigError, GPTConfig
-from quillgpt.interop.safe_pickle import load_state_dict_file
 from quillgpt.model import GPT
 from quillgpt.tokenizer import BPE_FILE, BPETokenizer, TokenizerError
+from quillgpt.weights import load_state_dict_file
 
 MASK_BUFFER = re.compile(r"transformer\.h\.\d+\.attn\.(masked_)?bias")
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")

@@ -13,9 +13,9 @@ from pathlib import Path
 from quillgpt.checkpoint import CheckpointError, save_model
 from quillgpt.config import ConfigError, GPTConfig
 from quillgpt.interop.hf_gpt2 import load_gpt2_state, read_tokenizer
-from quillgpt.interop.safe_pickle import load_plain_pickle, load_torch_file
 from quillgpt.model import GPT
 from quillgpt.tokenizer import BPETokenizer, CharTokenizer
+from quillgpt.weights import load_plain_pickle, load_torch_file
 
 MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 
-from quillgpt.checkpoint import default_prompt
+from quillgpt.data import default_prompt
 from quillgpt.playground.backend import (
     TOP_ALTERNATIVES,
     BackendError,

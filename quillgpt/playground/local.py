@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 from quillgpt.checkpoint import CheckpointError, LoadedModel, bundled_models, load_model
 from quillgpt.config import ConfigError
+from quillgpt.data import default_prompt
 from quillgpt.generate import stream_with_probs
 from quillgpt.playground.backend import (
     TOP_ALTERNATIVES,
@@ -61,7 +62,7 @@ class LocalBackend:
             facts=facts,
             description=readme.read_text(encoding="utf-8", errors="replace") if readme.is_file() else None,
             loss_curve=loss if loss.is_file() else None,
-            default_prompt=loaded.default_prompt,
+            default_prompt=default_prompt(loaded.info),
         )
 
     def stream(self, name: str, prompt: str, params: SamplingParams) -> Iterator[Chunk]:

@@ -276,7 +276,7 @@ def _read_json(path: Path) -> dict:
 
 def _parameters(cfg: dict) -> int | None:
     """Parameters of the run's model, counted on the meta device (no memory, no time)."""
-    import torch
+    import torch  # start-up time: the page imports this module, and only a run's card needs PyTorch
 
     from quillgpt.config import train_config_from_dict
     from quillgpt.model import GPT
@@ -327,7 +327,7 @@ def trained_models(runs: Path) -> list[str]:
 
 def sample(model_path: Path, chars: int = 240, seed: int = 0) -> str:
     """A short sample from a model directory, from its start token, seeded."""
-    from quillgpt.checkpoint import load_model
+    from quillgpt.checkpoint import load_model  # start-up time, as in _parameters
     from quillgpt.generate import generate
     from quillgpt.sampling import SamplingParams
 

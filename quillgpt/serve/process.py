@@ -6,13 +6,13 @@ once: `run` for a single-process server, `app_from_env` in each worker of a mult
 
 from __future__ import annotations
 
+import torch
+
 from quillgpt.serve.logs import configure_logging
 from quillgpt.serve.settings import ServeSettings
 
 
 def setup_process(settings: ServeSettings) -> None:
     """Send logs to stderr in the configured format and size PyTorch's thread pool."""
-    import torch
-
     configure_logging(settings.log_level, settings.log_json)
     torch.set_num_threads(settings.resolved_torch_threads())

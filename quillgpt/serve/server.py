@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
+from quillgpt.checkpoint import CheckpointError, resolve_model_path
 from quillgpt.serve.process import setup_process
 from quillgpt.serve.settings import ServeSettings, parse_model_spec
 
@@ -60,15 +61,13 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
 
 def check_models(settings: ServeSettings) -> None:
     """Fail before starting the server if a model cannot be found (CheckpointError)."""
-    from quillgpt.checkpoint import resolve_model_path
-
     for spec in settings.models:
         resolve_model_path(parse_model_spec(spec)[1])
 
 
 def run(settings: ServeSettings) -> None:
     """Serve until interrupted. Several workers each load every model (scale-up on one machine)."""
-    import uvicorn
+    import uvicorn  # start-up time: `quill` reads this module to build every subcommand's flags
 
     check_models(settings)
     setup_process(settings)
@@ -84,7 +83,7 @@ def run(settings: ServeSettings) -> None:
         os.environ.update(settings.to_env())  # each worker process rebuilds the settings from these
         uvicorn.run("quillgpt.serve.app:app_from_env", factory=True, workers=settings.workers, **options)
     else:
-        from quillgpt.serve.app import create_app
+        from quillgpt.serve.app import create_app  # start-up time, as uvicorn above
 
         uvicorn.run(create_app(settings), **options)
 
@@ -97,8 +96,6 @@ def main(argv: Sequence[str] | None = None, prog: str = "quill serve") -> int:
 
 def serve_from_args(args: argparse.Namespace, prog: str = "quill serve") -> int:
     """Run the server from parsed flags; bad settings or models are one line and exit code 2."""
-    from quillgpt.checkpoint import CheckpointError
-
     try:
         run(settings_from_args(args))
     except ValidationError as e:

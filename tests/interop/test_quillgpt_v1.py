@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from quillgpt.checkpoint import CheckpointError, load_from_train_config, load_model
 from quillgpt.cli import main
-from quillgpt.interop.quillgpt_v1 import convert_state_dict, original_config
 from quillgpt.model import GPT
+from quillgpt.original import convert_state_dict, original_config
 from tests.conftest import REPO, SAMPLE_TEXT
 
 

@@ -6,6 +6,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from quillgpt.checkpoint import bundled_models, load_model
+from quillgpt.data import default_prompt
 from quillgpt.serve import app as app_module
 from quillgpt.serve.app import create_app
 from quillgpt.serve.settings import ServeSettings
@@ -49,7 +50,7 @@ def test_default_server_lists_every_bundled_model_with_its_default_prompt():
         listed = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
         assert sorted(listed) == sorted(bundled)
         for name, entry in listed.items():
-            assert entry["default_prompt"] == load_model(bundled[name], device="meta").default_prompt != ""
+            assert entry["default_prompt"] == default_prompt(load_model(bundled[name], device="meta").info) != ""
             body = {"model": name, "prompt": entry["default_prompt"], "max_tokens": 8, "seed": 1}
             r = client.post("/v1/completions", json=body)
             assert r.status_code == 200 and 1 <= r.json()["usage"]["completion_tokens"] <= 8

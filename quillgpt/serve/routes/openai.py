@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from quillgpt.data import default_prompt
 from quillgpt.generate import TokenLogprob
 from quillgpt.sampling import SamplingParams, normalize_stop, sampling_params
 from quillgpt.serve import schemas as s
@@ -55,7 +56,7 @@ def describe_model(name: str, engine: Engine, created: int) -> s.ModelObject:
         parameters=model.num_params(),
         tokenizer=engine.tokenizer.to_spec()["type"],
         provenance=engine.loaded.provenance,
-        default_prompt=engine.loaded.default_prompt,
+        default_prompt=default_prompt(engine.loaded.info),
     )
 
 

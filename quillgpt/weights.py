@@ -1,4 +1,5 @@
-"""Reading pickled files without running their code.
+"""Reading weights files without running their code, and `CheckpointError`, which every model file
+that cannot be read or written raises.
 
 A pickle can name any importable callable and have it called while loading, so every pickle here
 is read by an unpickler that admits plain data only: `torch.load(weights_only=True)` for tensors,
@@ -15,7 +16,9 @@ from typing import Any
 
 import torch
 
-from quillgpt.checkpoint import CheckpointError
+
+class CheckpointError(RuntimeError):
+    """A model directory or weights file that cannot be read or written."""
 
 
 class _PlainDataUnpickler(pickle.Unpickler):
