@@ -41,6 +41,7 @@ test: venv
 lint: venv
 	$(VENV)/bin/ruff check quillgpt tests benchmarks scripts
 	$(VENV)/bin/ruff format --check quillgpt tests benchmarks scripts
+	$(VENV)/bin/lint-imports
 
 bench: venv
 	$(PY) benchmarks/generate.py
