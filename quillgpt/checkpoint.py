@@ -8,6 +8,7 @@ Bundled models (under `models/` in the repository, or $QUILL_MODELS_DIR) are fou
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import json
@@ -230,6 +231,20 @@ def load_model(
     model.to(device).eval()
     card = {k: v for k, v in data.items() if k not in ("model", "tokenizer", "provenance")}
     return _for_inference(LoadedModel(model, tokenizer, directory, data.get("provenance", {}), card), device, weights)
+
+
+WEIGHTS_HELP = "float32 (exact), bfloat16, int8, or auto: int8 on CPUs"
+OLD_WEIGHTS_FLAG = ("--quantize", "int8")
+"""The older spelling of `--weights int8` (and QUILL_QUANTIZE=int8 for the server), still accepted, not shown."""
+
+
+def add_weights_flags(parser: argparse.ArgumentParser, default: str | None) -> None:
+    """`--weights` (load_model's `weights`) and its hidden older spelling, for every command that loads
+    a model: `quill generate`, `quill eval`, `quill serve`. None: the default is decided elsewhere."""
+    shown = f"{WEIGHTS_HELP} (default {default})" if default else WEIGHTS_HELP
+    parser.add_argument("--weights", choices=INFERENCE_WEIGHTS, default=default, help=shown)
+    flag, weights = OLD_WEIGHTS_FLAG
+    parser.add_argument(flag, choices=[weights], dest="weights", help=argparse.SUPPRESS)
 
 
 def _for_inference(loaded: LoadedModel, device, weights: str) -> LoadedModel:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -15,14 +14,14 @@ from pathlib import Path
 
 import torch
 
-from quillgpt.checkpoint import CheckpointError, default_model, load_model, save_model
+from quillgpt.checkpoint import CheckpointError, add_weights_flags, default_model, load_model, save_model
 from quillgpt.config import ConfigError, load_train_config, parse_overrides, train_config_from_dict
-from quillgpt.data import REGISTRY, DataError, cache_dir, get_dataset, load_text
+from quillgpt.data import REGISTRY, VAL_SPLITS, DataError, cache_dir, get_dataset, load_text
 from quillgpt.device import resolve_device
-from quillgpt.evaluate import ADAPT_LR, evaluate
+from quillgpt.evaluate import ADAPT_LR, LAYOUTS, SPLITS, check_options, evaluate, own_val_split
 from quillgpt.generate import generate, stream
 from quillgpt.interop import EXPORT_FORMATS, IMPORT_FORMATS, export_model, import_model
-from quillgpt.model import GPT, INFERENCE_WEIGHTS
+from quillgpt.model import GPT
 from quillgpt.playground.launch import launch
 from quillgpt.recipe import TextStats, describe, recipe
 from quillgpt.sampling import LIMITS, SamplingError, sampling_params
@@ -63,22 +62,12 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int)
 
 
-def add_weights_arg(p: argparse.ArgumentParser, default: str) -> None:
-    p.add_argument(
-        "--weights",
-        choices=INFERENCE_WEIGHTS,
-        default=default,
-        help=f"float32 (exact), bfloat16, int8, or auto: int8 on CPUs (default {default})",
-    )
-    p.add_argument("--quantize", choices=["int8"], dest="weights", help=argparse.SUPPRESS)  # older spelling
-
-
 def generate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="bundled model name or model directory (default: the bundled one)")
     p.add_argument("--prompt", default="", help="text to continue (empty: the tokenizer's start token)")
     add_sampling_args(p)
     p.add_argument("--device", default="auto")
-    add_weights_arg(p, "auto")
+    add_weights_flags(p, "auto")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True)
 
 
@@ -219,18 +208,18 @@ def cmd_data(args: argparse.Namespace) -> int:
 def eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("model")
     p.add_argument("--data", required=True, help="dataset name, text file or folder")
-    p.add_argument("--split", choices=["val", "train", "all"], default="val", help="all: the whole text")
+    p.add_argument("--split", choices=SPLITS, default="val", help="all: the whole text")
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument(
         "--val-split",
-        choices=["concat", "per_file"],
+        choices=VAL_SPLITS,
         default=None,
         help="per_file: the last --val-fraction of each file, scored and reported per file "
         "(default: the model's own split when --data is its training data, else concat)",
     )
     p.add_argument(
         "--layout",
-        choices=["original", "paragraph"],
+        choices=LAYOUTS,
         default="original",
         help="paragraph: re-flow hard-wrapped paragraphs to one line each before scoring",
     )
@@ -254,27 +243,18 @@ def eval_flags(p: argparse.ArgumentParser) -> None:
         "starts from the model's weights; 2-3x the compute, windows one at a time",
     )
     p.add_argument("--device", default="auto")
-    add_weights_arg(p, "float32")
+    add_weights_flags(p, "float32")
     p.add_argument("--json", action="store_true", help="end with one JSON line")
 
 
 @command("eval", "loss and bits per byte over a whole split, in consecutive (or --stride) windows", eval_flags)
 def cmd_eval(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, device=resolve_device(args.device), weights=args.weights)
-    block_size = loaded.model.config.block_size
-    if args.stride is not None and not 1 <= args.stride <= block_size:
-        raise ConfigError(f"--stride must be between 1 and the model's context length {block_size}, not {args.stride}")
-    if args.adapt is not None:
-        if args.weights != "float32":
-            raise ConfigError(
-                f"--adapt trains the model's float32 weights; it cannot run with --weights {args.weights}"
-            )
-        if not (math.isfinite(args.adapt) and args.adapt > 0):
-            raise ConfigError(f"--adapt's learning rate must be a positive number, not {args.adapt}")
-    val_split = args.val_split
-    if val_split is None:  # the model's own split of its own training data
-        own = loaded.provenance.get("data") == str(args.data)
-        val_split = loaded.provenance.get("val_split", "concat") if own else "concat"
+    try:
+        check_options(loaded.model.config.block_size, args.stride, args.adapt, args.weights, flag="--")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    val_split = args.val_split or own_val_split(loaded.provenance, args.data)
     result = evaluate(
         loaded.model,
         loaded.tokenizer,

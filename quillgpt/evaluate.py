@@ -42,6 +42,8 @@ from quillgpt.layout import reflow
 from quillgpt.model import GPT, PackedLinear
 from quillgpt.tokenizer import CharTokenizer
 
+SPLITS = ("val", "train", "all")
+"""What `evaluate` scores: the validation split, the training split, or the whole text."""
 LAYOUTS = ("original", "paragraph")
 """How scored text is laid out: as stored, or with hard-wrapped paragraphs re-flowed to one line."""
 UNKNOWN_CHAR_BITS_PER_BYTE = 8.0
@@ -77,10 +79,32 @@ def _window_nll(model: GPT, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Ten
     return nll, int((y >= 0).sum())
 
 
+def check_options(
+    block_size: int, stride: int | None = None, adapt_lr: float | None = None, weights: str = "float32", flag: str = ""
+) -> None:
+    """`evaluate`'s window and adaptation options, checked before anything is loaded or read: a
+    ValueError naming the option, prefixed by `flag` ("--": the CLI's flags). `weights`: how the model
+    was loaded (`load_model`); adapting trains its float32 weights."""
+    if stride is not None and not 1 <= stride <= block_size:
+        raise ValueError(f"{flag}stride must be between 1 and the model's context length {block_size}, not {stride}")
+    if adapt_lr is not None:
+        if weights != "float32":
+            raise ValueError(
+                f"{flag}adapt trains the model's float32 weights; it cannot run with {flag}weights {weights}"
+            )
+        if not (math.isfinite(adapt_lr) and adapt_lr > 0):
+            raise ValueError(f"{flag}adapt's learning rate must be a positive number, not {adapt_lr}")
+
+
+def own_val_split(provenance: dict, data: str) -> str:
+    """The validation split to score `data` with: the model's own (`val_split` in its provenance) when
+    `data` is what it was trained on, else "concat"."""
+    return provenance.get("val_split", "concat") if provenance.get("data") == str(data) else "concat"
+
+
 def check_adaptable(model: GPT, lr: float) -> list[torch.nn.Parameter]:
     """The parameters adaptation trains; a ValueError for a bad learning rate or weights it cannot train."""
-    if not (math.isfinite(lr) and lr > 0):
-        raise ValueError(f"the adaptation learning rate must be a positive number, not {lr}")
+    check_options(model.config.block_size, adapt_lr=lr)
     params = [p for p in model.parameters() if p.requires_grad]
     packed = any(isinstance(m, PackedLinear) for m in model.modules())  # weights readied for decoding only
     if packed or not params or any(p.dtype != torch.float32 for p in params):
@@ -187,8 +211,7 @@ def evaluate(
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r} (expected one of {', '.join(LAYOUTS)})")
     block_size = model.config.block_size
-    if stride is not None and not 1 <= stride <= block_size:
-        raise ValueError(f"stride must be between 1 and the model's context length {block_size}, not {stride}")
+    check_options(block_size, stride)
     if adapt_lr is not None:
         check_adaptable(model, adapt_lr)
     text_split = split_dataset(data, val_fraction, val_split)

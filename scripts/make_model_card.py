@@ -22,7 +22,7 @@ from safetensors import safe_open
 
 from quillgpt.checkpoint import WEIGHTS_FILE, LoadedModel, load_model
 from quillgpt.data import default_prompt
-from quillgpt.evaluate import LAYOUTS, evaluate
+from quillgpt.evaluate import LAYOUTS, evaluate, own_val_split
 from quillgpt.fileio import write_text
 from quillgpt.generate import generate
 from quillgpt.sampling import SamplingParams
@@ -70,7 +70,7 @@ def layout_table(loaded: LoadedModel) -> list[str]:
             loaded.tokenizer,
             prov["data"],
             "val",
-            val_split=prov.get("val_split", "concat"),
+            val_split=own_val_split(prov, prov["data"]),
             layout=layout,
         )
         for layout in LAYOUTS

@@ -37,7 +37,7 @@ def load_models(settings: ServeSettings) -> dict[str, LoadedModel]:
     models: dict[str, LoadedModel] = {}
     for spec in settings.models:
         alias, target = parse_model_spec(spec)
-        loaded = load_model(target, device=device, weights=settings.quantize or settings.weights)
+        loaded = load_model(target, device=device, weights=settings.weights)
         name = alias or loaded.name
         if name in models:
             raise ValueError(f"two models are named {name!r}: give one an alias (ALIAS=PATH)")

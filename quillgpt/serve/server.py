@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
-from quillgpt.checkpoint import CheckpointError, resolve_model_path
+from quillgpt.checkpoint import CheckpointError, add_weights_flags, resolve_model_path
 from quillgpt.serve.process import setup_process
 from quillgpt.serve.settings import ServeSettings, parse_model_spec
 
@@ -32,12 +32,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (prefer QUILL_API_KEY: ps shows flags)")
     parser.add_argument("--workers", type=int, help="server processes, each with its own models (default 1)")
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default auto)")
-    parser.add_argument(
-        "--weights",
-        choices=["auto", "float32", "bfloat16", "int8"],
-        help="auto (default): int8 on CPUs; or float32, bfloat16, int8",
-    )
-    parser.add_argument("--quantize", choices=["int8"], help=argparse.SUPPRESS)  # older spelling of --weights int8
+    add_weights_flags(parser, None)  # the default: ServeSettings.weights
     parser.add_argument("--torch-threads", type=int, help="PyTorch threads (default: cores - 1, at least 1)")
     parser.add_argument("--max-batch", type=int, help="sequences decoded together per model (default 16)")
     parser.add_argument("--queue-size", type=int, help="sequences that may wait per model before 503 (default 128)")

@@ -15,7 +15,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from quillgpt.checkpoint import served_models
+from quillgpt.checkpoint import OLD_WEIGHTS_FLAG, served_models
+from quillgpt.model import INFERENCE_WEIGHTS
 
 
 class ServeSettings(BaseSettings):
@@ -37,11 +38,11 @@ class ServeSettings(BaseSettings):
     """Let browsers send cookies/auth to the allowed origins; refused together with origin "*"."""
     device: str = "auto"
     """Where the models run: auto, cpu, cuda, cuda:N or mps."""
-    weights: Literal["auto", "float32", "bfloat16", "int8"] = "auto"
+    weights: Literal[INFERENCE_WEIGHTS] = "auto"
     """How the models decode (`prepare_for_inference`): auto is int8 weights on CPUs (their cost in
     loss is measured in docs/results.md) and the model as it is elsewhere."""
-    quantize: Literal["int8"] | None = None
-    """The older spelling of weights=int8."""
+    quantize: Literal[OLD_WEIGHTS_FLAG[1]] | None = None
+    """The older spelling of weights=int8 (QUILL_QUANTIZE=int8); it wins over `weights`."""
     torch_threads: int | None = Field(None, ge=1, le=1024)
     """PyTorch's intra-op threads; unset: one per core but one, which stays free for the event loop
     (on a small CPU, model threads that take every core starve the HTTP side)."""
@@ -93,6 +94,12 @@ class ServeSettings(BaseSettings):
         if duplicates:
             raise ValueError(f"model names must be unique, repeated: {', '.join(duplicates)}")
         return value
+
+    @model_validator(mode="after")
+    def _older_spelling(self) -> ServeSettings:
+        if self.quantize:
+            self.weights = self.quantize
+        return self
 
     @model_validator(mode="after")
     def _check_cors(self) -> ServeSettings:
