@@ -20,7 +20,7 @@ import torch
 from machine import cpu_info, describe
 
 from quillgpt.config import train_config_from_dict
-from quillgpt.device import flops_per_token, measure_matmul_peak
+from quillgpt.device import measure_matmul_peak
 from quillgpt.model import GPT
 from quillgpt.train import train
 
@@ -68,7 +68,7 @@ def measure(variant: str, steps: int, warmup: int, data: str) -> dict:
         "variant": variant,
         "step_ms": seconds * 1000,
         "tokens_per_s": tokens_per_s,
-        "flops_per_token": flops_per_token(model),
+        "flops_per_token": model.config.flops_per_token(model.num_params(non_embedding=True)),
         "params": model.num_params(),
     }
 

@@ -99,6 +99,26 @@ class GPTConfig:
         if self.norm_eps <= 0:
             raise ConfigError(f"norm_eps must be > 0, got {self.norm_eps}")
 
+    NOT_ARCHITECTURE = ("dropout", "attn_dropout", "zero_init_proj")
+    """Fields that only shape training (regularisation, initialisation): two models that differ in
+    them load each other's weights and compute the same function."""
+
+    def architecture(self) -> dict[str, Any]:
+        """The fields that fix the weights' shapes and what the model computes with them: two
+        checkpoints are compatible exactly when these are equal."""
+        return {k: v for k, v in self.to_dict().items() if k not in self.NOT_ARCHITECTURE}
+
+    def architecture_differences(self, other: GPTConfig) -> list[str]:
+        """The architecture fields whose values differ between this config and `other`."""
+        mine, theirs = self.architecture(), other.architecture()
+        return [k for k in mine if mine[k] != theirs[k]]
+
+    def flops_per_token(self, params: int) -> float:
+        """Training FLOPs per token, forward and backward (PaLM's appendix B, as nanoGPT counts them):
+        6 per weight for `params` non-embedding weights (nanoGPT: all but the position embeddings), plus
+        12·L·H·Q·T for the attention scores and their weighted sum over a full context."""
+        return 6 * params + 12 * self.n_layer * self.n_head * self.head_dim * self.block_size
+
     @property
     def head_dim(self) -> int:
         return self.head_size if self.head_size is not None else self.n_embd // self.n_head

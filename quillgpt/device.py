@@ -1,18 +1,14 @@
 """The hardware: which device to run on ("auto" picks CUDA, then Apple's MPS, then the CPU), the
-precision training computes in there, and what it can do (FLOPs per token, measured matmul peak)."""
+precision training computes in there, and what it can do (its measured matmul peak)."""
 
 from __future__ import annotations
 
 import time
 from contextlib import nullcontext
-from typing import TYPE_CHECKING
 
 import torch
 
 from quillgpt.config import ConfigError
-
-if TYPE_CHECKING:
-    from quillgpt.model import GPT
 
 
 def resolve_device(name: str | None = "auto") -> torch.device:
@@ -40,12 +36,6 @@ def autocast_context(dtype: str, device: torch.device):
     if dtype == "float32":
         return nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-def flops_per_token(model: GPT) -> float:
-    """Training FLOPs per token: 6 per weight (forward + backward) plus attention (nanoGPT's estimate)."""
-    c = model.config
-    return 6 * model.num_params(non_embedding=True) + 12 * c.n_layer * c.n_head * c.head_dim * c.block_size
 
 
 def measure_matmul_peak(seconds: float = 1.0, n: int = 1024, dtype: torch.dtype = torch.float32) -> float:

@@ -119,18 +119,16 @@ def block_params(n_layer: int, n_embd: int) -> int:
     return 12 * n_layer * n_embd * n_embd
 
 
-def flops_per_token(n_layer: int, n_embd: int, vocab: int, context: int) -> float:
-    """Training FLOPs per token: 6 per weight (blocks and the untied LM head) plus attention."""
-    return 6 * (block_params(n_layer, n_embd) + n_embd * vocab) + 12 * n_layer * n_embd * context
-
-
 def _plan_shape(train_tokens: float, vocab: int, context: int, seconds: float, compiled: bool):
     """The largest shape of the ladder that the budget and the text can feed (rule 2)."""
     rate = REFERENCE_FLOPS / (1.0 if compiled else EAGER_SLOWDOWN)
     chosen = None
     for n_layer, n_embd in SHAPES:
-        tokens = rate / flops_per_token(n_layer, n_embd, vocab, context) * seconds
         params = block_params(n_layer, n_embd)
+        shape = GPTConfig(
+            vocab_size=vocab, block_size=context, n_layer=n_layer, n_head=n_embd // HEAD_DIM, n_embd=n_embd
+        )
+        tokens = rate / shape.flops_per_token(params + n_embd * vocab) * seconds  # blocks and the untied LM head
         fits = tokens >= TOKENS_PER_PARAM * params and params <= MAX_PARAMS_PER_TRAIN_TOKEN * train_tokens
         if chosen is None or fits:
             chosen = (n_layer, n_embd, tokens, params)

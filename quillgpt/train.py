@@ -43,7 +43,7 @@ from quillgpt.checkpoint import (
 )
 from quillgpt.config import TrainConfig, train_config_from_dict
 from quillgpt.data import DataError, get_batch, split_dataset, tokenize_splits
-from quillgpt.device import autocast_context, flops_per_token, measure_matmul_peak, resolve_device
+from quillgpt.device import autocast_context, measure_matmul_peak, resolve_device
 from quillgpt.distributed import Processes, init_distributed
 from quillgpt.evaluate import estimate_loss, evaluate
 from quillgpt.fileio import atomic_dir, atomic_write, recover_dir, write_json
@@ -131,8 +131,7 @@ def _prepare(cfg: TrainConfig, out: Path, data, resume: bool, init_from):
             saved = train_config_from_dict(json.loads((out / "train_config.json").read_text(encoding="utf-8")))
         except (OSError, ValueError) as e:
             raise TrainError(f"cannot read {out / 'train_config.json'} to resume: {e}") from None
-        shape = ("n_layer", "n_head", "n_embd", "head_size", "block_size", "mlp_hidden", "activation", "pos_emb")
-        differ = [k for k in shape if getattr(saved.model, k) != getattr(cfg.model, k)]
+        differ = [k for k in saved.model.architecture_differences(cfg.model) if k != "vocab_size"]  # the tokenizer's
         if differ:
             raise TrainError(f"--resume with a different model shape ({', '.join(differ)}) than the run in {out}")
         state = torch.load(out / LAST_DIR / STATE_FILE, map_location="cpu", weights_only=True)
@@ -340,7 +339,8 @@ def train(
     mfu = None
     if device.type == "cpu" and ddp.main:
         matmuls = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32  # what autocast ran on the CPU
-        mfu = flops_per_token(run.model) * tok_s / measure_matmul_peak(0.3, dtype=matmuls)
+        flops = run.model.config.flops_per_token(run.model.num_params(non_embedding=True))
+        mfu = flops * tok_s / measure_matmul_peak(0.3, dtype=matmuls)
     if ddp.world > 1:
         dist.barrier()
         dist.destroy_process_group()

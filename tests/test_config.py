@@ -92,3 +92,36 @@ def test_int_given_for_float_is_accepted():
 def test_shipped_configs_are_valid(path):
     cfg = load_train_config(path)
     assert cfg.data_path  # each names its dataset
+
+
+def test_flops_per_token_matches_pytorchs_count_of_a_training_step():
+    """6 FLOPs per weight and 12·L·H·Q·T for attention, against torch's own FLOP counter over a forward
+    and backward pass at full context (the math attention path, which it can count)."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from quillgpt.model import GPT
+
+    for config in (  # no biases or norm weights: every non-embedding weight is in a matmul
+        GPTConfig(vocab_size=96, block_size=32, n_layer=2, n_head=4, n_embd=64, bias=False, norm_affine=False),
+        GPTConfig(
+            vocab_size=50, block_size=24, n_layer=3, n_head=3, n_embd=48, head_size=20, bias=False, norm_affine=False
+        ),
+    ):
+        model = GPT(config)
+        x = torch.randint(0, config.vocab_size, (1, config.block_size))
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            model(x, x)[1].backward()
+        expected = counter.get_total_flops() / config.block_size
+        assert config.flops_per_token(model.num_params(non_embedding=True)) == expected
+
+
+def test_architecture_fields_are_what_makes_two_checkpoints_compatible():
+    base = GPTConfig()
+    assert "dropout" not in base.architecture() and "zero_init_proj" not in base.architecture()
+    assert {"bias", "norm", "qk_norm", "tie_embeddings", "n_embd", "vocab_size"} <= base.architecture().keys()
+    other = GPTConfig(dropout=0.2, attn_dropout=0.1, zero_init_proj=True)
+    assert base.architecture_differences(other) == []
+    changed = GPTConfig(bias=False, norm="rmsnorm", qk_norm=True, tie_embeddings=False, n_embd=192)
+    assert base.architecture_differences(changed) == ["n_embd", "bias", "norm", "tie_embeddings", "qk_norm"]

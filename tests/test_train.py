@@ -448,3 +448,17 @@ def test_sigkill_at_any_point_resumes_from_the_last_complete_checkpoint(text_fil
         assert not (out / "last.tmp").exists() and not (out / "last.old").exists()
         a, b = (load_model(d / "last").model.state_dict() for d in (tmp_path / "straight", out))
         assert all(torch.equal(a[k], b[k]) for k in a), where
+
+
+@pytest.mark.parametrize(
+    "change", [{"bias": False}, {"norm": "rmsnorm"}, {"qk_norm": True}, {"tie_embeddings": False}], ids=str
+)
+def test_resume_with_another_architecture_is_refused(text_file, tmp_path, change):
+    train(config(max_iters=2, eval_interval=2), tmp_path / "run", data=text_file, progress=False)
+    (name,) = change
+    with pytest.raises(TrainError, match=f"different model shape \\({name}\\) than the run in"):
+        train(config(max_iters=4, **change), tmp_path / "run", data=text_file, progress=False, resume=True)
+    assert (
+        train(config(max_iters=4, dropout=0.1), tmp_path / "run", data=text_file, progress=False, resume=True).steps
+        == 4
+    )
