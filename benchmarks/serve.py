@@ -8,8 +8,15 @@ server's memory, then one JSON line.
     python benchmarks/serve.py --model shakespeare-char --clients 1,16 --duration 30   # speed-up
     python benchmarks/serve.py --model shakespeare-char --clients 64 --duration 60     # soak
 
+The memory soak at the 226M shape (random weights), int8 weights, 16 clients for 60 s:
+
+    quill init --config configs/harpoon-226m.json --out /tmp/harpoon-226m
+    python benchmarks/serve.py --model /tmp/harpoon-226m --weights int8 --clients 16 --duration 60
+
 Targets (Shakespeare model, 2-core CPU): 16 clients >= 4x the single client's tokens/s; a 60 s soak
-with 64 clients has zero errors and flat server memory.
+with 64 clients has zero errors and flat server memory. The server's memory (its resident set, with
+any worker processes it started) is sampled every second; "slope" is the least-squares trend over a
+run's second half, after the first requests have allocated what they keep (caches, buffers).
 """
 
 from __future__ import annotations
@@ -44,6 +51,8 @@ class RunResult:
     ttft: list[float] = field(default_factory=list)
     latency: list[float] = field(default_factory=list)
     rss_mb: list[float] = field(default_factory=list)
+    rss_at: list[float] = field(default_factory=list)
+    """Seconds into the run of each `rss_mb` sample."""
     error_samples: list[str] = field(default_factory=list)
 
     def summary(self) -> dict:
@@ -60,7 +69,34 @@ class RunResult:
             "rss_mb_first": round(self.rss_mb[0], 1) if self.rss_mb else None,
             "rss_mb_last": round(self.rss_mb[-1], 1) if self.rss_mb else None,
             "rss_mb_max": round(max(self.rss_mb), 1) if self.rss_mb else None,
+            "rss_mb_slope_per_min": _round(rss_slope_mb_per_min(self.rss_at, self.rss_mb), 2),
         }
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def rss_slope_mb_per_min(seconds: list[float], mb: list[float]) -> float | None:
+    """Least-squares slope of the memory samples in the second half of a run, MB per minute."""
+    half = len(mb) // 2
+    t, m = seconds[half:], mb[half:]
+    if len(t) < 3:
+        return None
+    t_mean, m_mean = sum(t) / len(t), sum(m) / len(m)
+    spread = sum((x - t_mean) ** 2 for x in t)
+    return 60 * sum((x - t_mean) * (y - m_mean) for x, y in zip(t, m)) / spread if spread else None
+
+
+def tree_rss_mb(proc) -> float:
+    """Resident memory of a process and the processes it started (`--workers`), in MB."""
+    total = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except Exception:  # a child that just exited
+            pass
+    return total / 2**20
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -130,7 +166,8 @@ async def run_clients(url: str, headers: dict, clients: int, duration: float, bo
                 return
             proc = psutil.Process(pid)
             while time.perf_counter() < deadline:
-                result.rss_mb.append(proc.memory_info().rss / 2**20)
+                result.rss_mb.append(tree_rss_mb(proc))
+                result.rss_at.append(time.perf_counter() - (deadline - duration))
                 await asyncio.sleep(1.0)
 
         started = time.perf_counter()
@@ -256,7 +293,11 @@ def main(argv: list[str] | None = None) -> int:
             r = asyncio.run(run_clients(url, headers, clients, args.duration, body, pid))
             s = r.summary()
             results.append(s)
-            memory = f", server RSS {s['rss_mb_first']}->{s['rss_mb_last']} MB" if r.rss_mb else ""
+            memory = ""
+            if r.rss_mb:
+                slope = s["rss_mb_slope_per_min"]
+                memory = f", server RSS {s['rss_mb_first']}->{s['rss_mb_last']} MB (max {s['rss_mb_max']}"
+                memory += f", second half {slope:+.1f} MB/min)" if slope is not None else ")"
             print(
                 f"{clients:4d} clients: {s['tokens_per_s']:8.1f} tokens/s, {s['requests']} requests, "
                 f"TTFT p50 {s['ttft_p50_ms']} ms p99 {s['ttft_p99_ms']} ms, errors {s['errors']}{memory}"

@@ -1,5 +1,6 @@
 """The hardware: which device to run on ("auto" picks CUDA, then Apple's MPS, then the CPU), the
-precision training computes in there, and what it can do (its measured matmul peak)."""
+precision training computes in there, and what it can do (its matmul peak: measured on a CPU, the
+vendor's dense bfloat16 figure on a GPU)."""
 
 from __future__ import annotations
 
@@ -36,6 +37,37 @@ def autocast_context(dtype: str, device: torch.device):
     if dtype == "float32":
         return nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+CUDA_PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),  # SXM ("NVIDIA H100 80GB HBM3")
+    ("H200", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("RTX 4090", 165e12),
+)
+"""Dense bfloat16 tensor-core FLOP/s from NVIDIA's data sheets, by a part of the device name; the first
+match wins, so a specific name sits above the shorter one it contains."""
+
+
+def cuda_peak_bf16_flops(name: str) -> float | None:
+    """The data-sheet bfloat16 peak of the GPU called `name` (torch.cuda.get_device_name), or None."""
+    return next((flops for part, flops in CUDA_PEAK_BF16_FLOPS if part in name), None)
+
+
+def peak_matmul_flops(device: torch.device, dtype: str) -> float | None:
+    """The MFU denominator for a run on `device` computing in `dtype`: on a CPU, its matmul peak
+    measured now in that dtype; on a GPU, its data-sheet bfloat16 peak (None for an unlisted GPU,
+    or float32, whose peak depends on TF32 settings); None elsewhere."""
+    if device.type == "cpu":
+        return measure_matmul_peak(0.3, dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32)
+    if device.type == "cuda" and dtype in ("bfloat16", "auto") and torch.cuda.is_bf16_supported():
+        return cuda_peak_bf16_flops(torch.cuda.get_device_name(device))
+    return None
 
 
 def measure_matmul_peak(seconds: float = 1.0, n: int = 1024, dtype: torch.dtype = torch.float32) -> float:

@@ -43,7 +43,7 @@ from quillgpt.checkpoint import (
 )
 from quillgpt.config import TrainConfig, train_config_from_dict
 from quillgpt.data import DataError, get_batch, split_dataset, tokenize_splits
-from quillgpt.device import autocast_context, measure_matmul_peak, resolve_device
+from quillgpt.device import autocast_context, peak_matmul_flops, resolve_device
 from quillgpt.distributed import Processes, init_distributed
 from quillgpt.evaluate import estimate_loss, evaluate
 from quillgpt.fileio import atomic_dir, atomic_write, recover_dir, write_json
@@ -201,6 +201,10 @@ class _Run:
         """The model that is evaluated and saved: the weight average once it has started."""
         return self.ema.module if self.ema is not None else self.model
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
     def provenance(self, base: dict) -> dict:
         return base | {"steps": self.step, "tokens": self.tokens_seen, "wall_time_s": round(self.elapsed(), 1)}
 
@@ -213,6 +217,7 @@ class _Run:
             "optimizers": [o.state_dict() for o in self.optimizers],
             "batch_rng": self.batch_gen.get_state(),
             "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             "ema": self.ema.state_dict() if self.ema is not None else None,
         }
 
@@ -221,6 +226,8 @@ class _Run:
             opt.load_state_dict(sd)
         self.batch_gen.set_state(state["batch_rng"])
         torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and self.device.type == "cuda":  # dropout's random numbers
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.elapsed_before, self.best_val = state["elapsed"], state["best_val"]
         if state.get("ema") is not None:
@@ -249,13 +256,13 @@ def train(
     _check_out_dir(out, resume, overwrite)
     cfg, tokenizer, text_split, splits, saved, base = _prepare(cfg, out, data, resume, init_from)
     ddp = init_distributed(device)
-    if device.type == "cuda" and ddp.world > 1:
+    if device.type == "cuda" and ddp.joined:
         device = torch.device("cuda", ddp.local_rank)
     run = _restore(cfg, out, device, saved, base)
     if ddp.main:
         _start_out_dir(out, cfg, fresh=overwrite and not resume)
     train_model = torch.compile(run.model) if cfg.compile else run.model
-    if ddp.world > 1:
+    if ddp.joined:
         train_model = DDP(train_model, device_ids=[ddp.local_rank] if device.type == "cuda" else None)
     autocast = autocast_context(cfg.dtype, device)
     provenance = {
@@ -314,7 +321,7 @@ def train(
             if run.step % cfg.eval_interval == 0 or last:
                 if ddp.main:
                     _evaluate_and_save(run, cfg, out, splits, tokenizer, provenance, loss, log, bar, device)
-                if ddp.world > 1:
+                if ddp.joined:
                     dist.barrier()
             if ddp.any(stopping.is_set(), device):
                 interrupted = True
@@ -336,12 +343,10 @@ def train(
             log.final_eval(run.step, full_val, wall)
         log.close()
     tok_s = run.tokens_seen / wall if wall > 0 else 0.0
-    mfu = None
-    if device.type == "cpu" and ddp.main:
-        matmuls = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32  # what autocast ran on the CPU
-        flops = run.model.config.flops_per_token(run.model.num_params(non_embedding=True))
-        mfu = flops * tok_s / measure_matmul_peak(0.3, dtype=matmuls)
-    if ddp.world > 1:
+    peak = peak_matmul_flops(device, cfg.dtype) if ddp.main else None
+    flops = run.model.config.flops_per_token(run.model.num_params(non_embedding=True))
+    mfu = flops * tok_s / peak if peak else None
+    if ddp.joined:
         dist.barrier()
         dist.destroy_process_group()
     full_val_loss = full_val["val_loss"] if full_val else None
@@ -414,7 +419,7 @@ def _optimizer_step(train_model, model, optimizers, cfg: TrainConfig, next_batch
     loss_sum = 0.0
     for micro in range(cfg.grad_accum):
         x, y = next_batch()
-        sync = micro == cfg.grad_accum - 1 or ddp.world == 1
+        sync = micro == cfg.grad_accum - 1 or not ddp.joined
         with nullcontext() if sync else train_model.no_sync(), autocast:
             _, loss = train_model(x, y)
             (loss / cfg.grad_accum).backward()
@@ -425,7 +430,7 @@ def _optimizer_step(train_model, model, optimizers, cfg: TrainConfig, next_batch
         opt.step()
         opt.zero_grad(set_to_none=True)
     loss_value = loss_sum / cfg.grad_accum
-    if ddp.world > 1:
+    if ddp.joined:
         t = torch.tensor(loss_value, device=x.device)
         dist.all_reduce(t)
         loss_value = t.item() / ddp.world
