@@ -6,12 +6,17 @@ the anchor is the speedrun, `configs/shakespeare-speedrun.json`: 6 × 256 on Tin
 for 19.5 minutes, 1.4667 on the whole validation split. At that size and budget the recipe resolves
 to that config, but for the 12-epoch cap on `max_iters` (rule 4), which that run did not reach.
 
-1. Throughput. A step costs FLOPs (6 per weight per token, plus attention, plus the LM head); the
-   speedrun did ~150 GFLOP/s on the reference machine (2 cores), compiled. Eager is 1.18× slower
-   (4,289 vs 5,043 tokens/s at 6 × 256). The planned tokens are that rate × the training seconds.
+1. Throughput, measured: before choosing, a few training steps of each candidate shape are timed on
+   this machine at the run's batch, context and dtype (`quillgpt.throughput`: seconds, cached per
+   machine and shape). The planned tokens are the steps that fit the budget at that rate, less the
+   evaluations (their batches at the measured forward rate, their checkpoints) and, compiled, a
+   minute of compile warm-up; compiled steps are taken as 1.18× the eager rate (5,043 vs 4,289 tokens/s
+   at 6 × 256 on the reference machine; not measured here). The reference machine's rule (~142 GFLOP/s
+   of eager steps, `reference_rate`) was what the recipe assumed before: it overestimated a Zen 4 by 1.6×.
 2. Shape: a ladder of shapes with 64-wide heads (4 × 128, 4 × 192, 6 × 256, 8 × 384, 10 × 512).
    Take the largest whose planned tokens reach its non-embedding parameter count (≥ 1 token per
-   parameter: the speedrun had 1.15 and won; 6 × 384 at that budget, ~0.5, lost: attempt 2), and
+   parameter: the speedrun had 1.15 and won; 6 × 384 at that budget, ~0.5, lost: attempt 2; timed
+   from small to large, up to the first one not fed), and
    whose parameters are at most 5 × the training tokens (Tiny Shakespeare: 4.7 and fine). The
    smallest shape is the floor.
 3. Tokenizer: characters, unless the training text is longer than the 16M characters the 6 × 256
@@ -173,12 +178,24 @@ def training_tokens(rate: Rate, cfg: TrainConfig, seconds: float) -> tuple[float
     step_s = tokens_per_step / train_rate
     available = max(seconds - (COMPILE_SECONDS if cfg.compile else 0.0), 0.0)
     steps = available / step_s
-    for _ in range(4):  # the interval depends on the steps, the steps on the time evaluations take
+    for _ in range(4):  # the interval depends on the steps, the steps on the evaluations the interval brings
         interval, batches = _eval_schedule(steps)
         eval_s = 2 * batches * cfg.batch_size * cfg.model.block_size / rate.eval_tokens_per_s + rate.checkpoint_s
-        steps = available / (step_s + eval_s / interval)
+        steps = _steps_with_evals(available, step_s, interval, eval_s)
     interval, batches = _eval_schedule(steps)
     return steps * tokens_per_step, interval, batches
+
+
+def _steps_with_evals(available: float, step_s: float, interval: int, eval_s: float) -> float:
+    """Steps a budget holds when every `interval`-th step is followed by an evaluation of `eval_s`: with k
+    evaluations, the steps the rest of the time holds, if they do not reach the (k+1)-th; else the budget
+    ends during the k-th evaluation, at its step. (The evaluation of the last step comes after the budget.)"""
+    k = 0
+    while True:
+        steps = (available - k * eval_s) / step_s
+        if steps < (k + 1) * interval:
+            return max(steps, k * interval)
+        k += 1
 
 
 def _eval_schedule(steps: float) -> tuple[int, int]:
