@@ -19,6 +19,7 @@ from quillgpt.config import ConfigError, load_train_config, parse_overrides, tra
 from quillgpt.data import REGISTRY, VAL_SPLITS, DataError, cache_dir, get_dataset, load_text
 from quillgpt.device import resolve_device
 from quillgpt.evaluate import ADAPT_LR, LAYOUTS, SPLITS, check_options, evaluate, own_val_split
+from quillgpt.fileio import write_json
 from quillgpt.generate import generate, stream
 from quillgpt.interop import EXPORT_FORMATS, IMPORT_FORMATS, export_model, import_model
 from quillgpt.model import GPT
@@ -149,14 +150,20 @@ def train_flags(p: argparse.ArgumentParser) -> None:
 
 @command("train", "train a model from a JSON config, or sized for a text and a time budget", train_flags)
 def cmd_train(args: argparse.Namespace) -> int:
+    on_step = None
     if args.config is not None:
         if args.minutes is not None:
             raise ConfigError("--minutes sizes the automatic recipe; with a config, use --set max_minutes=N")
         cfg = load_train_config(args.config, args.set)
         out = args.out or f"runs/{Path(args.config).stem}"
     else:
-        cfg, out = recipe_for_args(args)
-    s = train(cfg, out, data=args.data, resume=args.resume, overwrite=args.overwrite, init_from=args.init_from)
+        cfg, out, plan = recipe_for_args(args)
+        if not args.resume:  # the plan beside the run, written once the run has started (not over a refused one's)
+            on_step = _save_plan_once(Path(out) / PLAN_FILE, plan)
+    s = train(
+        cfg, out, data=args.data, resume=args.resume, overwrite=args.overwrite, init_from=args.init_from,
+        on_step=on_step,
+    )  # fmt: skip
     if int(os.environ.get("RANK", "0")) == 0:
         best = f"{s.best_val_loss:.4f}" if s.best_val_loss is not None else "n/a"
         if s.full_val_loss is not None:
@@ -180,7 +187,25 @@ def recipe_for_args(args: argparse.Namespace):
     cfg = train_config_from_dict(resolved | parse_overrides(args.set))
     if int(os.environ.get("RANK", "0")) == 0:
         print(describe(plan, minutes) + (f" (with {', '.join(args.set)})" if args.set else ""), flush=True)
-    return cfg, args.out or f"runs/{Path(str(args.data)).stem}-{minutes:g}min"
+    saved = plan.to_dict(minutes) | ({"overrides": list(args.set)} if args.set else {})
+    return cfg, args.out or f"runs/{Path(str(args.data)).stem}-{minutes:g}min", saved
+
+
+PLAN_FILE = "recipe.json"
+"""The recipe's plan beside a `quill train --data` run: tokens, steps, epochs and the rate they assume."""
+
+
+def _save_plan_once(path: Path, plan: dict):
+    """An on_step hook that writes `plan` at the first step (rank 0), then does nothing."""
+    written = False
+
+    def on_step(step: int, loss: float) -> None:
+        nonlocal written
+        if not written and int(os.environ.get("RANK", "0")) == 0:
+            write_json(path, plan)
+        written = True
+
+    return on_step
 
 
 def data_flags(p: argparse.ArgumentParser) -> None:

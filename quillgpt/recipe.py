@@ -6,12 +6,17 @@ the anchor is the speedrun, `configs/shakespeare-speedrun.json`: 6 × 256 on Tin
 for 19.5 minutes, 1.4667 on the whole validation split. At that size and budget the recipe resolves
 to that config, but for the 12-epoch cap on `max_iters` (rule 4), which that run did not reach.
 
-1. Throughput. A step costs FLOPs (6 per weight per token, plus attention, plus the LM head); the
-   speedrun did ~150 GFLOP/s on the reference machine (2 cores), compiled. Eager is 1.18× slower
-   (4,289 vs 5,043 tokens/s at 6 × 256). The planned tokens are that rate × the training seconds.
+1. Throughput, measured: before choosing, a few training steps of each candidate shape are timed on
+   this machine at the run's batch, context and dtype (`quillgpt.throughput`: seconds, cached per
+   machine and shape). The planned tokens are the steps that fit the budget at that rate, less the
+   evaluations (their batches at the measured forward rate, their checkpoints) and, compiled, a
+   minute of compile warm-up; compiled steps are taken as 1.18× the eager rate (5,043 vs 4,289 tokens/s
+   at 6 × 256 on the reference machine; not measured here). The reference machine's rule (~142 GFLOP/s
+   of eager steps, `reference_rate`) was what the recipe assumed before: it overestimated a Zen 4 by 1.6×.
 2. Shape: a ladder of shapes with 64-wide heads (4 × 128, 4 × 192, 6 × 256, 8 × 384, 10 × 512).
    Take the largest whose planned tokens reach its non-embedding parameter count (≥ 1 token per
-   parameter: the speedrun had 1.15 and won; 6 × 384 at that budget, ~0.5, lost: attempt 2), and
+   parameter: the speedrun had 1.15 and won; 6 × 384 at that budget, ~0.5, lost: attempt 2; timed
+   from small to large, up to the first one not fed), and
    whose parameters are at most 5 × the training tokens (Tiny Shakespeare: 4.7 and fine). The
    smallest shape is the floor.
 3. Tokenizer: characters, unless the training text is longer than the 16M characters the 6 × 256
@@ -48,16 +53,28 @@ not measured against the speedrun at 20 minutes) and an EMA of the weights (+0.0
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from quillgpt.config import ConfigError, GPTConfig, TrainConfig
+from quillgpt.throughput import Rate, cached_rate
 
-REFERENCE_FLOPS = 150e9
-"""Training FLOP/s the speedrun reached, compiled, on the reference machine (2 cores): 4,544 tokens/s
-at 33M FLOPs per token."""
-EAGER_SLOWDOWN = 1.18
-"""Compiled over eager tokens/s at 6 × 256 (5,043 / 4,289, docs/results.md)."""
+RateFn = Callable[[TrainConfig], Rate]
+"""How fast a config trains (eager): `cached_rate` measures this machine, `reference_rate` assumes another."""
+REFERENCE_FLOPS = 142e9
+"""Eager training FLOP/s of the optimizer steps on the reference machine (2 cores): 4,289 tokens/s at 6 × 256,
+33M FLOPs per token (docs/results.md). With compiling, evaluations and checkpoints, the speedrun saw 4,580."""
+REFERENCE_CHECKPOINT_S = 0.5
+COMPILE_SPEEDUP = 1.18
+"""Compiled over eager tokens/s at 6 × 256 (5,043 / 4,289, docs/results.md); not measured here: compiling
+takes longer than the whole measurement."""
+COMPILE_SECONDS = 60.0
+"""The compile warm-up inside the first step (about a minute on 2 cores, not measured separately)."""
+OPTIMISM = 1.5
+"""A larger shape runs at most this much faster, in FLOP/s, than the next smaller one measured: past that,
+it is not timed."""
 SHAPES = ((4, 128), (4, 192), (6, 256), (8, 384), (10, 512))
 """(n_layer, n_embd) from small to large; heads are 64 wide."""
 HEAD_DIM = 64
@@ -111,6 +128,23 @@ class Plan:
     """Non-embedding parameters (the blocks)."""
     shortened: bool
     """The run ends at MAX_EPOCHS passes, before its minutes are up."""
+    rate: Rate
+    """How fast the chosen shape trains here (eager), and whether that was measured now or before."""
+
+    def to_dict(self, minutes: float) -> dict:
+        """What `quill train --data` saves as recipe.json beside the run: the plan, to compare with what it saw."""
+        cfg = self.config
+        return {
+            "minutes": minutes,
+            "description": describe(self, minutes),
+            "tokens": round(self.tokens),
+            "steps": round(self.tokens / (cfg.batch_size * cfg.grad_accum * cfg.model.block_size)),
+            "epochs": round(self.epochs, 3),
+            "block_params": self.params,
+            "shortened": self.shortened,
+            "compiled": cfg.compile,
+            "rate": self.rate.to_dict(),
+        }
 
 
 def block_params(n_layer: int, n_embd: int) -> int:
@@ -119,24 +153,63 @@ def block_params(n_layer: int, n_embd: int) -> int:
     return 12 * n_layer * n_embd * n_embd
 
 
-def _plan_shape(train_tokens: float, vocab: int, context: int, seconds: float, compiled: bool):
-    """The largest shape of the ladder that the budget and the text can feed (rule 2)."""
-    rate = REFERENCE_FLOPS / (1.0 if compiled else EAGER_SLOWDOWN)
-    chosen = None
-    for n_layer, n_embd in SHAPES:
-        params = block_params(n_layer, n_embd)
-        shape = GPTConfig(
-            vocab_size=vocab, block_size=context, n_layer=n_layer, n_head=n_embd // HEAD_DIM, n_embd=n_embd
-        )
-        tokens = rate / shape.flops_per_token(params + n_embd * vocab) * seconds  # blocks and the untied LM head
-        fits = tokens >= TOKENS_PER_PARAM * params and params <= MAX_PARAMS_PER_TRAIN_TOKEN * train_tokens
-        if chosen is None or fits:
-            chosen = (n_layer, n_embd, tokens, params)
-    return chosen
+def shape_flops(n_layer: int, n_embd: int, vocab: int, context: int) -> float:
+    """Training FLOPs per token of a ladder shape, counting the blocks and the untied LM head as weights."""
+    shape = GPTConfig(vocab_size=vocab, block_size=context, n_layer=n_layer, n_head=n_embd // HEAD_DIM, n_embd=n_embd)
+    return shape.flops_per_token(block_params(n_layer, n_embd) + n_embd * vocab)
 
 
-def recipe(stats: TextStats, minutes: float, data_path: str | None = None) -> Plan:
-    """The recipe's config for a text of these stats and a budget of `minutes` (wall clock)."""
+def reference_rate(cfg: TrainConfig) -> Rate:
+    """The reference machine's rate (rule 1), from FLOPs: what the recipe assumed before it measured, and
+    what the tests size runs with, so that their plans do not depend on the machine running them."""
+    m = cfg.model
+    tokens_per_s = REFERENCE_FLOPS / shape_flops(m.n_layer, m.n_embd, m.vocab_size, m.block_size)
+    return Rate(tokens_per_s, 3 * tokens_per_s, REFERENCE_CHECKPOINT_S, "reference")
+
+
+def training_tokens(rate: Rate, cfg: TrainConfig, seconds: float) -> tuple[float, int, int]:
+    """Tokens the optimizer steps of `cfg` see in `seconds` of a run's budget at `rate` (rule 1), with the
+    evaluations' interval and batches (rule 9) that go with them.
+
+    The budget (`max_minutes`) counts from the first step: it holds the steps, the compile warm-up (in
+    the first step) and every evaluation with its checkpoint. Start-up and the final whole-split
+    evaluation come after it, in the minutes the budget leaves out (rule 7)."""
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.model.block_size
+    train_rate = rate.train_tokens_per_s * (COMPILE_SPEEDUP if cfg.compile else 1.0)
+    step_s = tokens_per_step / train_rate
+    available = max(seconds - (COMPILE_SECONDS if cfg.compile else 0.0), 0.0)
+    steps = available / step_s
+    for _ in range(4):  # the interval depends on the steps, the steps on the evaluations the interval brings
+        interval, batches = _eval_schedule(steps)
+        eval_s = 2 * batches * cfg.batch_size * cfg.model.block_size / rate.eval_tokens_per_s + rate.checkpoint_s
+        steps = _steps_with_evals(available, step_s, interval, eval_s)
+    interval, batches = _eval_schedule(steps)
+    return steps * tokens_per_step, interval, batches
+
+
+def _steps_with_evals(available: float, step_s: float, interval: int, eval_s: float) -> float:
+    """Steps a budget holds when every `interval`-th step is followed by an evaluation of `eval_s`: with k
+    evaluations, the steps the rest of the time holds, if they do not reach the (k+1)-th; else the budget
+    ends during the k-th evaluation, at its step. (The evaluation of the last step comes after the budget.)"""
+    k = 0
+    while True:
+        steps = (available - k * eval_s) / step_s
+        if steps < (k + 1) * interval:
+            return max(steps, k * interval)
+        k += 1
+
+
+def _eval_schedule(steps: float) -> tuple[int, int]:
+    """Rule 9: evaluate about 5 times, every 25 to 250 steps, on 20 batches (10 when closer than 100)."""
+    interval = int(min(250, max(25, steps // 5)))
+    return interval, 20 if interval >= 100 else 10
+
+
+def recipe(stats: TextStats, minutes: float, data_path: str | None = None, rate: RateFn | None = None) -> Plan:
+    """The recipe's config for a text of these stats and a budget of `minutes` (wall clock).
+
+    `rate` says how fast a config trains: by default measured on this machine (`cached_rate`: a few
+    seconds per shape the first time, nothing after); `reference_rate` sizes as the reference machine."""
     if minutes <= 0:
         raise RecipeError(f"minutes must be > 0, got {minutes}")
     if stats.chars < MIN_CHARS:
@@ -144,6 +217,7 @@ def recipe(stats: TextStats, minutes: float, data_path: str | None = None) -> Pl
             f"the text has {stats.chars:,} characters: too short to train on; the recipe needs at least "
             f"{MIN_CHARS:,} (the last {VAL_FRACTION:.0%} validates, in windows of {MIN_CONTEXT}+ characters)"
         )
+    rate = rate or cached_rate
     budget = minutes - min(0.5, 0.05 * minutes)
     compiled = minutes >= COMPILE_FROM_MINUTES
     seconds = budget * 60
@@ -156,7 +230,35 @@ def recipe(stats: TextStats, minutes: float, data_path: str | None = None) -> Pl
     train_tokens = size * (1 - VAL_FRACTION) / scale
     context = _context(size * VAL_FRACTION / scale)
     vocab = BPE_VOCAB if bpe else stats.distinct
-    n_layer, n_embd, tokens, params = _plan_shape(train_tokens, vocab, context, seconds, compiled)
+    # rule 6: batch 16, smaller until an epoch has MIN_STEPS_PER_EPOCH steps
+    batch = BATCH
+    while batch > MIN_BATCH and train_tokens / (batch * context) < MIN_STEPS_PER_EPOCH:
+        batch //= 2
+
+    def config(n_layer: int, n_embd: int, dropout: float = 0.0, eval_interval: int = 250, eval_iters: int = 20):
+        return _config(data_path, bpe, budget, train_tokens, batch, context, n_layer, n_embd, dropout, compiled,
+                       eval_interval, eval_iters)  # fmt: skip
+
+    # rule 2: the largest shape of the ladder that the budget and the text can feed, at this machine's rate
+    chosen = None
+    for n_layer, n_embd in SHAPES:
+        params = block_params(n_layer, n_embd)
+        if chosen is not None:
+            last_layer, last_embd, last_tokens, last_params, _ = chosen
+            if last_tokens < TOKENS_PER_PARAM * last_params or params > MAX_PARAMS_PER_TRAIN_TOKEN * train_tokens:
+                break  # the smaller shape is not fed already, or the text is too small for this one
+            flops_ratio = shape_flops(last_layer, last_embd, vocab, context) / shape_flops(
+                n_layer, n_embd, vocab, context
+            )
+            if OPTIMISM * last_tokens * flops_ratio < TOKENS_PER_PARAM * params:
+                break  # not fed even at OPTIMISM × the FLOP rate just measured: no need to time it
+        cfg = config(n_layer, n_embd)
+        measured = rate(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab)))
+        tokens, _, _ = training_tokens(measured, cfg, seconds)
+        if chosen is not None and tokens < TOKENS_PER_PARAM * params:
+            break
+        chosen = (n_layer, n_embd, tokens, params, measured)
+    n_layer, n_embd, tokens, params, measured = chosen
 
     # rule 4: at most MAX_EPOCHS passes (max_iters below): a small text ends early
     epochs = tokens / train_tokens
@@ -165,18 +267,21 @@ def recipe(stats: TextStats, minutes: float, data_path: str | None = None) -> Pl
         seconds *= MAX_EPOCHS / epochs
         tokens, epochs = MAX_EPOCHS * train_tokens, MAX_EPOCHS
         compiled = compiled and seconds >= COMPILE_FROM_MINUTES * 60  # rule 8 holds for the shortened run
-    # rule 6: batch 16, smaller until an epoch has MIN_STEPS_PER_EPOCH steps
-    batch = BATCH
-    while batch > MIN_BATCH and train_tokens / (batch * context) < MIN_STEPS_PER_EPOCH:
-        batch //= 2
 
     # rule 5: dropout by planned epochs, more where the model outsizes the text
     dropout = 0.0 if epochs <= 6 else 0.2
     if params > MAX_PARAMS_PER_TRAIN_TOKEN * train_tokens:
         dropout = 0.3
 
-    planned_steps = tokens / (batch * context)
-    eval_interval = int(min(250, max(25, planned_steps // 5)))
+    eval_interval, eval_iters = _eval_schedule(tokens / (batch * context))
+    cfg = config(n_layer, n_embd, dropout, eval_interval, eval_iters)
+    return Plan(cfg, tokens, epochs, params, shortened, measured)
+
+
+def _config(
+    data_path, bpe, budget, train_tokens, batch, context, n_layer, n_embd, dropout, compiled, eval_interval, eval_iters
+) -> TrainConfig:
+    """The run's config for the recipe's choices (rule 7's optimizers and schedule are fixed)."""
     model = GPTConfig(
         block_size=context,
         n_layer=n_layer,
@@ -194,7 +299,7 @@ def recipe(stats: TextStats, minutes: float, data_path: str | None = None) -> Pl
         zero_init_proj=True,
         logit_softcap=15.0,
     )
-    cfg = TrainConfig(
+    return TrainConfig(
         data_path=data_path,
         tokenizer="bpe" if bpe else "char",
         bpe_vocab_size=BPE_VOCAB,
@@ -213,13 +318,12 @@ def recipe(stats: TextStats, minutes: float, data_path: str | None = None) -> Pl
         warmup_iters=0,
         grad_clip=1.0,
         eval_interval=eval_interval,
-        eval_iters=20 if eval_interval >= 100 else 10,
+        eval_iters=eval_iters,
         compile=compiled,
         val_fraction=VAL_FRACTION,
         seed=1337,
         model=model,
     )
-    return Plan(cfg, tokens, epochs, params, shortened)
 
 
 def _context(val_tokens: float) -> int:
@@ -236,12 +340,14 @@ def describe(plan: Plan, minutes: float) -> str:
     tokenizer = f"BPE {cfg.bpe_vocab_size:,}" if cfg.tokenizer == "bpe" else "characters"
     regular = f"dropout {m.dropout:g}" if m.dropout else "no dropout"
     early = f", ends early after {cfg.max_iters:,} steps" if plan.shortened else ""
+    eager = " before compiling" if cfg.compile else ""
     return (
         f"recipe for {minutes:g} min: {tokenizer}, {m.n_layer} layers × {m.n_embd} ({m.n_head} heads, "
         f"{_millions(plan.params)} block parameters), context {m.block_size}, batch {cfg.batch_size}, {regular}, "
         f"Muon {cfg.muon_lr:g} + AdamW {cfg.learning_rate:g}, constant then linear decay over the last "
         f"{cfg.decay_frac:.0%} of {cfg.max_minutes:g} min{', compiled' if cfg.compile else ''}; "
-        f"~{_millions(plan.tokens)} tokens, {plan.epochs:.1f} epochs{early}"
+        f"~{_millions(plan.tokens)} tokens, {plan.epochs:.1f} epochs{early} "
+        f"at {plan.rate.train_tokens_per_s:,.0f} tokens/s{eager} ({plan.rate.source})"
     )
 
 

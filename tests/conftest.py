@@ -47,6 +47,15 @@ def tiny_model_dir(tmp_path, tiny_model, char_tokenizer) -> Path:
     return save_model(tmp_path / "tiny", tiny_model, char_tokenizer, provenance={"steps": 0})
 
 
+@pytest.fixture(scope="session", autouse=True)
+def throughput_cache(tmp_path_factory) -> Path:
+    """The recipe's measured training rates go to a file of this session, not the user's cache (runs the
+    tests start inherit it)."""
+    path = tmp_path_factory.mktemp("cache") / "throughput.json"
+    os.environ["QUILL_THROUGHPUT_CACHE"] = str(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

@@ -15,7 +15,7 @@ import quillgpt.checkpoint as checkpoint
 from quillgpt.checkpoint import save_model
 from quillgpt.playground import training
 from quillgpt.playground.training import TrainingError, save_upload, status
-from quillgpt.recipe import TextStats, recipe
+from quillgpt.recipe import TextStats, recipe, reference_rate
 
 APP = Path(__file__).resolve().parent.parent / "app.py"
 TEXT = "".join(f"Line {i}: the quick brown fox jumps over the lazy dog, and the dog sleeps on.\n" for i in range(60))
@@ -90,6 +90,28 @@ def test_a_text_too_short_is_refused_before_anything_starts(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_status_reads_only_what_the_metrics_gained_and_waits_for_a_line_being_written(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    records = [{"step": s, "loss": 3.0 - s / 10, "lr": 0.003, "tokens": s * 64, "time_s": s * 0.1} for s in (1, 2, 3)]
+    records.append({"step": 3, "eval": {"train": 2.8, "val": 2.9}, "time_s": 0.4})
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    metrics = run / "metrics.jsonl"
+    metrics.write_text(text[: len(text) - 20])  # the evaluation's line half written
+    first = status(run)
+    assert [r["step"] for r in first.steps] == [1, 2, 3] and first.evals == []
+    with open(metrics, "a") as f:
+        f.write(
+            text[len(text) - 20 :] + json.dumps({"step": 4, "loss": 2.5, "lr": 0.003, "tokens": 256, "time_s": 0.5})
+        )
+        f.write("\n")
+    second = status(run)
+    assert second.steps == [json.loads(line) for line in metrics.read_text().splitlines() if "loss" in line]
+    assert second.evals == [records[-1]] and second.step == 4 and first.steps == records[:3]  # earlier looks kept
+    metrics.write_text(text.splitlines(keepends=True)[0])  # a new run in the same place: a shorter file
+    assert [r["step"] for r in status(run).steps] == [1]
+
+
 # --- the page -----------------------------------------------------------------------------------------
 
 
@@ -102,7 +124,7 @@ def train_app() -> AppTest:
 def fake_run(runs: Path, tiny_model, char_tokenizer, *, alive: bool, finished: bool) -> Path:
     """A run directory as `quill train` leaves it, with a stand-in process (alive or already gone)."""
     run = runs / "story-2min-20250101-120000"
-    cfg = recipe(TextStats.of(TEXT * 20), 2, data_path="story.txt").config.to_dict()
+    cfg = recipe(TextStats.of(TEXT * 20), 2, data_path="story.txt", rate=reference_rate).config.to_dict()
     run.mkdir(parents=True)
     (run / "train_config.json").write_text(json.dumps(cfg | {"max_minutes": 2.0, "vocab_size": 30}))
     lines = [

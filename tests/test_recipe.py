@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -10,14 +12,15 @@ import pytest
 from quillgpt.cli import main
 from quillgpt.config import load_train_config
 from quillgpt.model import GPT
-from quillgpt.recipe import MAX_EPOCHS, RecipeError, TextStats, block_params, describe, recipe
+from quillgpt.recipe import MAX_EPOCHS, RecipeError, TextStats, block_params, describe, recipe, reference_rate
+from quillgpt.throughput import Rate, cached_rate, machine_key, measure, shape_key
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_SHAKESPEARE = TextStats(chars=1_115_394, bytes=1_115_394, distinct=65)
 
 
 def test_tiny_shakespeare_at_20_minutes_is_the_speedrun():
-    plan = recipe(TINY_SHAKESPEARE, 20, data_path="tinyshakespeare")
+    plan = recipe(TINY_SHAKESPEARE, 20, data_path="tinyshakespeare", rate=reference_rate)
     got = plan.config.to_dict()
     speedrun = load_train_config(REPO / "configs" / "shakespeare-speedrun.json").to_dict()
     # The one difference: the recipe always caps a run at 12 epochs (2,941 steps here); the speedrun
@@ -33,7 +36,7 @@ def test_tiny_shakespeare_stats_are_the_real_ones(shared_data):
 
 
 def test_a_50_kb_text_gets_a_small_regularised_model_that_stops_at_12_epochs():
-    plan = recipe(TextStats(50_000, 50_000, 70), 20)
+    plan = recipe(TextStats(50_000, 50_000, 70), 20, rate=reference_rate)
     cfg = plan.config
     assert cfg.tokenizer == "char"
     assert (cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_head, cfg.model.block_size) == (4, 128, 2, 256)
@@ -44,19 +47,19 @@ def test_a_50_kb_text_gets_a_small_regularised_model_that_stops_at_12_epochs():
 
 
 def test_a_20_mb_text_gets_bpe_and_a_wider_model():
-    plan = recipe(TextStats(20_000_000, 20_000_000, 100), 20)
+    plan = recipe(TextStats(20_000_000, 20_000_000, 100), 20, rate=reference_rate)
     cfg = plan.config
     assert cfg.tokenizer == "bpe" and cfg.bpe_vocab_size == 4096
     assert (cfg.model.n_layer, cfg.model.n_embd, cfg.model.block_size, cfg.batch_size) == (4, 192, 256, 16)
     assert cfg.model.dropout == 0.0 and not plan.shortened and plan.epochs < 6
     assert cfg.compile and cfg.max_minutes == 19.5
     # an hour: the speedrun's shape, still BPE
-    hour = recipe(TextStats(20_000_000, 20_000_000, 100), 60).config
+    hour = recipe(TextStats(20_000_000, 20_000_000, 100), 60, rate=reference_rate).config
     assert (hour.tokenizer, hour.model.n_layer, hour.model.n_embd) == ("bpe", 6, 256)
 
 
 def test_more_minutes_never_pick_a_smaller_model_or_less_training():
-    plans = [recipe(TINY_SHAKESPEARE, m) for m in (2, 5, 10, 20, 60)]
+    plans = [recipe(TINY_SHAKESPEARE, m, rate=reference_rate) for m in (2, 5, 10, 20, 60)]
     params = [p.params for p in plans]
     assert params == sorted(params) and params[0] < params[-1]
     assert [p.config.max_minutes for p in plans] == [1.9, 4.75, 9.5, 19.5, 59.5]
@@ -64,18 +67,18 @@ def test_more_minutes_never_pick_a_smaller_model_or_less_training():
 
 
 def test_short_texts_get_a_shorter_context_and_too_short_ones_a_clear_error():
-    assert recipe(TextStats(5_000, 5_000, 60), 5).config.model.block_size == 64
+    assert recipe(TextStats(5_000, 5_000, 60), 5, rate=reference_rate).config.model.block_size == 64
     with pytest.raises(RecipeError, match="too short"):
-        recipe(TextStats(400, 400, 30), 5)
+        recipe(TextStats(400, 400, 30), 5, rate=reference_rate)
 
 
 def test_many_distinct_characters_use_bpe():
-    assert recipe(TextStats(300_000, 900_000, 5_000), 20).config.tokenizer == "bpe"
+    assert recipe(TextStats(300_000, 900_000, 5_000), 20, rate=reference_rate).config.tokenizer == "bpe"
 
 
 @pytest.mark.parametrize("n_layer, n_embd", [(4, 128), (6, 256)])
 def test_block_params_counts_the_models_blocks(n_layer, n_embd):
-    cfg = recipe(TINY_SHAKESPEARE, 20).config.model
+    cfg = recipe(TINY_SHAKESPEARE, 20, rate=reference_rate).config.model
     cfg.n_layer, cfg.n_embd, cfg.n_head = n_layer, n_embd, n_embd // 64
     model = GPT(cfg)
     embeddings = model.transformer.wte.weight.numel() + model.lm_head.weight.numel()
@@ -83,8 +86,92 @@ def test_block_params_counts_the_models_blocks(n_layer, n_embd):
 
 
 def test_describe_is_one_line():
-    line = describe(recipe(TINY_SHAKESPEARE, 20), 20)
+    line = describe(recipe(TINY_SHAKESPEARE, 20, rate=reference_rate), 20)
     assert "\n" not in line and "6 layers × 256" in line and "characters" in line
+
+
+# --- sized by the rate measured on this machine -------------------------------------------------------
+
+
+def scaled(factor: float):
+    """The reference machine's rate × `factor`: a machine `factor` times as fast, every call recorded."""
+    calls = []
+
+    def rate(cfg):
+        r = reference_rate(cfg)
+        calls.append((cfg.model.n_layer, cfg.model.n_embd))
+        return Rate(r.train_tokens_per_s * factor, r.eval_tokens_per_s * factor, r.checkpoint_s, "reference")
+
+    rate.calls = calls
+    return rate
+
+
+def test_a_faster_machine_trains_more_tokens_and_a_larger_model():
+    slow, fast = scaled(0.25), scaled(4.0)
+    small, large = recipe(TINY_SHAKESPEARE, 5, rate=slow), recipe(TINY_SHAKESPEARE, 5, rate=fast)
+    assert small.params < large.params and small.tokens < large.tokens
+    # the same shape at twice the rate: about twice the tokens (evaluations take a similar share of time)
+    twice = recipe(TINY_SHAKESPEARE, 5, rate=scaled(0.5))
+    assert twice.params == small.params and 1.8 < twice.tokens / small.tokens < 2.2
+    assert slow.calls[0] == fast.calls[0] == (4, 128)
+    # the slow machine: 4 × 128 is not fed, so no larger shape is timed at all
+    assert slow.calls == [(4, 128)]
+    assert (small.config.model.n_layer, small.config.model.n_embd) == (4, 128)
+    assert small.config.model.dropout == 0.0 and large.config.model.dropout == 0.2  # epochs: under 6 vs over 6
+
+
+def test_the_plan_fits_the_budget_at_its_rate():
+    """Steps at the measured rate plus the evaluations (batches at the forward rate, checkpoints) fill the
+    budget: computed here independently from the plan's own figures."""
+    for factor in (0.1, 0.5, 2.0):
+        plan = recipe(TINY_SHAKESPEARE, 2, rate=scaled(factor))
+        cfg, r = plan.config, plan.rate
+        tokens_per_step = cfg.batch_size * cfg.model.block_size
+        steps = plan.tokens / tokens_per_step
+        evals = math.floor(steps / cfg.eval_interval + 1e-9)  # every eval_interval-th step, within the budget
+        eval_s = 2 * cfg.eval_iters * tokens_per_step / r.eval_tokens_per_s + r.checkpoint_s
+        spent = plan.tokens / r.train_tokens_per_s + evals * eval_s
+        budget = cfg.max_minutes * 60
+        ends_in_an_eval = steps == pytest.approx(evals * cfg.eval_interval) and budget < spent <= budget + eval_s
+        assert spent == pytest.approx(budget, rel=1e-6) or ends_in_an_eval
+        assert not cfg.compile
+
+
+def test_the_rate_is_measured_then_cached(tmp_path):
+    tiny = recipe(TextStats(5_000, 5_000, 60), 1, rate=reference_rate).config
+    tiny.model.vocab_size = 60
+    cache = tmp_path / "throughput.json"
+    first = cached_rate(tiny, cache)
+    assert first.source == "measured" and first.train_tokens_per_s > 0 and first.eval_tokens_per_s > 0
+    saved = json.loads(cache.read_text())
+    assert list(saved) == [machine_key()] and list(saved[machine_key()]) == [shape_key(tiny)]
+    second = cached_rate(tiny, cache)
+    assert second.source == "cached" and second.train_tokens_per_s == first.train_tokens_per_s
+    # another shape is another entry, measured
+    wider = dataclasses.replace(tiny, model=dataclasses.replace(tiny.model, n_layer=2))
+    assert cached_rate(wider, cache).source == "measured" and len(json.loads(cache.read_text())[machine_key()]) == 2
+
+
+def test_the_measurement_times_real_steps():
+    """A shape with ~20× the FLOPs per token measures several times slower: the steps are really run."""
+    base = recipe(TextStats(5_000, 5_000, 60), 1, rate=reference_rate).config
+    small = dataclasses.replace(base, model=dataclasses.replace(base.model, n_layer=1, n_embd=64, n_head=1))
+    large = dataclasses.replace(base, model=dataclasses.replace(base.model, n_layer=4, n_embd=256, n_head=4))
+    fast, slow = measure(small, seconds=0.3), measure(large, seconds=0.3)
+    assert fast.train_tokens_per_s > 3 * slow.train_tokens_per_s
+    assert fast.eval_tokens_per_s > fast.train_tokens_per_s  # a forward costs less than a training step
+
+
+def test_by_default_the_recipe_measures_this_machine(throughput_cache):
+    stats = TextStats(5_000, 5_000, 60)
+    plan = recipe(stats, 1)
+    assert plan.rate.source in ("measured", "cached")
+    again = recipe(stats, 1)
+    assert again.rate.source == "cached" and again.config == plan.config
+    assert (
+        shape_key(dataclasses.replace(plan.config, model=dataclasses.replace(plan.config.model, vocab_size=60)))
+        in (json.loads(throughput_cache.read_text())[machine_key()])
+    )
 
 
 # --- quill train --data PATH --minutes N ------------------------------------------------------------
@@ -111,9 +198,15 @@ def test_quill_train_with_data_and_minutes_saves_the_resolved_config(tmp_path, c
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].startswith("recipe for 2 min: characters, 4 layers × 128")  # before the overrides
     saved = json.loads((out / "train_config.json").read_text())
-    expected = recipe(TextStats.of(text.read_text()), 2, data_path=str(text)).config.to_dict()
+    plan = recipe(TextStats.of(text.read_text()), 2, data_path=str(text))
+    assert plan.rate.source == "cached"  # measured by the run above, on this machine
+    expected = plan.config.to_dict()
     expected.update(n_layer=1, n_embd=32, n_head=1, max_iters=3, eval_interval=3, vocab_size=saved["vocab_size"])
     assert saved == expected
+    # the plan beside the run: its tokens and the rate they assume, measured when the run was planned
+    planned = json.loads((out / "recipe.json").read_text())
+    assert planned["rate"]["train_tokens_per_s"] == plan.rate.train_tokens_per_s
+    assert planned["tokens"] == round(plan.tokens) and planned["description"] == printed[0].split(" (with")[0]
     # the saved config reproduces the run: `quill train CONFIG` accepts it as it is
     assert main(["train", str(out / "train_config.json"), "--out", str(tmp_path / "again")]) == 0
     assert (tmp_path / "again" / "model.safetensors").is_file()

@@ -3,13 +3,19 @@
 Runs are `quill train` processes that quillgpt/playground/training.py starts, stops and reads back;
 this file only draws them. While a run trains, its panel redraws itself every REFRESH_SECONDS (a
 Streamlit fragment), so the rest of the page stays still; a refresh or a new tab finds the run again.
+Watching must cost the run little (the page, the browser and the run share the same cores): a look
+reads only what metrics.jsonl gained since the last one, and the loss chart keeps its spec and sends
+its points as a table (Streamlit's dataset), so the browser swaps the data of the chart it has
+instead of building a new one, and a look that adds no point changes nothing there.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import altair as alt
+import pandas as pd
 import streamlit as st
 
 from quillgpt.data import REGISTRY
@@ -30,8 +36,9 @@ from quillgpt.playground.training import (
     stop,
 )
 
-# How often a training run's panel redraws itself, and the most points its loss chart draws.
-REFRESH_SECONDS = 2.0
+# How often a training run's panel redraws itself, and the most points its loss chart draws (per
+# CHART_POINTS planned steps, one point every step; more steps thin it to every 2nd, 4th, ... step).
+REFRESH_SECONDS = 5.0
 CHART_POINTS = 300
 DATASET, UPLOAD = "A registered dataset", "Upload a .txt file"
 
@@ -159,13 +166,14 @@ def show_run(s: RunStatus) -> None:
 def loss_chart(s: RunStatus) -> None:
     """Training loss per step (smoothed) and the validation loss at each evaluation."""
     rows, ema = [], None
-    every = max(1, len(s.steps) // CHART_POINTS)
-    for i, r in enumerate(s.steps):
+    every = 1 << max(0, math.ceil(math.log2(max(len(s.steps), 1) / CHART_POINTS)))  # changes seldom: powers of 2
+    for r in s.steps:
         ema = r["loss"] if ema is None else 0.9 * ema + 0.1 * r["loss"]
-        if i % every == 0 or i == len(s.steps) - 1:
+        if r["step"] % every == 0:
             rows.append({"step": r["step"], "loss": ema, "series": "train (smoothed)"})
     rows += [{"step": e["step"], "loss": e["eval"]["val"], "series": "validation"} for e in s.evals]
-    base = alt.Chart(alt.Data(values=rows), height=260).encode(
+    rows.sort(key=lambda r: r["step"])  # points once drawn stay as they are: the table only grows
+    base = alt.Chart(pd.DataFrame(rows, columns=["step", "loss", "series"]), height=260).encode(
         x=alt.X("step:Q", title="step"),
         y=alt.Y("loss:Q", title="loss (nats/token)", scale=alt.Scale(zero=False)),
         color=alt.Color("series:N", title=None, legend=alt.Legend(orient="top")),

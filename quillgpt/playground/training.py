@@ -11,6 +11,7 @@ stored as `uploads/<sha256 prefix>.txt` under the runs directory, never at a nam
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -18,6 +19,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -248,23 +250,52 @@ def status(run: Path) -> RunStatus:
 
 
 def _read_metrics(path: Path) -> tuple[list[dict], list[dict], dict | None]:
-    steps, evals, final = [], [], None
+    """metrics.jsonl's step, evaluation and final records. A page refreshing while the run trains reads
+    only what was appended since its last look (the run keeps its CPU); a shorter file is read anew."""
+    with _metrics_lock:  # the page's sessions are threads of one process
+        return _read_new_metrics(path)
+
+
+def _read_new_metrics(path: Path) -> tuple[list[dict], list[dict], dict | None]:
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            seen = _metrics_seen.get(path)
+            if seen is None or size < seen.offset:
+                seen = _metrics_seen[path] = _MetricsSeen()
+            f.seek(seen.offset)
+            chunk = f.read(size - seen.offset)
     except OSError:
-        return steps, evals, final
-    for line in lines:
+        _metrics_seen.pop(path, None)
+        return [], [], None
+    complete = chunk[: chunk.rfind(b"\n") + 1]  # a last line still being written waits for the next look
+    seen.offset += len(complete)
+    for line in complete.decode("utf-8", errors="replace").splitlines():
         try:
             r = json.loads(line)
-        except ValueError:  # a line being written
+        except ValueError:  # a line torn by a crash
             continue
         if "loss" in r:
-            steps.append(r)
+            seen.steps.append(r)
         elif "eval" in r:
-            evals.append(r)
+            seen.evals.append(r)
         elif "final_eval" in r:
-            final = r
-    return steps, evals, final
+            seen.final = r
+    return list(seen.steps), list(seen.evals), seen.final
+
+
+@dataclass
+class _MetricsSeen:
+    offset: int = 0
+    steps: list[dict] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+    final: dict | None = None
+
+
+_metrics_seen: dict[Path, _MetricsSeen] = {}
+"""What each metrics.jsonl held at the last look, by path."""
+_metrics_lock = threading.Lock()
 
 
 def _read_json(path: Path) -> dict:
@@ -275,12 +306,18 @@ def _read_json(path: Path) -> dict:
 
 
 def _parameters(cfg: dict) -> int | None:
-    """Parameters of the run's model, counted on the meta device (no memory, no time)."""
+    """Parameters of the run's model, counted on the meta device (no memory), once per config."""
+    return _count_parameters(json.dumps(cfg, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=16)
+def _count_parameters(cfg_json: str) -> int | None:
     import torch  # start-up time: the page imports this module, and only a run's card needs PyTorch
 
     from quillgpt.config import train_config_from_dict
     from quillgpt.model import GPT
 
+    cfg = json.loads(cfg_json)
     try:
         model_cfg = train_config_from_dict(cfg).model
         model_cfg.vocab_size = cfg.get("vocab_size") or model_cfg.vocab_size

@@ -1,0 +1,171 @@
+"""How fast this machine trains a config: a few real training steps, timed, and remembered.
+
+The recipe sizes a run (tokens, epochs, dropout, shape) from the rate a config trains at here, not
+from another machine's. `measure` builds the model and optimizers the run will use, takes one
+warm-up step (it allocates the optimizer state), then times a few optimizer steps at the run's batch
+size, context and dtype, a few evaluation forwards (what `estimate_loss` runs) and one checkpoint's
+writes. `cached_rate` keeps each measurement in a small JSON file, per machine (CPU model, torch
+threads, torch version, device) and per shape, so a second plan on the same machine costs nothing:
+`$QUILL_THROUGHPUT_CACHE`, else `throughput.json` in `$QUILL_CACHE_DIR` (default `~/.cache/quillgpt/`);
+delete it to measure again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from quillgpt.config import TrainConfig
+from quillgpt.data import cache_dir
+from quillgpt.device import autocast_context, resolve_device
+from quillgpt.fileio import write_json
+from quillgpt.model import GPT
+from quillgpt.optim import build_optimizers
+
+CACHE_FILE = "throughput.json"
+MEASURE_SECONDS = 1.0
+"""Time the timed training steps may take together, per shape (at least MIN_STEPS are timed)."""
+MIN_STEPS, MAX_STEPS = 2, 6
+EVAL_BATCHES = 2
+
+
+@dataclass(frozen=True)
+class Rate:
+    """How fast a config trains on a machine, and where that figure came from."""
+
+    train_tokens_per_s: float
+    """Tokens per second of optimizer steps (forward, backward, clipping, the optimizers' step), eager."""
+    eval_tokens_per_s: float
+    """Tokens per second of evaluation forwards (no gradients), as `estimate_loss` runs them."""
+    checkpoint_s: float
+    """Seconds one evaluation spends writing: the best model and the latest state (weights + optimizers)."""
+    source: str
+    """"measured" (now), "cached" (measured earlier on this machine) or "reference" (another machine's rule)."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def cache_file() -> Path:
+    return Path(os.environ.get("QUILL_THROUGHPUT_CACHE") or cache_dir() / CACHE_FILE)
+
+
+def machine_key(device: torch.device | None = None) -> str:
+    """What a measurement holds for: the processor, torch's threads, torch's version and the device."""
+    device = device or torch.device("cpu")
+    if device.type == "cuda":
+        chip = torch.cuda.get_device_name(device)
+    else:
+        chip = _cpu_model()
+    return f"{chip} | {torch.get_num_threads()} threads | torch {torch.__version__} | {device.type}"
+
+
+def shape_key(cfg: TrainConfig) -> str:
+    """What a measurement depends on in the config: the model's shape and the step's size and kind."""
+    m = cfg.model
+    return (
+        f"{m.n_layer}x{m.n_embd} h{m.n_head} vocab {m.vocab_size} context {m.block_size} batch {cfg.batch_size}"
+        f" accum {cfg.grad_accum} {cfg.optimizer} {cfg.dtype} {m.activation} {m.pos_emb} {m.norm}"
+    )
+
+
+def cached_rate(cfg: TrainConfig, cache: Path | None = None) -> Rate:
+    """The rate of `cfg` on this machine: from the cache when measured before, else measured and cached."""
+    path = cache or cache_file()
+    machine, shape = machine_key(resolve_device(cfg.device)), shape_key(cfg)
+    entries = _read(path)
+    if (hit := entries.get(machine, {}).get(shape)) is not None:
+        return Rate(hit["train_tokens_per_s"], hit["eval_tokens_per_s"], hit["checkpoint_s"], "cached")
+    rate = measure(cfg)
+    entries = _read(path)  # another process may have written meanwhile
+    entries.setdefault(machine, {})[shape] = {k: v for k, v in rate.to_dict().items() if k != "source"}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, entries)
+    return rate
+
+
+def measure(cfg: TrainConfig, seconds: float = MEASURE_SECONDS) -> Rate:
+    """Time training steps of `cfg` here (eager: `compile` is not applied), as `quill train` takes them.
+
+    The global random state is left as it was: the run that follows seeds itself the same either way."""
+    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = GPT(cfg.model).to(device)
+        optimizers = build_optimizers(model, cfg)
+        autocast = autocast_context(cfg.dtype, device)
+        B, T = cfg.batch_size, cfg.model.block_size
+        data = torch.randint(cfg.model.vocab_size, (B, T + 1), device=device)
+        x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
+
+        def step() -> float:
+            for _ in range(cfg.grad_accum):
+                with autocast:
+                    _, loss = model(x, y)
+                    (loss / cfg.grad_accum).backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            for opt in optimizers:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            return loss.item()  # the run reads the loss every step: the same synchronisation
+
+        model.train()
+        step()  # warm-up: allocations, the optimizers' state
+        train_s = _timed(step, seconds)
+        model.eval()
+        with torch.no_grad():
+            model(x, y)  # warm-up without gradients
+            eval_s = _timed(lambda: model(x, y)[1].item(), seconds / 4, EVAL_BATCHES, EVAL_BATCHES)
+        checkpoint_s = _checkpoint_seconds(model, optimizers)
+    tokens = B * T * cfg.grad_accum
+    return Rate(tokens / train_s, B * T / eval_s, checkpoint_s, "measured")
+
+
+def _timed(fn, seconds: float, min_calls: int = MIN_STEPS, max_calls: int = MAX_STEPS) -> float:
+    """Mean seconds per call of `fn`: at least `min_calls`, then more while under `seconds` in all."""
+    times: list[float] = []
+    while len(times) < min_calls or (len(times) < max_calls and sum(times) < seconds):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sum(times) / len(times)
+
+
+def _checkpoint_seconds(model: GPT, optimizers) -> float:
+    """Seconds to write what an evaluation writes: the weights twice (the best model, the latest state)
+    and the optimizers' state once."""
+    with tempfile.TemporaryDirectory(prefix="quill-measure-") as tmp:
+        t0 = time.perf_counter()
+        for name in ("best.pt", "last.pt"):
+            torch.save(model.state_dict(), Path(tmp) / name)
+        torch.save([o.state_dict() for o in optimizers], Path(tmp) / "state.pt")
+        return time.perf_counter() - t0
+
+
+def _read(path: Path) -> dict:
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return entries if isinstance(entries, dict) else {}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
