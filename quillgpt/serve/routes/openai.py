@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from quillgpt.generate import TokenLogprob
+from quillgpt.decoder import TokenLogprob
 from quillgpt.sampling import SamplingParams, normalize_stop, sampling_params
 from quillgpt.serve import schemas as s
 from quillgpt.serve.chat import TURN_END, render_chat
