@@ -169,7 +169,11 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def train_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", nargs="?", help="JSON training config (see configs/); none: the automatic recipe")
+    p.add_argument(
+        "config",
+        nargs="?",
+        help="JSON training config (see configs/); none: the automatic recipe (or, with --resume, the run's)",
+    )
     p.add_argument("--data", default=None, help="text file, folder of .txt files or dataset name")
     p.add_argument("--minutes", type=float, default=None, help="without a config: the time budget (default 20)")
     p.add_argument("--out", default=None, help="output model directory (default runs/<config or data name>)")
@@ -182,13 +186,16 @@ def train_flags(p: argparse.ArgumentParser) -> None:
 @command("train", "train a model from a JSON config, or sized for a text and a time budget", train_flags)
 def cmd_train(args: argparse.Namespace) -> int:
     from quillgpt.config import ConfigError, load_train_config
+    from quillgpt.rundir import RUNS_DIR, train_config_path
     from quillgpt.train import train
 
+    if args.config is None and args.resume and args.out is not None:  # a run continues with its own config
+        args.config = str(train_config_path(Path(args.out)))
     if args.config is not None:
         if args.minutes is not None:
             raise ConfigError("--minutes sizes the automatic recipe; with a config, use --set max_minutes=N")
         cfg = load_train_config(args.config, args.set)
-        out = args.out or f"runs/{Path(args.config).stem}"
+        out = args.out or f"{RUNS_DIR}/{Path(args.config).stem}"
     else:
         cfg, out = recipe_for_args(args)
     s = train(cfg, out, data=args.data, resume=args.resume, overwrite=args.overwrite, init_from=args.init_from)
@@ -210,6 +217,7 @@ def recipe_for_args(args: argparse.Namespace):
     from quillgpt.config import ConfigError, parse_overrides, train_config_from_dict
     from quillgpt.data import load_text
     from quillgpt.recipe import TextStats, describe, recipe
+    from quillgpt.rundir import RUNS_DIR
 
     if args.data is None:
         raise ConfigError("give a JSON config, or --data PATH (and --minutes N) for the automatic recipe")
@@ -219,7 +227,7 @@ def recipe_for_args(args: argparse.Namespace):
     cfg = train_config_from_dict(resolved | parse_overrides(args.set))
     if int(os.environ.get("RANK", "0")) == 0:
         print(describe(plan, minutes) + (f" (with {', '.join(args.set)})" if args.set else ""), flush=True)
-    return cfg, args.out or f"runs/{Path(str(args.data)).stem}-{minutes:g}min"
+    return cfg, args.out or f"{RUNS_DIR}/{Path(str(args.data)).stem}-{minutes:g}min"
 
 
 def data_flags(p: argparse.ArgumentParser) -> None:

@@ -1,21 +1,18 @@
 """The training loop: evaluation, checkpoints, exact resume, data parallelism, mixed precision.
 
-Output directory of a run:
-    config.json, model.safetensors (+ tokenizer.json)   the best model by val loss (`quill generate OUT`);
-                                                       with `ema_decay`, the weight average once it starts
-    last/                                              the latest state, for --resume
-    metrics.jsonl, loss.png, train_config.json         what happened, and the exact resolved config
+Output directory of a run (its files: `quillgpt.rundir`): the best model by val loss (with `ema_decay`,
+the weight average once it starts), last/ (the latest state, for --resume), metrics.jsonl, loss.png
+and train_config.json (the exact resolved config).
 
 `train()` reads top to bottom in phases: prepare (check everything, build or restore the run), then
 per step: step, log, evaluate-and-save; then finish. Under `torchrun --nproc_per_node=N` every
 process trains on its own rows of each batch (`quillgpt.distributed`); rank 0 alone evaluates, logs
-and saves. Optimizers and schedule: `quillgpt.optim`; metrics.jsonl and loss.png: `quillgpt.trainlog`.
+and saves. Optimizers and schedule: `quillgpt.optim`; writing metrics.jsonl and loss.png: `quillgpt.trainlog`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 import signal
@@ -33,7 +30,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import AveragedModel
 
 from quillgpt.checkpoint import (
-    CONFIG_FILE,
     WEIGHTS_FILE,
     load_model,
     load_weights,
@@ -46,16 +42,23 @@ from quillgpt.data import DataError, get_batch, split_dataset, tokenize_splits
 from quillgpt.device import autocast_context, flops_per_token, measure_matmul_peak, resolve_device
 from quillgpt.distributed import Processes, init_distributed
 from quillgpt.evaluate import estimate_loss, evaluate
-from quillgpt.fileio import atomic_dir, atomic_write, recover_dir, write_json
+from quillgpt.fileio import atomic_dir, atomic_write, recover_dir
 from quillgpt.layout import mix_layouts
 from quillgpt.model import GPT
 from quillgpt.optim import build_optimizers, lr_factor, new_ema
+from quillgpt.rundir import (
+    LAST_DIR,
+    PLOT_FILE,
+    RUN_FILES,
+    STATE_FILE,
+    holds_run,
+    read_train_config,
+    state_path,
+    train_config_path,
+    write_train_config,
+)
 from quillgpt.tokenizer import CharTokenizer, TokenizerError, build_tokenizer, tokenizer_from_spec
-from quillgpt.trainlog import METRICS_FILE, PLOT_FILE, MetricsLog, plot_metrics, progress_bar, update_bar
-
-LAST_DIR = "last"
-STATE_FILE = "train_state.pt"
-RUN_FILES = (CONFIG_FILE, WEIGHTS_FILE, "tokenizer.json", METRICS_FILE, PLOT_FILE, "train_config.json", LAST_DIR)
+from quillgpt.trainlog import MetricsLog, plot_metrics, progress_bar, update_bar
 
 
 class TrainError(RuntimeError):
@@ -83,12 +86,12 @@ class TrainSummary:
 def _check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
     if resume:
         recover_dir(out / LAST_DIR)  # a crash between the renames of the last checkpoint
-        if not (out / LAST_DIR / STATE_FILE).is_file():
+        if not state_path(out).is_file():
             raise TrainError(f"nothing to resume in {out} (no {LAST_DIR}/{STATE_FILE})")
         return
     if out.exists() and not out.is_dir():
         raise TrainError(f"output path {out} exists and is not a directory")
-    if out.is_dir() and any((out / f).exists() for f in RUN_FILES) and not overwrite:
+    if holds_run(out) and not overwrite:
         raise TrainError(f"{out} already holds a run; use --resume to continue it or --overwrite to replace it")
     probe = out if out.is_dir() else next((p for p in out.parents if p.exists()), Path("."))
     if not os.access(probe, os.W_OK):
@@ -127,14 +130,14 @@ def _prepare(cfg: TrainConfig, out: Path, data, resume: bool, init_from):
     state, base = None, None
     if resume:
         try:
-            saved = train_config_from_dict(json.loads((out / "train_config.json").read_text(encoding="utf-8")))
+            saved = train_config_from_dict(read_train_config(out))
         except (OSError, ValueError) as e:
-            raise TrainError(f"cannot read {out / 'train_config.json'} to resume: {e}") from None
+            raise TrainError(f"cannot read {train_config_path(out)} to resume: {e}") from None
         shape = ("n_layer", "n_head", "n_embd", "head_size", "block_size", "mlp_hidden", "activation", "pos_emb")
         differ = [k for k in shape if getattr(saved.model, k) != getattr(cfg.model, k)]
         if differ:
             raise TrainError(f"--resume with a different model shape ({', '.join(differ)}) than the run in {out}")
-        state = torch.load(out / LAST_DIR / STATE_FILE, map_location="cpu", weights_only=True)
+        state = torch.load(state_path(out), map_location="cpu", weights_only=True)
 
     source = data or cfg.data_path
     if source is None:
@@ -268,7 +271,7 @@ def train(
         provenance["reflow_fraction"] = cfg.reflow_fraction
     if cfg.default_prompt is not None:
         provenance["default_prompt"] = cfg.default_prompt
-    log = MetricsLog(out / METRICS_FILE, run.step if saved is not None else None) if ddp.main else None
+    log = MetricsLog(out, run.step if saved is not None else None) if ddp.main else None
     stopping = stop or threading.Event()
     on_main_thread = threading.current_thread() is threading.main_thread()
     restore_signals = _install_signal_handlers(stopping) if on_main_thread else None
@@ -370,7 +373,7 @@ def _start_out_dir(out: Path, cfg: TrainConfig, fresh: bool) -> None:
         for name in RUN_FILES:
             p = out / name
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-    write_json(out / "train_config.json", cfg.to_dict())
+    write_train_config(out, cfg)
 
 
 def _evaluate_and_save(run: _Run, cfg, out, splits, tokenizer, provenance, loss, log, bar, device) -> None:
@@ -386,7 +389,7 @@ def _evaluate_and_save(run: _Run, cfg, out, splits, tokenizer, provenance, loss,
             prov["ema_decay"] = cfg.ema_decay
         save_model(out, run.averaged, tokenizer, provenance=prov, dtype=getattr(torch, cfg.save_dtype))
     _save_last(run, out, tokenizer, provenance, loss)
-    plot_metrics(log.path, out / PLOT_FILE)
+    plot_metrics(out, out / PLOT_FILE)
     if bar is not None:
         bar.write(
             f"step {run.step}: train {losses['train']:.4f}, val {losses['val']:.4f} ({run.elapsed() / 60:.1f} min)"
