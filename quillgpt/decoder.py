@@ -32,6 +32,8 @@ KEEP_FRACTION = 0.75
 
 @dataclass
 class TokenLogprob:
+    """The model's own log-probability of a chosen token, and its `top` alternatives as (id, logprob)."""
+
     token: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)

@@ -18,6 +18,7 @@ metrics.jsonl holds three kinds of record:
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,6 +63,13 @@ def resumable(run: Path) -> bool:
 def holds_run(run: Path) -> bool:
     """Whether the directory holds any file of a run (so starting another there would overwrite it)."""
     return Path(run).is_dir() and any((Path(run) / name).exists() for name in RUN_FILES)
+
+
+def clear_run(run: Path) -> None:
+    """Remove a previous run's files (`--overwrite`); other files in the directory stay."""
+    for name in RUN_FILES:
+        p = Path(run) / name
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
 
 
 def model_dir(run: Path) -> Path | None:

@@ -270,7 +270,7 @@ from quillgpt.config import load_train_config, train_config_from_dict
 from quillgpt.generate import generate
 from quillgpt.sampling import SamplingParams
 from quillgpt.train import train
-import quillgpt.train as t
+import quillgpt.trainstate as t
 
 cfg = train_config_from_dict({cfg!r})
 captured = {{}}
@@ -379,7 +379,7 @@ def test_the_226m_geometry_trains_and_generates_at_reduced_depth_and_width(text_
 KILLER = """
 import io, os, signal, sys
 import torch
-import quillgpt.fileio, quillgpt.train
+import quillgpt.fileio, quillgpt.train, quillgpt.trainstate
 from quillgpt.cli import main
 
 where, calls = sys.argv[1], {"n": 0}
@@ -390,7 +390,7 @@ def count(name):
     return calls[name]
 
 step, save, atomic_write, replace = (
-    quillgpt.train._optimizer_step, torch.save, quillgpt.train.atomic_write, os.replace
+    quillgpt.train._Stepper.__call__, torch.save, quillgpt.trainstate.atomic_write, os.replace
 )
 
 def optimizer_step(*a, **k):
@@ -416,7 +416,7 @@ def os_replace(src, dst):  # the new last/ never arrives: last.old must be put b
         die()
     return replace(src, dst)
 
-quillgpt.train._optimizer_step, quillgpt.train.atomic_write = optimizer_step, state_write
+quillgpt.train._Stepper.__call__, quillgpt.trainstate.atomic_write = optimizer_step, state_write
 torch.save, os.replace = torch_save, os_replace
 sys.exit(main(sys.argv[2:]))
 """
