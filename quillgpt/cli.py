@@ -25,6 +25,7 @@ from quillgpt.interop import EXPORT_FORMATS, IMPORT_FORMATS, export_model, impor
 from quillgpt.model import GPT
 from quillgpt.playground.launch import launch
 from quillgpt.recipe import TextStats, describe, recipe
+from quillgpt.rundir import PLAN_FILE, RUNS_DIR, train_config_path
 from quillgpt.sampling import LIMITS, SamplingError, sampling_params
 from quillgpt.tokenizer import TokenizerError
 from quillgpt.train import TrainError, train
@@ -138,7 +139,11 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def train_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", nargs="?", help="JSON training config (see configs/); none: the automatic recipe")
+    p.add_argument(
+        "config",
+        nargs="?",
+        help="JSON training config (see configs/); none: the automatic recipe (or, with --resume, the run's)",
+    )
     p.add_argument("--data", default=None, help="text file, folder of .txt files or dataset name")
     p.add_argument("--minutes", type=float, default=None, help="without a config: the time budget (default 20)")
     p.add_argument("--out", default=None, help="output model directory (default runs/<config or data name>)")
@@ -151,11 +156,13 @@ def train_flags(p: argparse.ArgumentParser) -> None:
 @command("train", "train a model from a JSON config, or sized for a text and a time budget", train_flags)
 def cmd_train(args: argparse.Namespace) -> int:
     on_step = None
+    if args.config is None and args.resume and args.out is not None:  # a run continues with its own config
+        args.config = str(train_config_path(Path(args.out)))
     if args.config is not None:
         if args.minutes is not None:
             raise ConfigError("--minutes sizes the automatic recipe; with a config, use --set max_minutes=N")
         cfg = load_train_config(args.config, args.set)
-        out = args.out or f"runs/{Path(args.config).stem}"
+        out = args.out or f"{RUNS_DIR}/{Path(args.config).stem}"
     else:
         cfg, out, plan = recipe_for_args(args)
         if not args.resume:  # the plan beside the run, written once the run has started (not over a refused one's)
@@ -188,11 +195,7 @@ def recipe_for_args(args: argparse.Namespace):
     if int(os.environ.get("RANK", "0")) == 0:
         print(describe(plan, minutes) + (f" (with {', '.join(args.set)})" if args.set else ""), flush=True)
     saved = plan.to_dict(minutes) | ({"overrides": list(args.set)} if args.set else {})
-    return cfg, args.out or f"runs/{Path(str(args.data)).stem}-{minutes:g}min", saved
-
-
-PLAN_FILE = "recipe.json"
-"""The recipe's plan beside a `quill train --data` run: tokens, steps, epochs and the rate they assume."""
+    return cfg, args.out or f"{RUNS_DIR}/{Path(str(args.data)).stem}-{minutes:g}min", saved
 
 
 def _save_plan_once(path: Path, plan: dict):

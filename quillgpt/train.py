@@ -1,62 +1,57 @@
 """The training loop: evaluation, checkpoints, exact resume, data parallelism, mixed precision.
 
-Output directory of a run:
-    config.json, model.safetensors (+ tokenizer.json)   the best model by val loss (`quill generate OUT`);
-                                                       with `ema_decay`, the weight average once it starts
-    last/                                              the latest state, for --resume
-    metrics.jsonl, loss.png, train_config.json         what happened, and the exact resolved config
+Output directory of a run (its files: `quillgpt.rundir`): the best model by val loss (with `ema_decay`,
+the weight average once it starts), last/ (the latest state, for --resume), metrics.jsonl, loss.png
+and train_config.json (the exact resolved config).
 
 `train()` reads top to bottom in phases: prepare (check everything, build or restore the run), then
 per step: step, log, evaluate-and-save; then finish. Under `torchrun --nproc_per_node=N` every
 process trains on its own rows of each batch (`quillgpt.distributed`); rank 0 alone evaluates, logs
-and saves. Optimizers and schedule: `quillgpt.optim`; metrics.jsonl and loss.png: `quillgpt.trainlog`.
+and saves. Optimizers and schedule: `quillgpt.optim`; writing metrics.jsonl and loss.png: `quillgpt.trainlog`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import shutil
 import signal
 import threading
 import time
 import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.optim.swa_utils import AveragedModel
 
-from quillgpt.checkpoint import (
-    CONFIG_FILE,
-    WEIGHTS_FILE,
-    load_model,
-    load_weights,
-    read_model_config,
-    save_model,
-    update_provenance,
-)
+from quillgpt.checkpoint import LoadedModel, load_model, read_model_config, save_model, update_provenance
 from quillgpt.config import TrainConfig, train_config_from_dict
-from quillgpt.data import DataError, get_batch, split_dataset, tokenize_splits
+from quillgpt.data import DataError, TextSplit, TokenSplits, get_batch, split_dataset, tokenize_splits
 from quillgpt.device import autocast_context, peak_matmul_flops, resolve_device
 from quillgpt.distributed import Processes, init_distributed
 from quillgpt.evaluate import estimate_loss, evaluate
-from quillgpt.fileio import atomic_dir, atomic_write, recover_dir, write_json
+from quillgpt.fileio import recover_dir
 from quillgpt.layout import mix_layouts
-from quillgpt.model import GPT
-from quillgpt.optim import build_optimizers, lr_factor, new_ema
-from quillgpt.tokenizer import CharTokenizer, TokenizerError, tokenizer_from_spec
-from quillgpt.trainlog import METRICS_FILE, PLOT_FILE, MetricsLog, plot_metrics, progress_bar, update_bar
+from quillgpt.optim import lr_factor
+from quillgpt.rundir import (
+    LAST_DIR,
+    PLOT_FILE,
+    STATE_FILE,
+    clear_run,
+    holds_run,
+    read_train_config,
+    state_path,
+    train_config_path,
+    write_train_config,
+)
+from quillgpt.tokenizer import CharTokenizer, TextTokenizer, TokenizerError, tokenizer_from_spec
+from quillgpt.trainlog import MetricsLog, plot_metrics, progress_bar, update_bar
+from quillgpt.trainstate import RunState, save_state
 from quillgpt.vocab import build_tokenizer
-
-LAST_DIR = "last"
-STATE_FILE = "train_state.pt"
-RUN_FILES = (CONFIG_FILE, WEIGHTS_FILE, "tokenizer.json", METRICS_FILE, PLOT_FILE, "train_config.json", LAST_DIR)
 
 
 class TrainError(RuntimeError):
@@ -84,12 +79,12 @@ class TrainSummary:
 def _check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
     if resume:
         recover_dir(out / LAST_DIR)  # a crash between the renames of the last checkpoint
-        if not (out / LAST_DIR / STATE_FILE).is_file():
+        if not state_path(out).is_file():
             raise TrainError(f"nothing to resume in {out} (no {LAST_DIR}/{STATE_FILE})")
         return
     if out.exists() and not out.is_dir():
         raise TrainError(f"output path {out} exists and is not a directory")
-    if out.is_dir() and any((out / f).exists() for f in RUN_FILES) and not overwrite:
+    if holds_run(out) and not overwrite:
         raise TrainError(f"{out} already holds a run; use --resume to continue it or --overwrite to replace it")
     probe = out if out.is_dir() else next((p for p in out.parents if p.exists()), Path("."))
     if not os.access(probe, os.W_OK):
@@ -116,25 +111,34 @@ def _check_encodable(tokenizer, text: str, source: str, warn: bool) -> None:
         )
 
 
-# ---------------------------------------------------------------- the loop
+@dataclass
+class _Prepared:
+    """What `_prepare` checked and resolved before any training."""
+
+    cfg: TrainConfig
+    """The config resolved: its data path and the model's vocabulary size filled in."""
+    tokenizer: TextTokenizer
+    text: TextSplit
+    """The text split into train and val (what the provenance describes)."""
+    tokens: TokenSplits
+    resume_state: dict | None = None
+    """The saved training state to continue (--resume)."""
+    base: LoadedModel | None = None
+    """The model to fine-tune from (--init-from)."""
 
 
-def _prepare(cfg: TrainConfig, out: Path, data, resume: bool, init_from):
-    """Everything that can fail before training: data, tokenizer, splits, the run to resume.
-
-    Returns the resolved config (data path, vocabulary size), tokenizer, text and token splits, the saved
-    state to resume from (or None) and the model to fine-tune from (or None).
-    """
+def _prepare(cfg: TrainConfig, out: Path, data, resume: bool, init_from) -> _Prepared:
+    """Everything that can fail before training: data, tokenizer, splits, the run to resume."""
     state, base = None, None
     if resume:
         try:
-            saved = train_config_from_dict(json.loads((out / "train_config.json").read_text(encoding="utf-8")))
+            saved = train_config_from_dict(read_train_config(out))
         except (OSError, ValueError) as e:
-            raise TrainError(f"cannot read {out / 'train_config.json'} to resume: {e}") from None
+            raise TrainError(f"cannot read {train_config_path(out)} to resume: {e}") from None
         differ = [k for k in saved.model.architecture_differences(cfg.model) if k != "vocab_size"]  # the tokenizer's
         if differ:
             raise TrainError(f"--resume with a different model shape ({', '.join(differ)}) than the run in {out}")
-        state = torch.load(out / LAST_DIR / STATE_FILE, map_location="cpu", weights_only=True)
+        state = torch.load(state_path(out), map_location="cpu", weights_only=True)
 
     source = data or cfg.data_path
     if source is None:
@@ -175,64 +179,82 @@ def _prepare(cfg: TrainConfig, out: Path, data, resume: bool, init_from):
     if len(splits.val) <= T + 1:
         raise TrainError(f"validation split has {len(splits.val)} tokens: too short for block_size {T} (+1)")
 
-    return cfg, tokenizer, split, splits, state, base
+    return _Prepared(cfg, tokenizer, split, splits, state, base)
+
+
+# ---------------------------------------------------------------- the loop
 
 
 @dataclass
-class _Run:
-    """What a checkpoint saves and --resume restores: the model, optimizers, EMA, data order, progress."""
+class _Session:
+    """What stays fixed while a run trains: where it writes, what it evaluates on, how it reports.
+    `log` and `bar` exist on the main process only (rank 0 alone evaluates, logs and saves)."""
 
-    model: GPT
-    optimizers: list[torch.optim.Optimizer]
-    batch_gen: torch.Generator
-    ema: AveragedModel | None = None
-    step: int = 0
-    tokens_seen: int = 0
-    best_val: float | None = None
-    elapsed_before: float = 0.0
-    """Training seconds of the runs this one resumes."""
-    started: float = field(default_factory=time.perf_counter)
+    cfg: TrainConfig
+    out: Path
+    device: torch.device
+    tokenizer: TextTokenizer
+    tokens: TokenSplits
+    provenance: dict
+    """What the saved models record about their data (each save adds the run's progress)."""
+    log: MetricsLog | None = None
+    bar: Any = None
+    """The progress bar (tqdm), when asked for."""
 
-    def elapsed(self) -> float:
-        return self.elapsed_before + time.perf_counter() - self.started
+
+@dataclass
+class _Stepper:
+    """One optimizer step over `grad_accum` micro-batches of this process's rows of each batch."""
+
+    run: RunState
+    cfg: TrainConfig
+    ddp: Processes
+    device: torch.device
+    tokens: TokenSplits
+    forward: torch.nn.Module
+    """The model as it trains: compiled (`compile`), wrapped in DDP under torchrun."""
+    autocast: Any
+
+    @classmethod
+    def build(cls, run: RunState, cfg: TrainConfig, ddp: Processes, device: torch.device, tokens: TokenSplits):
+        forward = torch.compile(run.model) if cfg.compile else run.model
+        if ddp.joined:
+            forward = DDP(forward, device_ids=[ddp.local_rank] if device.type == "cuda" else None)
+        return cls(run, cfg, ddp, device, tokens, forward, autocast_context(cfg.dtype, device))
 
     @property
-    def averaged(self) -> GPT:
-        """The model that is evaluated and saved: the weight average once it has started."""
-        return self.ema.module if self.ema is not None else self.model
+    def tokens_per_step(self) -> int:
+        return self.cfg.batch_size * self.cfg.grad_accum * self.ddp.world * self.cfg.model.block_size
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg, ddp = self.cfg, self.ddp
+        rows = slice(ddp.rank * cfg.batch_size, (ddp.rank + 1) * cfg.batch_size)  # this process's rows of a batch
+        x, y = get_batch(self.tokens.train, cfg.batch_size * ddp.world, cfg.model.block_size, self.run.batch_gen, rows)
+        return x.to(self.device), y.to(self.device)
 
-    def provenance(self, base: dict) -> dict:
-        return base | {"steps": self.step, "tokens": self.tokens_seen, "wall_time_s": round(self.elapsed(), 1)}
-
-    def state_dict(self) -> dict:
-        return {
-            "step": self.step,
-            "tokens_seen": self.tokens_seen,
-            "elapsed": self.elapsed(),
-            "best_val": self.best_val,
-            "optimizers": [o.state_dict() for o in self.optimizers],
-            "batch_rng": self.batch_gen.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
-            "ema": self.ema.state_dict() if self.ema is not None else None,
-        }
-
-    def load_state_dict(self, state: dict, cfg: TrainConfig) -> None:
-        for opt, sd in zip(self.optimizers, state["optimizers"]):
-            opt.load_state_dict(sd)
-        self.batch_gen.set_state(state["batch_rng"])
-        torch.set_rng_state(state["torch_rng"])
-        if state.get("cuda_rng") is not None and self.device.type == "cuda":  # dropout's random numbers
-            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
-        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
-        self.elapsed_before, self.best_val = state["elapsed"], state["best_val"]
-        if state.get("ema") is not None:
-            self.ema = new_ema(self.model, cfg)
-            self.ema.load_state_dict(state["ema"])
+    def __call__(self) -> float:
+        """Returns the mean loss over all processes. Under DDP, gradients are all-reduced only on the
+        last micro-batch (`no_sync` before it)."""
+        cfg, ddp = self.cfg, self.ddp
+        loss_sum = 0.0
+        for micro in range(cfg.grad_accum):
+            x, y = self.next_batch()
+            sync = micro == cfg.grad_accum - 1 or not ddp.joined
+            with nullcontext() if sync else self.forward.no_sync(), self.autocast:
+                _, loss = self.forward(x, y)
+                (loss / cfg.grad_accum).backward()
+            loss_sum += loss.item()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.run.model.parameters(), cfg.grad_clip)
+        for opt in self.run.optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        loss_value = loss_sum / cfg.grad_accum
+        if ddp.joined:
+            t = torch.tensor(loss_value, device=x.device)
+            dist.all_reduce(t)
+            loss_value = t.item() / ddp.world
+        return loss_value
 
 
 def train(
@@ -254,42 +276,27 @@ def train(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     _check_out_dir(out, resume, overwrite)
-    cfg, tokenizer, text_split, splits, saved, base = _prepare(cfg, out, data, resume, init_from)
+    prep = _prepare(cfg, out, data, resume, init_from)
+    cfg = prep.cfg
     ddp = init_distributed(device)
     if device.type == "cuda" and ddp.joined:
         device = torch.device("cuda", ddp.local_rank)
-    run = _restore(cfg, out, device, saved, base)
+    base = prep.base.model if prep.base is not None else None
+    resume_dir = out / LAST_DIR if prep.resume_state is not None else None
+    run = RunState.start(cfg, device, base, resume_dir, prep.resume_state)
     if ddp.main:
         _start_out_dir(out, cfg, fresh=overwrite and not resume)
-    train_model = torch.compile(run.model) if cfg.compile else run.model
-    if ddp.joined:
-        train_model = DDP(train_model, device_ids=[ddp.local_rank] if device.type == "cuda" else None)
-    autocast = autocast_context(cfg.dtype, device)
-    provenance = {
-        "data": cfg.data_path,
-        "data_sha256": splits.data_sha256,
-        "split": text_split.describe(),
-        "val_split": cfg.val_split,
-    }
-    if cfg.reflow_fraction > 0:
-        provenance["reflow_fraction"] = cfg.reflow_fraction
-    if cfg.default_prompt is not None:
-        provenance["default_prompt"] = cfg.default_prompt
-    log = MetricsLog(out / METRICS_FILE, run.step if saved is not None else None) if ddp.main else None
+    optimizer_step = _Stepper.build(run, cfg, ddp, device, prep.tokens)
+    session = _Session(cfg, out, device, prep.tokenizer, prep.tokens, _provenance(prep))
+    budget = cfg.max_minutes * 60 if cfg.max_minutes else None
+    if ddp.main:
+        session.log = MetricsLog(out, run.step if prep.resume_state is not None else None)
+        if progress:
+            session.bar = progress_bar(cfg.max_iters, run.step, time_budgeted=bool(budget))
     stopping = stop or threading.Event()
     on_main_thread = threading.current_thread() is threading.main_thread()
     restore_signals = _install_signal_handlers(stopping) if on_main_thread else None
 
-    T = cfg.model.block_size
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * ddp.world * T
-    rows = slice(ddp.rank * cfg.batch_size, (ddp.rank + 1) * cfg.batch_size)  # this process's rows of a batch
-
-    def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = get_batch(splits.train, cfg.batch_size * ddp.world, T, run.batch_gen, rows)
-        return x.to(device), y.to(device)
-
-    budget = cfg.max_minutes * 60 if cfg.max_minutes else None
-    bar = progress_bar(cfg.max_iters, run.step, time_budgeted=bool(budget)) if progress and ddp.main else None
     loss, interrupted = None, False
     run.started = time.perf_counter()
     run.model.train()
@@ -298,21 +305,18 @@ def train(
             # step: set the learning rate, one optimizer step, update the weight average
             done = max(run.step / cfg.max_iters, run.elapsed() / budget if budget else 0.0)
             factor = lr_factor(cfg, run.step, done)
-            for opt in run.optimizers:
-                for g in opt.param_groups:
-                    g["lr"] = g["base_lr"] * factor
-            loss = _optimizer_step(train_model, run.model, run.optimizers, cfg, next_batch, autocast, ddp)
+            run.set_learning_rate(factor)
+            loss = optimizer_step()
             run.step += 1
-            run.tokens_seen += tokens_per_step
+            run.tokens_seen += optimizer_step.tokens_per_step
             if cfg.ema_decay > 0 and (run.ema is not None or done >= cfg.ema_start):
-                run.ema = run.ema or new_ema(run.model, cfg)
-                run.ema.update_parameters(run.model)
+                run.update_average(cfg)
 
             # log: metrics.jsonl, the progress bar, the caller's hook
-            if log is not None:
-                log.step(run.step, loss, factor * cfg.learning_rate, run.tokens_seen, run.elapsed())
-            if bar is not None:
-                update_bar(bar, loss, run.tokens_seen, run.elapsed(), budget)
+            if session.log is not None:
+                session.log.step(run.step, loss, factor * cfg.learning_rate, run.tokens_seen, run.elapsed())
+            if session.bar is not None:
+                update_bar(session.bar, loss, run.tokens_seen, run.elapsed(), budget)
             if on_step is not None:
                 on_step(run.step, loss)
 
@@ -320,28 +324,33 @@ def train(
             last = run.step == cfg.max_iters or (budget is not None and run.elapsed() >= budget)
             if run.step % cfg.eval_interval == 0 or last:
                 if ddp.main:
-                    _evaluate_and_save(run, cfg, out, splits, tokenizer, provenance, loss, log, bar, device)
+                    _evaluate_and_save(session, run, loss)
                 if ddp.joined:
                     dist.barrier()
             if ddp.any(stopping.is_set(), device):
                 interrupted = True
                 break
     finally:
-        if bar is not None:
-            bar.close()
+        if session.bar is not None:
+            session.bar.close()
         if restore_signals is not None:
             restore_signals()
 
-    # finish: a checkpoint to resume an interrupted run, the whole-split evaluation, the summary
+    return _finish(session, run, ddp, loss, interrupted)
+
+
+def _finish(session: _Session, run: RunState, ddp: Processes, loss: float | None, interrupted: bool) -> TrainSummary:
+    """A checkpoint to resume an interrupted run, the whole-split evaluation, the summary."""
+    cfg, out, device = session.cfg, session.out, session.device
     if interrupted and ddp.main:
-        _save_last(run, out, tokenizer, provenance, loss)
+        _save_last(session, run, loss)
     wall = run.elapsed()
     full_val = None
-    if log is not None:
+    if session.log is not None:
         if not interrupted and cfg.final_eval and run.best_val is not None:
             full_val = _final_eval(out, cfg, device)
-            log.final_eval(run.step, full_val, wall)
-        log.close()
+            session.log.final_eval(run.step, full_val, wall)
+        session.log.close()
     tok_s = run.tokens_seen / wall if wall > 0 else 0.0
     peak = peak_matmul_flops(device, cfg.dtype) if ddp.main else None
     flops = run.model.config.flops_per_token(run.model.num_params(non_embedding=True))
@@ -355,86 +364,55 @@ def train(
     )
 
 
-def _restore(cfg: TrainConfig, out: Path, device: torch.device, saved: dict | None, base) -> _Run:
-    """A new run: seeded weights (or the fine-tuning base's, or the resumed run's) and optimizers."""
-    torch.manual_seed(cfg.seed)
-    model = GPT(cfg.model)
-    if base is not None:
-        model.load_state_dict(base.model.state_dict())
-    if saved is not None:
-        load_weights(model, out / LAST_DIR / WEIGHTS_FILE)
-    model.to(device)
-    run = _Run(model, build_optimizers(model, cfg), torch.Generator().manual_seed(cfg.seed))
-    if saved is not None:
-        run.load_state_dict(saved, cfg)
-    return run
+def _provenance(prep: _Prepared) -> dict:
+    """What every saved model of the run records about its data."""
+    cfg = prep.cfg
+    provenance = {
+        "data": cfg.data_path,
+        "data_sha256": prep.tokens.data_sha256,
+        "split": prep.text.describe(),
+        "val_split": cfg.val_split,
+    }
+    if cfg.reflow_fraction > 0:
+        provenance["reflow_fraction"] = cfg.reflow_fraction
+    if cfg.default_prompt is not None:
+        provenance["default_prompt"] = cfg.default_prompt
+    return provenance
 
 
 def _start_out_dir(out: Path, cfg: TrainConfig, fresh: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if fresh:  # --overwrite: the previous run's files go
-        for name in RUN_FILES:
-            p = out / name
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-    write_json(out / "train_config.json", cfg.to_dict())
+        clear_run(out)
+    write_train_config(out, cfg)
 
 
-def _evaluate_and_save(run: _Run, cfg, out, splits, tokenizer, provenance, loss, log, bar, device) -> None:
+def _evaluate_and_save(session: _Session, run: RunState, loss: float) -> None:
     """Estimate the losses; save the model if val improved, and the latest state; redraw loss.png."""
-    losses = estimate_loss(run.averaged, splits, cfg, device)
+    cfg, out = session.cfg, session.out
+    losses = estimate_loss(run.averaged, session.tokens, cfg, session.device)
     improved = run.best_val is None or losses["val"] < run.best_val
     if improved:
         run.best_val = losses["val"]
-    log.eval(run.step, losses, run.elapsed())
+    session.log.eval(run.step, losses, run.elapsed())
     if improved:
-        prov = run.provenance(provenance) | {"val_loss": round(run.best_val, 4)}
+        prov = run.provenance(session.provenance) | {"val_loss": round(run.best_val, 4)}
         if run.ema is not None:
             prov["ema_decay"] = cfg.ema_decay
-        save_model(out, run.averaged, tokenizer, provenance=prov, dtype=getattr(torch, cfg.save_dtype))
-    _save_last(run, out, tokenizer, provenance, loss)
-    plot_metrics(log.path, out / PLOT_FILE)
-    if bar is not None:
-        bar.write(
+        save_model(out, run.averaged, session.tokenizer, provenance=prov, dtype=getattr(torch, cfg.save_dtype))
+    _save_last(session, run, loss)
+    plot_metrics(out, out / PLOT_FILE)
+    if session.bar is not None:
+        session.bar.write(
             f"step {run.step}: train {losses['train']:.4f}, val {losses['val']:.4f} ({run.elapsed() / 60:.1f} min)"
         )
 
 
-def _save_last(run: _Run, out: Path, tokenizer, provenance: dict, loss: float | None) -> None:
-    """The latest model and training state, into out/last/ (what --resume continues from): swapped in
-    as one folder, so a crash leaves the previous checkpoint or this one, never weights of one step
-    beside the optimizer state of another."""
-    prov = run.provenance(provenance) | {"train_loss": loss}
-    state = run.state_dict()
-
-    def write(folder: Path) -> None:
-        save_model(folder, run.model, tokenizer, provenance=prov)
-        atomic_write(folder / STATE_FILE, lambda tmp: torch.save(state, tmp))
-
-    atomic_dir(out / LAST_DIR, write)
-
-
-def _optimizer_step(train_model, model, optimizers, cfg: TrainConfig, next_batch, autocast, ddp: Processes) -> float:
-    """One optimizer step over `grad_accum` micro-batches; returns the mean loss over all processes.
-    Under DDP, gradients are all-reduced only on the last micro-batch (`no_sync` before it)."""
-    loss_sum = 0.0
-    for micro in range(cfg.grad_accum):
-        x, y = next_batch()
-        sync = micro == cfg.grad_accum - 1 or not ddp.joined
-        with nullcontext() if sync else train_model.no_sync(), autocast:
-            _, loss = train_model(x, y)
-            (loss / cfg.grad_accum).backward()
-        loss_sum += loss.item()
-    if cfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    for opt in optimizers:
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    loss_value = loss_sum / cfg.grad_accum
-    if ddp.joined:
-        t = torch.tensor(loss_value, device=x.device)
-        dist.all_reduce(t)
-        loss_value = t.item() / ddp.world
-    return loss_value
+def _save_last(session: _Session, run: RunState, loss: float | None) -> None:
+    """The latest model and training state, into out/last/ (what --resume continues from)."""
+    save_state(
+        run, session.out / LAST_DIR, session.tokenizer, run.provenance(session.provenance) | {"train_loss": loss}
+    )
 
 
 def _final_eval(out: Path, cfg: TrainConfig, device: torch.device) -> dict:

@@ -1,10 +1,5 @@
-"""A training run's log: `metrics.jsonl` (one JSON line per step, per evaluation and for the final
-evaluation), read back and plotted as `loss.png`; and the progress bar on the terminal.
-
-    {"step": 10, "loss": 2.31, "lr": 0.001, "tokens": 40960, "time_s": 3.2}      a training step
-    {"step": 10, "eval": {"train": 2.30, "val": 2.33}, "time_s": 3.9}            an evaluation
-    {"step": 500, "final_eval": {"val_loss": 1.47, ...}, "time_s": 310.0}        the whole val split
-"""
+"""A training run's log as it is written: `metrics.jsonl` (its records: `quillgpt.rundir`), the
+`loss.png` drawn from it, and the progress bar on the terminal."""
 
 from __future__ import annotations
 
@@ -16,19 +11,18 @@ from typing import Any
 from tqdm import tqdm
 
 from quillgpt.fileio import atomic_write, write_text
+from quillgpt.rundir import METRICS_FILE, read_metrics, read_records
 
-METRICS_FILE = "metrics.jsonl"
-PLOT_FILE = "loss.png"
 FLUSH_SECONDS = 1.0
 
 
 class MetricsLog:
-    """Appends records to metrics.jsonl; on resume, first drops those logged after the checkpoint."""
+    """Appends records to a run's metrics.jsonl; on resume, first drops those logged after the checkpoint."""
 
-    def __init__(self, path: str | Path, resume_step: int | None = None):
-        self.path = Path(path)
+    def __init__(self, run: str | Path, resume_step: int | None = None):
+        self.path = Path(run) / METRICS_FILE
         if resume_step is not None and self.path.is_file():
-            kept = [r for r in _records(self.path) if r["step"] <= resume_step]
+            kept = [r for r in read_records(self.path) if r["step"] <= resume_step]
             write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
         self._flushed = time.monotonic()
@@ -67,31 +61,15 @@ def update_bar(bar, loss: float, tokens: int, elapsed: float, budget: float | No
     bar.set_postfix(info, refresh=False)
 
 
-def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:
-    """(per-step records, evaluation records) of a run's metrics.jsonl."""
-    records = _records(Path(path))
-    return [r for r in records if "loss" in r], [r for r in records if "eval" in r]
-
-
-def _records(path: Path) -> list[dict]:
-    """The records of metrics.jsonl, less a last line torn by a crash (a kill mid-write)."""
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            continue
-    return records
-
-
-def plot_metrics(metrics_path: str | Path, png_path: str | Path, title: str | None = None) -> None:
-    """Train loss per step (smoothed) and eval train/val losses, written atomically as a PNG."""
+def plot_metrics(run: str | Path, png_path: str | Path, title: str | None = None) -> None:
+    """A run's train loss per step (smoothed) and eval train/val losses, written atomically as a PNG."""
     import matplotlib  # start-up time: training and the playground import this module, few runs plot
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps, evals = read_metrics(metrics_path)
+    metrics = read_metrics(Path(run))
+    steps, evals = metrics.steps, metrics.evals
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     if steps:
         xs = [r["step"] for r in steps]

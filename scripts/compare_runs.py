@@ -10,7 +10,6 @@ as a star at the end.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import matplotlib
@@ -18,6 +17,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from quillgpt.rundir import read_metrics  # noqa: E402
 from quillgpt.trainlog import save_figure  # noqa: E402
 
 
@@ -31,12 +31,11 @@ def main() -> None:
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
     for i, run in enumerate(args.runs):
         label = args.label[i] if i < len(args.label) else run.name
-        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
-        evals = [r for r in records if "eval" in r]
+        metrics = read_metrics(run)
+        evals = metrics.evals
         line = ax.plot([r["time_s"] / 60 for r in evals], [r["eval"]["val"] for r in evals], "o-", ms=3, label=label)
-        final = next((r for r in records if "final_eval" in r), None)
-        if final is not None:
-            loss = final["final_eval"]["val_loss"]
+        if (final := metrics.final) is not None:
+            loss = metrics.final_val_loss
             ax.plot([final["time_s"] / 60], [loss], "*", ms=12, color=line[0].get_color())
             ax.annotate(
                 f"{loss:.4f} (whole split)",

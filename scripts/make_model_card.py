@@ -25,9 +25,9 @@ from quillgpt.data import default_prompt
 from quillgpt.evaluate import LAYOUTS, evaluate, own_val_split
 from quillgpt.fileio import write_text
 from quillgpt.generate import generate
+from quillgpt.rundir import read_metrics
 from quillgpt.sampling import SamplingParams
 from quillgpt.tokenizer import CharTokenizer
-from quillgpt.trainlog import METRICS_FILE, read_metrics
 
 
 def describe_tokenizer(tokenizer) -> tuple[str, str]:
@@ -56,8 +56,7 @@ def describe_storage(weights: Path) -> str:
 
 def whole_run_minutes(model_dir: Path) -> float | None:
     """The last logged step's time (metrics.jsonl), which may be after the best checkpoint."""
-    path = model_dir / METRICS_FILE
-    steps = read_metrics(path)[0] if path.is_file() else []
+    steps = read_metrics(model_dir).steps
     return steps[-1]["time_s"] / 60 if steps else None
 
 

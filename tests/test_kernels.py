@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from quillgpt import kernels
-from quillgpt.generate import Decoder, generate
+from quillgpt.decoder import Decoder
+from quillgpt.generate import generate
 from quillgpt.model import GPT, KVCache, prepare_for_inference
 from quillgpt.sampling import SamplingParams
 from tests.conftest import tiny_config

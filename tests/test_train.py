@@ -18,10 +18,10 @@ from quillgpt.device import autocast_context
 from quillgpt.generate import generate
 from quillgpt.model import GPT
 from quillgpt.optim import lr_factor
+from quillgpt.rundir import read_metrics
 from quillgpt.sampling import SamplingParams
 from quillgpt.tokenizer import CharTokenizer
 from quillgpt.train import TrainError, train
-from quillgpt.trainlog import read_metrics
 from tests.conftest import REPO, SAMPLE_TEXT, tiny_config
 
 TINY = dict(
@@ -66,8 +66,10 @@ def test_tiny_model_overfits_small_text(text_file, tmp_path):
     assert loaded.provenance["val_loss"] == round(s.best_val_loss, 4)
     assert loaded.provenance["val_loss_full_split"] == round(s.full_val_loss, 4) and s.full_val_loss < 0.8
     assert {"metrics.jsonl", "loss.png", "train_config.json", "last"} <= {p.name for p in (tmp_path / "run").iterdir()}
-    steps, evals = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    metrics = read_metrics(tmp_path / "run")
+    steps, evals = metrics.steps, metrics.evals
     assert len(steps) == 150 and [e["step"] for e in evals] == [50, 100, 150]
+    assert metrics.final["step"] == 150 and metrics.final_val_loss == s.full_val_loss
 
 
 def test_muon_trains_too(text_file, tmp_path):
@@ -142,8 +144,7 @@ def test_resume_continues_exactly(text_file, tmp_path, extra):
     assert first.interrupted and first.steps == 15
     second = train(cfg, tmp_path / "split", data=text_file, progress=False, resume=True)
     assert second.steps == 30 and not second.interrupted
-    a, _ = read_metrics(tmp_path / "straight" / "metrics.jsonl")
-    b, _ = read_metrics(tmp_path / "split" / "metrics.jsonl")
+    a, b = read_metrics(tmp_path / "straight").steps, read_metrics(tmp_path / "split").steps
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
     for sub in ("last", "."):  # the latest weights, and the best (the average once it runs, with EMA)
         wa = load_model(tmp_path / "straight" / sub).model.state_dict()
@@ -182,7 +183,7 @@ def test_output_dir_holding_a_run_is_refused(text_file, tmp_path):
     with pytest.raises(TrainError, match="already holds a run; use --resume .* or --overwrite"):
         train(config(max_iters=4, eval_interval=4), tmp_path / "run", data=text_file, progress=False)
     s = train(config(max_iters=2, eval_interval=2), tmp_path / "run", data=text_file, progress=False, overwrite=True)
-    assert s.steps == 2 and len(read_metrics(tmp_path / "run" / "metrics.jsonl")[0]) == 2
+    assert s.steps == 2 and len(read_metrics(tmp_path / "run").steps) == 2
     with pytest.raises(TrainError, match="different model shape \\(n_embd\\)"):
         train(config(max_iters=4, n_embd=64), tmp_path / "run", data=text_file, progress=False, resume=True)
     with pytest.raises(TrainError, match="nothing to resume"):
@@ -269,7 +270,7 @@ from quillgpt.config import load_train_config, train_config_from_dict
 from quillgpt.generate import generate
 from quillgpt.sampling import SamplingParams
 from quillgpt.train import train
-import quillgpt.train as t
+import quillgpt.trainstate as t
 
 cfg = train_config_from_dict({cfg!r})
 captured = {{}}
@@ -310,8 +311,7 @@ def test_two_process_ddp_matches_single_process(text_file, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(r0, r1))  # replicas never drift apart
 
     single = train(config(**{**per_rank, "batch_size": 8}), tmp_path / "single", data=text_file, progress=False)
-    ddp_steps, _ = read_metrics(tmp_path / "ddp" / "metrics.jsonl")
-    one_steps, _ = read_metrics(tmp_path / "single" / "metrics.jsonl")
+    ddp_steps, one_steps = read_metrics(tmp_path / "ddp").steps, read_metrics(tmp_path / "single").steps
     # Same global batches; only the order of float additions differs (gradients averaged across ranks).
     for a, b in zip(ddp_steps, one_steps):
         assert a["loss"] == pytest.approx(b["loss"], abs=2e-3)
@@ -344,7 +344,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(text_file, tmp_path):
     assert proc.returncode == 130, err[-2000:]
     assert "interrupted; resume with --resume" in out
     steps = json.loads((tmp_path / "run" / "last" / "config.json").read_text())["provenance"]["steps"]
-    assert steps >= 5 and len(read_metrics(metrics)[0]) == steps
+    assert steps >= 5 and len(read_metrics(tmp_path / "run").steps) == steps
     cfg.write_text(json.dumps({**TINY, "max_iters": steps + 3, "eval_interval": 100000}))
     done = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -379,7 +379,7 @@ def test_the_226m_geometry_trains_and_generates_at_reduced_depth_and_width(text_
 KILLER = """
 import io, os, signal, sys
 import torch
-import quillgpt.fileio, quillgpt.train
+import quillgpt.fileio, quillgpt.train, quillgpt.trainstate
 from quillgpt.cli import main
 
 where, calls = sys.argv[1], {"n": 0}
@@ -390,7 +390,7 @@ def count(name):
     return calls[name]
 
 step, save, atomic_write, replace = (
-    quillgpt.train._optimizer_step, torch.save, quillgpt.train.atomic_write, os.replace
+    quillgpt.train._Stepper.__call__, torch.save, quillgpt.trainstate.atomic_write, os.replace
 )
 
 def optimizer_step(*a, **k):
@@ -416,7 +416,7 @@ def os_replace(src, dst):  # the new last/ never arrives: last.old must be put b
         die()
     return replace(src, dst)
 
-quillgpt.train._optimizer_step, quillgpt.train.atomic_write = optimizer_step, state_write
+quillgpt.train._Stepper.__call__, quillgpt.trainstate.atomic_write = optimizer_step, state_write
 torch.save, os.replace = torch_save, os_replace
 sys.exit(main(sys.argv[2:]))
 """
@@ -429,7 +429,7 @@ def test_sigkill_at_any_point_resumes_from_the_last_complete_checkpoint(text_fil
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps(settings))
     train(config(**settings), tmp_path / "straight", data=text_file, progress=False)
-    want = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "straight" / "metrics.jsonl")[0]]
+    want = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "straight").steps]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     runs = {}
     for where in ("mid-step", "before the state", "half the state", "between the renames"):
@@ -443,7 +443,7 @@ def test_sigkill_at_any_point_resumes_from_the_last_complete_checkpoint(text_fil
         load_model(out)  # the best model so far always loads
         assert main([*args, "--resume"]) == 0
         steps = json.loads((out / "last" / "config.json").read_text())["provenance"]["steps"]
-        got = [(r["step"], r["loss"]) for r in read_metrics(out / "metrics.jsonl")[0]]
+        got = [(r["step"], r["loss"]) for r in read_metrics(out).steps]
         assert steps == 15 and got == want, where
         assert not (out / "last.tmp").exists() and not (out / "last.old").exists()
         a, b = (load_model(d / "last").model.state_dict() for d in (tmp_path / "straight", out))

@@ -4,7 +4,7 @@ read back from the run directory. No Streamlit here: the page (train_page.py) on
 A run is a directory under the runs directory ($QUILL_RUNS_DIR, default `runs/`), named by the
 page: `job.json` (what was started, the process id, its exit code once seen), `train.log` (the
 trainer's output) and everything `quill train` writes (metrics.jsonl, train_config.json, the best
-model, last/). The process runs in its own session, so a closed tab, a browser refresh or even a
+model, last/: `quillgpt.rundir`). The process runs in its own session, so a closed tab, a browser refresh or even a
 restarted playground leaves it training; the page finds it again from the directory. Uploads are
 stored as `uploads/<sha256 prefix>.txt` under the runs directory, never at a name the user gave.
 """
@@ -19,7 +19,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +26,7 @@ from pathlib import Path
 from quillgpt.data import DataError, load_text
 from quillgpt.fileio import write_bytes, write_json
 from quillgpt.recipe import TextStats, describe, recipe
-from quillgpt.train import LAST_DIR, STATE_FILE
-from quillgpt.trainlog import METRICS_FILE
+from quillgpt.rundir import RUNS_DIR, MetricsFollower, model_dir, read_progress, resumable, train_config_path
 
 JOB_FILE = "job.json"
 LOG_FILE = "train.log"
@@ -44,7 +42,7 @@ class TrainingError(RuntimeError):
 
 
 def runs_dir() -> Path:
-    return Path(os.environ.get("QUILL_RUNS_DIR") or "runs")
+    return Path(os.environ.get("QUILL_RUNS_DIR") or RUNS_DIR)
 
 
 # ---------------------------------------------------------------- input
@@ -105,9 +103,9 @@ def resume(run: Path) -> None:
     """Continue a stopped run where it left off (`quill train <its train_config.json> --resume`)."""
     if busy := active_run(run.parent):
         raise TrainingError(f"{busy.name} is still training: stop it, or wait for it to finish, first.")
-    if not (run / LAST_DIR / STATE_FILE).is_file():
+    if not resumable(run):
         raise TrainingError(f"{run.name} has no saved state to resume from: start a new run.")
-    cmd = ["train", str((run / "train_config.json").resolve()), "--out", str(run.resolve()), "--resume"]
+    cmd = ["train", str(train_config_path(run).resolve()), "--out", str(run.resolve()), "--resume"]
     _spawn(run, cmd, read_job(run))
 
 
@@ -222,87 +220,33 @@ class RunStatus:
 
     @property
     def resumable(self) -> bool:
-        return self.state == "stopped" and (self.run / LAST_DIR / STATE_FILE).is_file()
+        return self.state == "stopped" and resumable(self.run)
+
+
+_metrics = MetricsFollower()
+"""The page's sessions share one follower: a refresh parses only what each run's metrics gained."""
 
 
 def status(run: Path) -> RunStatus:
     job = read_job(run)
     s = RunStatus(run, "failed", job.get("label", run.name), job.get("minutes", 0.0), job.get("recipe", ""))
-    s.steps, s.evals, final = _read_metrics(run / METRICS_FILE)
-    if s.steps:
-        last = s.steps[-1]
+    progress = read_progress(run, _metrics)
+    s.steps, s.evals, s.final_val = progress.metrics.steps, progress.metrics.evals, progress.metrics.final_val_loss
+    if last := progress.last_step:
         s.step, s.tokens, s.loss, s.elapsed_s = last["step"], last["tokens"], last["loss"], last["time_s"]
-    s.final_val = final["final_eval"]["val_loss"] if final else None
-    cfg = _read_json(run / "train_config.json")
-    if cfg:
-        s.budget_s = cfg["max_minutes"] * 60 if cfg.get("max_minutes") else None
-        s.parameters = _parameters(cfg)
+    if progress.config:
+        s.budget_s = progress.budget_s
+        s.parameters = _parameters(progress.config)
     alive = job.get("pid") is not None and _alive(job["pid"])
     code = None if alive else _returncode(run, job)
     if alive:
         s.state = "running" if s.steps else "starting"
-    elif final is not None or code == 0:
+    elif progress.finished or code == 0:
         s.state = "finished"
-    elif (run / LAST_DIR / STATE_FILE).is_file() and code in (None, 130):
+    elif progress.resumable and code in (None, 130):
         s.state = "stopped"
     s.log_tail = _tail(run / LOG_FILE) if s.state == "failed" else ""
     return s
-
-
-def _read_metrics(path: Path) -> tuple[list[dict], list[dict], dict | None]:
-    """metrics.jsonl's step, evaluation and final records. A page refreshing while the run trains reads
-    only what was appended since its last look (the run keeps its CPU); a shorter file is read anew."""
-    with _metrics_lock:  # the page's sessions are threads of one process
-        return _read_new_metrics(path)
-
-
-def _read_new_metrics(path: Path) -> tuple[list[dict], list[dict], dict | None]:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            seen = _metrics_seen.get(path)
-            if seen is None or size < seen.offset:
-                seen = _metrics_seen[path] = _MetricsSeen()
-            f.seek(seen.offset)
-            chunk = f.read(size - seen.offset)
-    except OSError:
-        _metrics_seen.pop(path, None)
-        return [], [], None
-    complete = chunk[: chunk.rfind(b"\n") + 1]  # a last line still being written waits for the next look
-    seen.offset += len(complete)
-    for line in complete.decode("utf-8", errors="replace").splitlines():
-        try:
-            r = json.loads(line)
-        except ValueError:  # a line torn by a crash
-            continue
-        if "loss" in r:
-            seen.steps.append(r)
-        elif "eval" in r:
-            seen.evals.append(r)
-        elif "final_eval" in r:
-            seen.final = r
-    return list(seen.steps), list(seen.evals), seen.final
-
-
-@dataclass
-class _MetricsSeen:
-    offset: int = 0
-    steps: list[dict] = field(default_factory=list)
-    evals: list[dict] = field(default_factory=list)
-    final: dict | None = None
-
-
-_metrics_seen: dict[Path, _MetricsSeen] = {}
-"""What each metrics.jsonl held at the last look, by path."""
-_metrics_lock = threading.Lock()
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
 
 
 def _parameters(cfg: dict) -> int | None:
@@ -348,13 +292,6 @@ def list_runs(runs: Path) -> list[Path]:
 
 def active_run(runs: Path) -> Path | None:
     return next((r for r in list_runs(runs) if (pid := read_job(r).get("pid")) is not None and _alive(pid)), None)
-
-
-def model_dir(run: Path) -> Path | None:
-    for d in (run, run / LAST_DIR):
-        if (d / "config.json").is_file() and (d / "model.safetensors").is_file():
-            return d
-    return None
 
 
 def trained_models(runs: Path) -> list[str]:

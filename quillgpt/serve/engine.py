@@ -1,6 +1,6 @@
 """One generation engine per model: a worker thread running continuous batching for asyncio callers.
 
-The engine owns a `quillgpt.generate.Decoder`. Its thread loops: admit waiting sequences while the
+The engine owns a `quillgpt.decoder.Decoder`. Its thread loops: admit waiting sequences while the
 batch has room, drop the ones whose caller went away or whose time is up, run one decode step for
 the whole batch, and hand each new token's text (from the request's own `TextRequest`) to the
 waiting coroutine with `loop.call_soon_threadsafe`. The event loop never runs the model and the
@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from quillgpt.checkpoint import LoadedModel
-from quillgpt.generate import Decoder, SequenceState, TextRequest, TokenLogprob
+from quillgpt.decoder import Decoder, SequenceState, TokenLogprob
+from quillgpt.generate import TextRequest
 from quillgpt.sampling import SamplingParams
 
 log = logging.getLogger("quillgpt.serve.engine")
@@ -147,13 +148,6 @@ def _post(loop: asyncio.AbstractEventLoop, items: list[tuple[Generation, TokenEv
     except RuntimeError:  # the event loop is closed: nobody is listening any more
         for generation, _ in items:
             generation.cancelled = True
-
-
-def _rejoin(decoder: Decoder, seq: SequenceState) -> None:
-    """Move a sequence already under way into `decoder`: its window is kept and re-encoded."""
-    start, truncated = seq.start, seq.prompt_truncated
-    decoder.add(seq)
-    seq.start, seq.prompt_truncated = start, truncated
 
 
 def _deliver(items: list[tuple[Generation, TokenEvent | FinishEvent | EngineError]]) -> None:
@@ -313,7 +307,7 @@ class Engine:
             self._probe = Decoder(self.decoder.model, max_batch=1)
         for seq in suspects:
             if not seq.done:  # (one that finished in the failed step only needs its finish event)
-                _rejoin(self._probe, seq)
+                self._probe.add(seq)  # its window is kept and re-encoded
                 try:
                     self._step(self._probe)  # reports the sequence if it finishes
                 except Exception as e:
@@ -321,7 +315,7 @@ class Engine:
                     self._drop_failed(seq, EngineError(f"{type(e).__name__}: {e}"))
                 if seq in self._probe.active:
                     self._probe.remove(seq)
-                    _rejoin(self.decoder, seq)
+                    self.decoder.add(seq)
             elif id(seq) in self._running:
                 generation, i = self._running.pop(id(seq))
                 self.observer.finished(self.name, seq.finish_reason, len(seq.generated))

@@ -244,7 +244,7 @@ class ChatTopLogprob(BaseModel):
 
 
 class ChatTokenLogprob(ChatTopLogprob):
-    """A chosen token in chat logprobs (the ids and values come from `quillgpt.generate.TokenLogprob`)."""
+    """A chosen token in chat logprobs (the ids and values come from `quillgpt.decoder.TokenLogprob`)."""
 
     top_logprobs: list[ChatTopLogprob]
 

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from quillgpt.data import default_prompt
-from quillgpt.generate import TokenLogprob
+from quillgpt.decoder import TokenLogprob
 from quillgpt.sampling import SamplingParams, normalize_stop, sampling_params
 from quillgpt.serve import schemas as s
 from quillgpt.serve.chat import TURN_END, render_chat
