@@ -14,7 +14,7 @@ Variants (`--variants`):
   int8        prepare_for_inference(weights="int8"): int8 linear weights, a scale per row (Int8Linear)
   onnx        `quill export onnx` run by onnxruntime (OnnxDecoder; greedy, rows of equal length)
 `auto` (what `quill generate`, `quill serve` and the playground use) is int8 on CPUs; the summary
-names it, and whether decoding attends through the compiled kernel (`quillgpt.kernels`; with int8
+names it, and whether decoding attends through the compiled kernel (`quillgpt.infer.kernels`; with int8
 and bf16 weights the KV cache is then bfloat16) or PyTorch's SDPA (`QUILL_KERNELS=0`).
 
 Weights are random (speed does not depend on them) unless --model names a trained model; --config
@@ -39,8 +39,12 @@ from machine import cpu_info, describe, memory_read_bandwidth
 from quillgpt.checkpoint import load_model
 from quillgpt.config import GPTConfig, load_train_config
 from quillgpt.generate import generate
-from quillgpt.kernels import decode_attention_op
-from quillgpt.model import GPT, Int8Linear, KVCache, PackedLinear, cpu_auto_weights, prepare_for_inference
+from quillgpt.infer.int8 import Int8Linear
+from quillgpt.infer.kernels import decode_attention_op
+from quillgpt.infer.packed import PackedLinear
+from quillgpt.infer.prepare import cpu_auto_weights, kv_cache_dtype, prepare_for_inference
+from quillgpt.kvcache import KVCache
+from quillgpt.model import GPT
 from quillgpt.sampling import SamplingParams
 from quillgpt.tokenizer import CharTokenizer
 
@@ -86,7 +90,7 @@ def weights_read_per_token(model: GPT) -> int:
 @torch.inference_mode()
 def prefill_tokens_per_s(model: GPT, length: int, repeats: int = 5) -> float:
     idx = torch.randint(0, model.config.vocab_size, (1, length))
-    cache = KVCache.allocate(model.config, 1, dtype=KVCache.dtype_for(model))  # as the decoder holds it
+    cache = KVCache.allocate(model.config, 1, dtype=kv_cache_dtype(model))  # as the decoder holds it
     model(idx, cache=cache, last_only=True)  # warm-up
     return length * repeats / sum(timed(lambda: model(idx, cache=cache, last_only=True)) for _ in range(repeats))
 
@@ -160,7 +164,7 @@ def main() -> None:
     )
     print(f"default path (weights=auto) on this CPU: {auto}")
     kernel = decode_attention_op() is not None
-    attention = "compiled kernel (quillgpt/kernels)" if kernel else "PyTorch SDPA (no kernel here)"
+    attention = "compiled kernel (quillgpt/infer/kernels)" if kernel else "PyTorch SDPA (no kernel here)"
     print(f"decode attention: {attention}; QUILL_KERNELS=0 compares against PyTorch's")
     report = {}
     for variant in args.variants.split(","):

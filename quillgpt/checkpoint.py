@@ -26,7 +26,9 @@ from safetensors.torch import save_model as st_save_model
 
 from quillgpt.config import ConfigError, GPTConfig
 from quillgpt.fileio import atomic_write, write_json
-from quillgpt.model import GPT, INFERENCE_WEIGHTS, prepare_for_inference, quantize_rows
+from quillgpt.infer.int8 import quantize_rows
+from quillgpt.infer.prepare import INFERENCE_WEIGHTS, prepare_for_inference
+from quillgpt.model import GPT
 from quillgpt.tokenizer import BPE_FILE, BPETokenizer, CharTokenizer, TokenizerError, tokenizer_from_spec
 
 WEIGHTS_FILE = "model.safetensors"

@@ -71,7 +71,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_weights_arg(p: argparse.ArgumentParser, default: str) -> None:
-    from quillgpt.model import INFERENCE_WEIGHTS
+    from quillgpt.infer.prepare import INFERENCE_WEIGHTS
 
     p.add_argument(
         "--weights",

@@ -28,7 +28,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from quillgpt.model import GPT, KVCache
+from quillgpt.infer.prepare import kv_cache_dtype
+from quillgpt.kvcache import KVCache
+from quillgpt.model import GPT
 from quillgpt.sampling import SamplingParams, sample_next_tokens
 from quillgpt.tokenizer import TextStreamer, TextTokenizer
 
@@ -117,7 +119,7 @@ class Decoder:
         self.max_batch = max_batch
         self.use_cache = use_cache
         self.device = next(model.parameters()).device
-        dtype = KVCache.dtype_for(model)
+        dtype = kv_cache_dtype(model)
         self.cache = KVCache.allocate(self.config, max_batch, self.device, dtype) if use_cache else None
         self.active: list[SequenceState] = []
         self.keep = max(1, math.ceil(KEEP_FRACTION * self.config.block_size))

@@ -1,4 +1,4 @@
-"""The compiled decode attention (quillgpt/kernels) against attention written out in float64, and
+"""The compiled decode attention (quillgpt/infer/kernels) against attention written out in float64, and
 the model's use of it: chosen for decoding on the CPU, the same tokens as PyTorch's attention,
 a bfloat16 cache behind int8 weights, and a clear fallback where it cannot be built."""
 
@@ -10,9 +10,11 @@ import shutil
 import pytest
 import torch
 
-from quillgpt import kernels
 from quillgpt.generate import Decoder, generate
-from quillgpt.model import GPT, KVCache, prepare_for_inference
+from quillgpt.infer import kernels
+from quillgpt.infer.prepare import kv_cache_dtype, prepare_for_inference
+from quillgpt.kvcache import KVCache
+from quillgpt.model import GPT
 from quillgpt.sampling import SamplingParams
 from tests.conftest import tiny_config
 
@@ -188,20 +190,20 @@ def test_decoding_on_the_cpu_takes_the_kernel_and_keeps_every_token(op, char_tok
     params = [SamplingParams(max_new_tokens=40, temperature=0), SamplingParams(max_new_tokens=40, seed=3)]
     # 40 new tokens overflow the 24-token window: rows re-encode and decode at different positions
     with_kernel = [[c.tokens for c in generate(model, char_tokenizer, PROMPTS, p)] for p in params]
-    monkeypatch.setattr("quillgpt.model.decode_attention_op", lambda: None)
+    monkeypatch.setattr("quillgpt.kvcache.decode_attention_op", lambda: None)
     without = [[c.tokens for c in generate(model, char_tokenizer, PROMPTS, p)] for p in params]
     assert with_kernel == without and len(set(with_kernel[1][0])) > 5
 
 
 @needs_kernel
 @pytest.mark.parametrize("weights", ["int8", "bfloat16"])
-def test_rounded_weights_decode_from_a_bfloat16_cache(op, char_tokenizer, weights):
+def test_rounded_weights_decode_from_a_bfloat16_cache(op, char_tokenizer, weights, monkeypatch):
     """Keys and values leave int8 and bfloat16 linears rounded to bfloat16, so the cache holds them
     in bfloat16 (half the bytes a step reads); the logits stay those of a float32 cache."""
     model = prepare_for_inference(noisy_model(char_tokenizer.vocab_size, pos_emb="rope"), weights)
-    assert model.cache_dtype == torch.bfloat16
+    assert kv_cache_dtype(model) == torch.bfloat16
     assert Decoder(model, max_batch=2).cache.k.dtype == torch.bfloat16
-    assert prepare_for_inference(noisy_model(), "float32").cache_dtype is None  # exact stays exact
+    assert kv_cache_dtype(prepare_for_inference(noisy_model(), "float32")) == torch.float32  # exact stays exact
     idx = torch.randint(0, char_tokenizer.vocab_size, (2, 20))
     logits = {}
     with torch.inference_mode():
@@ -215,7 +217,7 @@ def test_rounded_weights_decode_from_a_bfloat16_cache(op, char_tokenizer, weight
     # rows at different positions write the cache one by one (continuous batching, the server)
     greedy = SamplingParams(max_new_tokens=40, temperature=0)
     tokens = [c.tokens for c in generate(model, char_tokenizer, PROMPTS, greedy)]
-    model.cache_dtype = None
+    monkeypatch.setattr("quillgpt.generate.kv_cache_dtype", lambda model: torch.float32)  # the weights' dtype
     assert tokens == [c.tokens for c in generate(model, char_tokenizer, PROMPTS, greedy)]
 
 
@@ -229,11 +231,11 @@ def test_without_a_compiler_decoding_falls_back_and_says_why(monkeypatch, caplog
     monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/" + name)
     monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: True)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    with caplog.at_level(logging.WARNING, logger="quillgpt.kernels"):
+    with caplog.at_level(logging.WARNING, logger="quillgpt.infer.kernels"):
         assert kernels._build() is None
     assert "could not build" in caplog.text and "Error building extension 'quill_kernels'" in caplog.text
     monkeypatch.setattr(shutil, "which", lambda name: None)
-    with caplog.at_level(logging.INFO, logger="quillgpt.kernels"):
+    with caplog.at_level(logging.INFO, logger="quillgpt.infer.kernels"):
         assert kernels._build() is None
     assert "no C++ compiler or ninja" in caplog.text
     monkeypatch.setenv("QUILL_KERNELS", "0")
@@ -254,7 +256,7 @@ def test_builds_take_turns_and_clear_a_lock_a_killed_build_left(tmp_path, caplog
                 fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
         seen.append((tmp_path / "lock").exists())
 
-    with caplog.at_level(logging.WARNING, logger="quillgpt.kernels"):
+    with caplog.at_level(logging.WARNING, logger="quillgpt.infer.kernels"):
         kernels.locked_load(tmp_path, load)
     assert seen == [False] and "did not finish" in caplog.text
     with open(tmp_path / "quill.flock") as after:  # released once the load is done
@@ -262,7 +264,7 @@ def test_builds_take_turns_and_clear_a_lock_a_killed_build_left(tmp_path, caplog
 
 
 def test_decoding_without_the_kernel_still_matches_the_full_forward(char_tokenizer, monkeypatch):
-    monkeypatch.setattr("quillgpt.model.decode_attention_op", lambda: None)
+    monkeypatch.setattr("quillgpt.kvcache.decode_attention_op", lambda: None)
     model = noisy_model(char_tokenizer.vocab_size)
     params = SamplingParams(max_new_tokens=30, temperature=0)
     cached = generate(model, char_tokenizer, PROMPTS, params)
