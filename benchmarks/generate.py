@@ -28,7 +28,6 @@ Prints human-readable lines, then one JSON line.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import time
 from pathlib import Path
@@ -68,8 +67,9 @@ def rss_mb() -> float:
 
 
 def held_weight_mb(model: GPT) -> float:
-    """Bytes of weights the model holds for decoding: parameters, plus packed copies and int8 weights."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    """Bytes of weights the model holds for decoding: parameters (not the shape-only placeholders of
+    weights a prepared model let go), plus packed copies and int8 weights."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters() if not p.is_meta)
     for m in model.modules():
         if isinstance(m, PackedLinear):
             total += m.packed.numel() * m.packed.element_size()
@@ -166,17 +166,20 @@ def main() -> None:
     kernel = decode_attention_op() is not None
     attention = "compiled kernel (quillgpt/infer/kernels)" if kernel else "PyTorch SDPA (no kernel here)"
     print(f"decode attention: {attention}; QUILL_KERNELS=0 compares against PyTorch's")
+    del base  # each variant builds its own (the same weights): a float32 copy kept beside it would count in RSS
     report = {}
     for variant in args.variants.split(","):
         if variant == "onnx":
             bound = bandwidth / (read * 4)
-            report[variant] = r = {**onnx_rates(base, tokenizer, args.new_tokens), "batch1_bound_tokens_per_s": bound}
+            model, _ = base_model(args)
+            report[variant] = r = {**onnx_rates(model, tokenizer, args.new_tokens), "batch1_bound_tokens_per_s": bound}
+            del model
             print(f"[onnx] prefill (200-token prompt):       {r['prefill_tokens_per_s']:9,.0f} tokens/s")
             b1, b16 = r["decode_b1_cache_tokens_per_s"], r["decode_b16_cache_tokens_per_s"]
             print(f"[onnx] decode batch  1, with cache:     {b1:9,.0f} tokens/s  = {b1 / bound:.0%} of its bound")
             print(f"[onnx] decode batch 16, with cache:     {b16:9,.0f} tokens/s (aggregate)")
             continue
-        model = copy.deepcopy(base)
+        model, _ = base_model(args)
         if WEIGHTS[variant] is not None:
             prepare_for_inference(model, WEIGHTS[variant])
         bound = bandwidth / (read * BYTES_PER_WEIGHT[variant])

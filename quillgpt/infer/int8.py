@@ -59,12 +59,12 @@ class Int8Linear(PackedLinear):
     made only on those CPUs (docs/results.md has the speeds).
     """
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, keep_weight: bool = False):
         native = native_bfloat16()
         qweight, scale = quantize_rows(linear.weight)
         scale = scale.to(torch.bfloat16)
         rounded = qweight.float() * scale.float()[:, None]
-        super().__init__(linear, torch.bfloat16 if native else None, values=rounded)
+        super().__init__(linear, torch.bfloat16 if native else None, values=rounded, keep_weight=keep_weight)
         self.qweight, self.scale = qweight, scale
         self.float16_copy = None  # FBGEMM's packed float16 copy, where it helps (the class docstring)
         if not native and fbgemm_half() and rounded.abs().max() < torch.finfo(torch.float16).max:

@@ -1,4 +1,5 @@
-"""`PackedLinear`: a linear layer whose weight oneDNN has laid out ahead of time for its CPU kernels."""
+"""`PackedLinear`: a linear layer whose weight oneDNN has laid out ahead of time for its CPU kernels,
+holding only what decoding reads."""
 
 from __future__ import annotations
 
@@ -10,14 +11,29 @@ POST_OPS["relu2"] = POST_OPS["relu"]  # then squared
 """Activations oneDNN's linear can apply as it writes its output: (attr, algorithm) of `_linear_pointwise`."""
 
 
+class PreparedModelError(RuntimeError):
+    """A model prepared for decoding was asked for what it no longer holds: its original weights."""
+
+
+def _refuse(what: str) -> PreparedModelError:
+    return PreparedModelError(
+        f"cannot {what} a model prepared for decoding: it holds only what decoding reads, not its original "
+        "weights (load the model with weights='float32' for that)"
+    )
+
+
 class PackedLinear(nn.Module):
     """An inference-only `nn.Linear` whose weight oneDNN has laid out for its own CPU kernels.
 
     Decoding reads every weight once per token, so a decode step is a chain of matmuls with 1 to 16
     rows. PyTorch's default CPU path for those (MKL sgemm on a row-major weight) streams the weights
     well below the memory's speed; oneDNN's matmul on a weight reordered once ahead of time is
-    faster (docs/results.md). `weight` stays, so the module still counts, saves and inspects like a
-    Linear; `forward` reads only the packed copy.
+    faster (docs/results.md).
+
+    `forward` reads only the packed copy, so the float32 weight is not kept: `weight` is a
+    placeholder of its shape on the meta device (the model still counts its parameters), unless
+    another module holds the same tensor (an embedding tied to the output layer). A module that
+    cannot give its weights back refuses to save, load, convert or train (`PreparedModelError`).
 
     `activation` (one of `POST_OPS`, set by `prepare_for_inference` in place of the MLP's own
     activation module) is applied by oneDNN as it writes each product: `forward` then returns the
@@ -30,14 +46,17 @@ class PackedLinear(nn.Module):
         dtype: torch.dtype | None = None,
         batch_hint: int = 16,
         values: torch.Tensor | None = None,
+        keep_weight: bool = False,
     ):
-        """`values`: the weight to pack instead of the linear's own (e.g. its int8 rounding)."""
+        """`values`: the weight to pack instead of the linear's own (e.g. its int8 rounding).
+        `keep_weight`: keep the linear's weight (another module uses it) rather than its shape only."""
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight, self.bias = linear.weight, linear.bias  # the same parameters: tied weights stay tied
+        self.bias = linear.bias
+        self.weight = linear.weight if keep_weight else nn.Parameter(linear.weight.to("meta"), requires_grad=False)
         self.dtype = dtype or linear.weight.dtype
         self.activation = "none"
-        values = self.weight.detach() if values is None else values
+        values = linear.weight.detach() if values is None else values
         self.packed = torch.ops.mkldnn._reorder_linear_weight(values.to(self.dtype), batch_hint)
         self.packed_bias = None if self.bias is None else self.bias.detach().to(self.dtype)
 
@@ -53,6 +72,20 @@ class PackedLinear(nn.Module):
         attr, algorithm = POST_OPS[activation]
         y = torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.packed, self.packed_bias, attr, [], algorithm)
         return y.square() if activation == "relu2" else y
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        raise _refuse("save or export")
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        raise _refuse("load weights into")
+
+    def _apply(self, fn, recurse=True):
+        raise _refuse("convert or move")
+
+    def train(self, mode: bool = True):
+        if mode:
+            raise _refuse("train")
+        return super().train(False)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.dtype}, " + (

@@ -28,6 +28,10 @@ def prepare_for_inference(model: GPT, weights: str = "float32") -> GPT:
       shipped models is in docs/results.md.
     Where the MLP's activation is one oneDNN applies as it writes (`POST_OPS`), its first linear
     applies it and the activation module becomes `nn.Identity`.
+
+    The prepared model holds what decoding reads and no more: the linears' float32 weights go
+    (unless an embedding shares one), so it counts its parameters but refuses to save, export,
+    convert or train (`PreparedModelError`); load the model again for those.
     """
     if weights not in INFERENCE_WEIGHTS:
         raise ValueError(f"unknown inference weights {weights!r} (choose from {', '.join(INFERENCE_WEIGHTS)})")
@@ -48,7 +52,9 @@ def prepare_for_inference(model: GPT, weights: str = "float32") -> GPT:
         return _fuse_activations(_replace_linears(model, Int8Linear))
     if cpu and onednn:
         dtype = torch.bfloat16 if weights == "bfloat16" else None
-        return _fuse_activations(_replace_linears(model, lambda linear: PackedLinear(linear, dtype)))
+        return _fuse_activations(
+            _replace_linears(model, lambda linear, keep: PackedLinear(linear, dtype, keep_weight=keep))
+        )
     return model
 
 
@@ -73,10 +79,14 @@ def kv_cache_dtype(model: nn.Module) -> torch.dtype:
 
 
 def _replace_linears(model: GPT, make) -> GPT:
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if type(child) is nn.Linear:
-                setattr(module, name, make(child))
+    """Replace each `nn.Linear` by `make(linear, keep_weight)`, one at a time, so that each float32
+    weight is freed as soon as its replacement exists (the peak is one layer over the prepared model)."""
+    shared = {id(p) for m in model.modules() if type(m) is not nn.Linear for p in m.parameters(recurse=False)}
+    places = [(m, name) for m in model.modules() for name, child in m.named_children() if type(child) is nn.Linear]
+    for module, name in places:
+        linear = getattr(module, name)
+        setattr(module, name, make(linear, id(linear.weight) in shared))
+        del linear
     return model
 
 

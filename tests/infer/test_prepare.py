@@ -3,10 +3,13 @@ import copy
 import pytest
 import torch
 
+from quillgpt.checkpoint import load_model, save_model
+from quillgpt.evaluate import evaluate_ids
 from quillgpt.infer import int8 as int8_module
 from quillgpt.infer.int8 import Int8Linear
-from quillgpt.infer.packed import PackedLinear
+from quillgpt.infer.packed import PackedLinear, PreparedModelError
 from quillgpt.infer.prepare import prepare_for_inference
+from quillgpt.interop.export_onnx import export_onnx
 from quillgpt.model import GPT
 from tests.conftest import tiny_config
 from tests.test_model import MODERN, VARIANTS
@@ -39,12 +42,12 @@ def test_int8_inference_weights_keep_the_model_and_stay_close(monkeypatch, varia
     model = GPT(tiny_config(**{**VARIANTS[variant], "tie_embeddings": True})).eval()
     for p in model.parameters():
         p.data.normal_(0, 0.3)
-    keys, n = list(model.state_dict()), model.num_params()
+    n = model.num_params()
     idx = torch.randint(0, model.config.vocab_size, (2, 12))
     reference, _ = model(idx)
     int8 = prepare_for_inference(copy.deepcopy(model), "int8")
     assert not any(type(m) is torch.nn.Linear for m in int8.modules())
-    assert list(int8.state_dict()) == keys and int8.num_params() == n  # counts and saves like the model
+    assert int8.num_params() == n  # counts like the model (saving is refused: see below)
     assert int8.lm_head.weight is int8.transformer.wte.weight  # still tied
     auto = prepare_for_inference(copy.deepcopy(model), "auto")  # what the CLI, server and playground use
     assert any(isinstance(m, Int8Linear) for m in auto.modules())
@@ -71,3 +74,38 @@ def test_inference_weights_decode_with_the_cache_like_the_plain_model(char_token
 def test_unknown_inference_weights_are_refused():
     with pytest.raises(ValueError, match="float32, bfloat16"):
         prepare_for_inference(GPT(tiny_config()), "float16")
+
+
+@pytest.mark.parametrize("weights", ["int8", "bfloat16", "float32"])
+def test_prepared_models_hold_what_decoding_reads_and_refuse_what_needs_the_rest(tiny_model_dir, tmp_path, weights):
+    """No linear keeps its float32 weight beside the copies decoding reads (a tied one stays: the
+    embedding reads it); the model still counts and scores, and refuses saving, exporting, moving
+    and training with one clear error instead of writing or training placeholders."""
+    plain = load_model(tiny_model_dir)
+    prepared = load_model(tiny_model_dir)
+    model = prepare_for_inference(prepared.model, weights)
+    linears = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    assert linears and not any(type(m) is torch.nn.Linear for m in model.modules())
+    wte = model.transformer.wte.weight
+    assert all(m.weight.device.type == "meta" or m.weight is wte for m in linears)
+    assert model.lm_head.weight is wte  # tied: kept, as the embedding reads it
+    assert model.num_params() == plain.model.num_params()
+    ids = torch.randint(0, model.config.vocab_size, (200,)).numpy()
+    (nll, count), (plain_nll, plain_count) = evaluate_ids(model, ids), evaluate_ids(plain.model, ids)
+    assert count == plain_count and abs(nll - plain_nll) < 0.01 * plain_nll
+    refusal = "prepared for decoding.*weights='float32'"
+    with pytest.raises(PreparedModelError, match=refusal):
+        save_model(tmp_path / "saved", model, prepared.tokenizer)
+    assert not (tmp_path / "saved" / "model.safetensors").exists()
+    with pytest.raises(PreparedModelError, match=refusal):
+        model.state_dict()
+    with pytest.raises(PreparedModelError, match=refusal):
+        model.load_state_dict(plain.model.state_dict())
+    with pytest.raises(PreparedModelError, match=refusal):
+        model.float()
+    with pytest.raises(PreparedModelError, match=refusal):
+        model.train()
+    model.eval()  # still allowed
+    pytest.importorskip("onnx")
+    with pytest.raises(PreparedModelError, match=refusal):
+        export_onnx(prepared, tmp_path / "m.onnx")
