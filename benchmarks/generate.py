@@ -28,7 +28,6 @@ Prints human-readable lines, then one JSON line.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import time
 from pathlib import Path
@@ -39,8 +38,12 @@ from machine import cpu_info, describe, memory_read_bandwidth
 from quillgpt.checkpoint import load_model
 from quillgpt.config import GPTConfig, load_train_config
 from quillgpt.generate import generate
+from quillgpt.infer.int8 import Int8Linear
+from quillgpt.infer.packed import PackedLinear
+from quillgpt.infer.prepare import cpu_auto_weights, kv_cache_dtype, prepare_for_inference
 from quillgpt.kernels import decode_attention_op
-from quillgpt.model import GPT, Int8Linear, KVCache, PackedLinear, cpu_auto_weights, prepare_for_inference
+from quillgpt.kvcache import KVCache
+from quillgpt.model import GPT
 from quillgpt.sampling import SamplingParams
 from quillgpt.tokenizer import CharTokenizer
 
@@ -64,8 +67,9 @@ def rss_mb() -> float:
 
 
 def held_weight_mb(model: GPT) -> float:
-    """Bytes of weights the model holds for decoding: parameters, plus packed copies and int8 weights."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    """Bytes of weights the model holds for decoding: parameters (not the shape-only placeholders of
+    weights a prepared model let go), plus packed copies and int8 weights."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters() if not p.is_meta)
     for m in model.modules():
         if isinstance(m, PackedLinear):
             total += m.packed.numel() * m.packed.element_size()
@@ -86,7 +90,7 @@ def weights_read_per_token(model: GPT) -> int:
 @torch.inference_mode()
 def prefill_tokens_per_s(model: GPT, length: int, repeats: int = 5) -> float:
     idx = torch.randint(0, model.config.vocab_size, (1, length))
-    cache = KVCache.allocate(model.config, 1, dtype=KVCache.dtype_for(model))  # as the decoder holds it
+    cache = KVCache.allocate(model.config, 1, dtype=kv_cache_dtype(model))  # as the decoder holds it
     model(idx, cache=cache, last_only=True)  # warm-up
     return length * repeats / sum(timed(lambda: model(idx, cache=cache, last_only=True)) for _ in range(repeats))
 
@@ -162,17 +166,20 @@ def main() -> None:
     kernel = decode_attention_op() is not None
     attention = "compiled kernel (quillgpt/kernels)" if kernel else "PyTorch SDPA (no kernel here)"
     print(f"decode attention: {attention}; QUILL_KERNELS=0 compares against PyTorch's")
+    del base  # each variant builds its own (the same weights): a float32 copy kept beside it would count in RSS
     report = {}
     for variant in args.variants.split(","):
         if variant == "onnx":
             bound = bandwidth / (read * 4)
-            report[variant] = r = {**onnx_rates(base, tokenizer, args.new_tokens), "batch1_bound_tokens_per_s": bound}
+            model, _ = base_model(args)
+            report[variant] = r = {**onnx_rates(model, tokenizer, args.new_tokens), "batch1_bound_tokens_per_s": bound}
+            del model
             print(f"[onnx] prefill (200-token prompt):       {r['prefill_tokens_per_s']:9,.0f} tokens/s")
             b1, b16 = r["decode_b1_cache_tokens_per_s"], r["decode_b16_cache_tokens_per_s"]
             print(f"[onnx] decode batch  1, with cache:     {b1:9,.0f} tokens/s  = {b1 / bound:.0%} of its bound")
             print(f"[onnx] decode batch 16, with cache:     {b16:9,.0f} tokens/s (aggregate)")
             continue
-        model = copy.deepcopy(base)
+        model, _ = base_model(args)
         if WEIGHTS[variant] is not None:
             prepare_for_inference(model, WEIGHTS[variant])
         bound = bandwidth / (read * BYTES_PER_WEIGHT[variant])

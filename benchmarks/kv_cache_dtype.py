@@ -22,7 +22,8 @@ from machine import cpu_info, describe
 
 from quillgpt.checkpoint import load_model
 from quillgpt.data import split_dataset
-from quillgpt.model import KVCache, prepare_for_inference
+from quillgpt.infer.prepare import kv_cache_dtype, prepare_for_inference
+from quillgpt.kvcache import KVCache
 
 
 @torch.inference_mode()
@@ -67,7 +68,7 @@ def main() -> None:
     difference = losses["torch.bfloat16"] - losses["torch.float32"]
     print(
         f"bfloat16 cache - float32 cache: {difference:+.5f} nats/token (what `prepare_for_inference` uses here: "
-        f"{KVCache.dtype_for(model)})"
+        f"{kv_cache_dtype(model)})"
     )
     print(
         json.dumps(

@@ -27,7 +27,9 @@ from safetensors.torch import save_model as st_save_model
 
 from quillgpt.config import ConfigError, GPTConfig, load_train_config
 from quillgpt.fileio import atomic_write, write_json
-from quillgpt.model import GPT, INFERENCE_WEIGHTS, prepare_for_inference, quantize_rows
+from quillgpt.infer.int8 import quantize_rows
+from quillgpt.infer.prepare import INFERENCE_WEIGHTS, prepare_for_inference
+from quillgpt.model import GPT
 from quillgpt.original import find_files, load_if_original
 from quillgpt.tokenizer import BPE_FILE, BPETokenizer, CharTokenizer, TokenizerError, tokenizer_from_spec
 from quillgpt.weights import CheckpointError

@@ -24,7 +24,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from quillgpt.model import GPT, KVCache
+from quillgpt.infer.prepare import kv_cache_dtype
+from quillgpt.kvcache import KVCache
+from quillgpt.model import GPT
 from quillgpt.sampling import SamplingParams, sample_next_tokens
 
 KEEP_FRACTION = 0.75
@@ -144,7 +146,7 @@ class Decoder:
         self.max_batch = max_batch
         self.use_cache = use_cache
         self.device = next(model.parameters()).device
-        dtype = KVCache.dtype_for(model)
+        dtype = kv_cache_dtype(model)
         self.cache = KVCache.allocate(self.config, max_batch, self.device, dtype) if use_cache else None
         self.active: list[SequenceState] = []
         self.window = ContextWindow.for_block(self.config.block_size)

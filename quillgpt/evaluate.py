@@ -38,8 +38,9 @@ import torch.nn.functional as F
 
 from quillgpt.config import TrainConfig
 from quillgpt.data import DataError, TokenSplits, get_batch, load_files, sequential_windows, split_dataset
+from quillgpt.infer.packed import PackedLinear
 from quillgpt.layout import reflow
-from quillgpt.model import GPT, PackedLinear
+from quillgpt.model import GPT
 from quillgpt.tokenizer import CharTokenizer
 
 SPLITS = ("val", "train", "all")

@@ -8,8 +8,10 @@ import torch.nn.functional as F
 from quillgpt.checkpoint import load_model
 from quillgpt.data import split_dataset, split_text
 from quillgpt.evaluate import ADAPT_DECAY, evaluate, evaluate_ids, score_text
+from quillgpt.infer.packed import PackedLinear
+from quillgpt.infer.prepare import prepare_for_inference
 from quillgpt.layout import reflow
-from quillgpt.model import GPT, PackedLinear, prepare_for_inference
+from quillgpt.model import GPT
 from quillgpt.tokenizer import CharTokenizer, TokenizerError
 from tests.conftest import REPO, SAMPLE_TEXT, tiny_config
 

@@ -13,7 +13,9 @@ import torch
 from quillgpt import kernels
 from quillgpt.decoder import Decoder
 from quillgpt.generate import generate
-from quillgpt.model import GPT, KVCache, prepare_for_inference
+from quillgpt.infer.prepare import kv_cache_dtype, prepare_for_inference
+from quillgpt.kvcache import KVCache
+from quillgpt.model import GPT
 from quillgpt.sampling import SamplingParams
 from tests.conftest import tiny_config
 
@@ -189,20 +191,20 @@ def test_decoding_on_the_cpu_takes_the_kernel_and_keeps_every_token(op, char_tok
     params = [SamplingParams(max_new_tokens=40, temperature=0), SamplingParams(max_new_tokens=40, seed=3)]
     # 40 new tokens overflow the 24-token window: rows re-encode and decode at different positions
     with_kernel = [[c.tokens for c in generate(model, char_tokenizer, PROMPTS, p)] for p in params]
-    monkeypatch.setattr("quillgpt.model.decode_attention_op", lambda: None)
+    monkeypatch.setattr("quillgpt.kvcache.decode_attention_op", lambda: None)
     without = [[c.tokens for c in generate(model, char_tokenizer, PROMPTS, p)] for p in params]
     assert with_kernel == without and len(set(with_kernel[1][0])) > 5
 
 
 @needs_kernel
 @pytest.mark.parametrize("weights", ["int8", "bfloat16"])
-def test_rounded_weights_decode_from_a_bfloat16_cache(op, char_tokenizer, weights):
+def test_rounded_weights_decode_from_a_bfloat16_cache(op, char_tokenizer, weights, monkeypatch):
     """Keys and values leave int8 and bfloat16 linears rounded to bfloat16, so the cache holds them
     in bfloat16 (half the bytes a step reads); the logits stay those of a float32 cache."""
     model = prepare_for_inference(noisy_model(char_tokenizer.vocab_size, pos_emb="rope"), weights)
-    assert model.cache_dtype == torch.bfloat16
+    assert kv_cache_dtype(model) == torch.bfloat16
     assert Decoder(model, max_batch=2).cache.k.dtype == torch.bfloat16
-    assert prepare_for_inference(noisy_model(), "float32").cache_dtype is None  # exact stays exact
+    assert kv_cache_dtype(prepare_for_inference(noisy_model(), "float32")) == torch.float32  # exact stays exact
     idx = torch.randint(0, char_tokenizer.vocab_size, (2, 20))
     logits = {}
     with torch.inference_mode():
@@ -216,7 +218,7 @@ def test_rounded_weights_decode_from_a_bfloat16_cache(op, char_tokenizer, weight
     # rows at different positions write the cache one by one (continuous batching, the server)
     greedy = SamplingParams(max_new_tokens=40, temperature=0)
     tokens = [c.tokens for c in generate(model, char_tokenizer, PROMPTS, greedy)]
-    model.cache_dtype = None
+    monkeypatch.setattr("quillgpt.decoder.kv_cache_dtype", lambda model: torch.float32)  # the weights' dtype
     assert tokens == [c.tokens for c in generate(model, char_tokenizer, PROMPTS, greedy)]
 
 
@@ -263,7 +265,7 @@ def test_builds_take_turns_and_clear_a_lock_a_killed_build_left(tmp_path, caplog
 
 
 def test_decoding_without_the_kernel_still_matches_the_full_forward(char_tokenizer, monkeypatch):
-    monkeypatch.setattr("quillgpt.model.decode_attention_op", lambda: None)
+    monkeypatch.setattr("quillgpt.kvcache.decode_attention_op", lambda: None)
     model = noisy_model(char_tokenizer.vocab_size)
     params = SamplingParams(max_new_tokens=30, temperature=0)
     cached = generate(model, char_tokenizer, PROMPTS, params)

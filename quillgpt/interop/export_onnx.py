@@ -6,7 +6,8 @@ The graph takes `input_ids` (B, T) and the keys and values of the P tokens befor
 `present_keys`/`present_values` with P + T positions. A prefill passes P = 0. The new tokens sit at
 positions P..P+T-1, so every row of a batch has the same length. ONNX has no in-place buffers, so
 instead of our preallocated `KVCache` the graph concatenates; the model's own forward runs with
-`ConcatCache` in the cache's place, so the exported computation is the one we test.
+`ConcatCache` (a `quillgpt.kvcache.Cache`) in the cache's place, so the exported computation is the
+one we test.
 """
 
 from __future__ import annotations
@@ -24,16 +25,18 @@ import torch.nn as nn
 
 from quillgpt.checkpoint import CheckpointError, LoadedModel
 from quillgpt.config import GPTConfig
-from quillgpt.model import GPT, pytorch_attention
+from quillgpt.kvcache import Cache, CacheStep, pytorch_attention
+from quillgpt.model import GPT
 
 INPUTS = ("input_ids", "past_keys", "past_values")
 OUTPUTS = ("logits", "present_keys", "present_values")
 METADATA_KEY = "quillgpt_config"
 
 
-class ConcatCache:
-    """Stands in for `KVCache.prepare` and the `CacheStep` it returns (its `attend`): past keys and
-    values in, all of them out; PyTorch's attention (the graph has no place for the CPU kernel)."""
+class ConcatCache(Cache, CacheStep):
+    """The cache the exported graph decodes with, and its own step (`quillgpt.kvcache`'s protocol):
+    past keys and values in, all of them out; PyTorch's attention (the graph has no place for the
+    CPU kernel)."""
 
     def __init__(self, past_keys: torch.Tensor, past_values: torch.Tensor):
         self.past_keys, self.past_values = past_keys, past_values

@@ -2,13 +2,14 @@
 
 - `decode_attention` (decode_attention.cpp): attention of one new query per row over that row's
   KV cache, the step every decoded token takes in every layer. It streams the cache, float32 or
-  bfloat16, once per step with AVX2 multiply-adds; PyTorch's CPU attention takes 1.5-2.1x as long
-  at these shapes (docs/results.md). Results agree with `F.scaled_dot_product_attention` to float32 rounding.
+  bfloat16, once per step with AVX2 multiply-adds, faster than PyTorch's CPU attention at these
+  shapes (docs/results.md). Results agree with `F.scaled_dot_product_attention` to float32 rounding.
 - `int8_linear` (int8_linear.cpp): a linear layer with int8 weights and a scale per output row for
-  the 1-4 rows of a decode step (`Int8Linear`), float32 in and out: about half the time of PyTorch's
-  weight-only int8 kernel with the bfloat16 conversions and bias around it, at 1 row.
+  the 1-4 rows of a decode step (`Int8Linear`), float32 in and out, the scale and bias applied in
+  the same pass: faster than PyTorch's weight-only int8 kernel with the bfloat16 conversions and
+  bias around it (docs/results.md).
 
-The first use builds them (about 10 s) into torch's extensions directory (`TORCH_EXTENSIONS_DIR`,
+The first use builds them (seconds) into torch's extensions directory (`TORCH_EXTENSIONS_DIR`,
 by default ~/.cache/torch_extensions), where later runs find them; a changed source or flag
 rebuilds. Where they cannot be built (no C++ compiler or `ninja`, a CPU without AVX2, an
 unwritable cache) or `QUILL_KERNELS=0` is set, `decode_attention_op()` and `int8_linear_op()` are
@@ -124,7 +125,7 @@ def locked_load(build_dir: Path, load: Callable[[], None]) -> None:
         load()
         return
     with open(build_dir / "quill.flock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)  # waits while another process builds (about 10 s)
+        fcntl.flock(handle, fcntl.LOCK_EX)  # waits while another process builds
         stale = build_dir / "lock"
         if stale.exists():
             log.warning("removing %s, left by a kernel build that did not finish", stale)

@@ -16,7 +16,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from quillgpt.checkpoint import OLD_WEIGHTS_FLAG, served_models
-from quillgpt.model import INFERENCE_WEIGHTS
+from quillgpt.infer.prepare import INFERENCE_WEIGHTS
 
 
 class ServeSettings(BaseSettings):
