@@ -5,6 +5,11 @@ lengths, enums). A few limits are settings (`max_tokens_cap`, `max_choices`, `ma
 they are written into the schema here, where FastAPI builds it, so /docs and /openapi.json state
 every bound the routes enforce, and clients (and the fuzz test) can trust them. Limits across fields
 (prompts x n, a chat's rendered length) and the model's own vocabulary stay checks with a 4xx.
+
+The API key is a setting too: with no key, the schema declares no security at all (FastAPI would
+declare the bearer header on every protected route, though the server never asks for it) and no
+401; with a key, the routes that check it declare the bearer scheme and their 401 answer, and
+/health and /ready declare neither.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from quillgpt.serve.settings import ServeSettings
 
 MAX_TOKENS_FIELDS = ("max_tokens", "max_completion_tokens", "max_length")
 TEXT_FIELDS = ("prompt", "text")
+_ERROR_BODY = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
 
 
 def install_openapi(app: FastAPI, settings: ServeSettings) -> None:
@@ -27,6 +33,7 @@ def install_openapi(app: FastAPI, settings: ServeSettings) -> None:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
             _state_limits(schema, settings)
+            _state_auth(schema, settings)
             app.openapi_schema = schema
         return app.openapi_schema
 
@@ -41,6 +48,22 @@ def _state_limits(schema: dict[str, Any], settings: ServeSettings) -> None:
         for operation in path.values():
             for parameter in operation.get("parameters", []):
                 _limit(parameter["name"], parameter["schema"], settings)
+
+
+def _state_auth(schema: dict[str, Any], settings: ServeSettings) -> None:
+    operations = [op for path in schema.get("paths", {}).values() for op in path.values()]
+    if settings.api_key is None:
+        schema.get("components", {}).pop("securitySchemes", None)
+        for operation in operations:
+            operation.pop("security", None)
+            operation.get("responses", {}).pop("401", None)  # nothing answers 401 without a key
+        return
+    for operation in operations:
+        if operation.get("security"):
+            operation.setdefault("responses", {}).setdefault(
+                "401",
+                {"description": "Missing or wrong API key (`Authorization: Bearer <key>`).", "content": _ERROR_BODY},
+            )
 
 
 def _limit(name: str, prop: dict[str, Any], settings: ServeSettings) -> None:

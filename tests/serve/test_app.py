@@ -126,6 +126,31 @@ def test_probes_need_no_api_key(make_client):
     assert client.get("/metrics", headers={"Authorization": "Bearer s3cret"}).status_code == 200
 
 
+def test_the_schema_declares_the_key_only_where_the_server_asks_for_it(make_client):
+    """No key: no security scheme and no 401 anywhere. A key: the bearer scheme and a 401 on every
+    route (PROTECTED and the rest) but /health and /ready."""
+    schema = make_client().get("/openapi.json").json()
+    assert "securitySchemes" not in schema["components"]
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            assert "security" not in operation and "401" not in operation["responses"], (method, path)
+
+    schema = make_client(api_key="s3cret").get("/openapi.json").json()
+    schemes = schema["components"]["securitySchemes"]
+    assert [s | {"description": ""} for s in schemes.values()] == [
+        {"type": "http", "scheme": "bearer", "description": ""}
+    ]
+    secured = {
+        (method, path)
+        for path, operations in schema["paths"].items()
+        for method, operation in operations.items()
+        if operation.get("security") == [{name: []} for name in schemes] and "401" in operation["responses"]
+    }
+    everything = {(method, path) for path, operations in schema["paths"].items() for method in operations}
+    assert everything - secured == {("get", "/health"), ("get", "/ready")}
+    assert {(method, path.split("?")[0]) for method, path, _ in PROTECTED} <= secured
+
+
 def test_a_wrong_key_reveals_nothing(make_client):
     """Missing, wrong, a prefix of the key, the key plus more, another scheme: the same answer."""
     client = make_client(api_key="s3cret")
