@@ -6,12 +6,46 @@ and an exponential moving average (EMA) of the weights.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from quillgpt.config import TrainConfig
 from quillgpt.model import GPT
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def optimizer_step(
+    forward: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+    model: torch.nn.Module,
+    optimizers: list[torch.optim.Optimizer],
+    cfg: TrainConfig,
+    next_batch: Callable[[], Batch],
+    autocast: AbstractContextManager,
+    hold_sync: Callable[[], AbstractContextManager] | None = None,
+) -> float:
+    """One optimizer step, as training takes it: `grad_accum` micro-batches from `next_batch` through
+    `forward` (the model, compiled or wrapped), each loss backpropagated at 1/grad_accum under
+    `autocast`; `model`'s gradients clipped to `grad_clip`; every optimizer stepped and zeroed.
+    `hold_sync` gives the context every micro-batch but the last runs in (DDP's `no_sync`, so gradients
+    are all-reduced once). Returns this process's mean micro-batch loss."""
+    loss_sum = 0.0
+    for micro in range(cfg.grad_accum):
+        x, y = next_batch()
+        last = micro == cfg.grad_accum - 1
+        with nullcontext() if last or hold_sync is None else hold_sync(), autocast:
+            _, loss = forward(x, y)
+            (loss / cfg.grad_accum).backward()
+        loss_sum += loss.item()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    for opt in optimizers:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return loss_sum / cfg.grad_accum
 
 
 def build_optimizers(model: GPT, cfg: TrainConfig) -> list[torch.optim.Optimizer]:

@@ -28,7 +28,7 @@ from quillgpt.data import cache_dir
 from quillgpt.device import autocast_context, resolve_device
 from quillgpt.fileio import write_json
 from quillgpt.model import GPT
-from quillgpt.optim import build_optimizers
+from quillgpt.optim import build_optimizers, optimizer_step
 
 CACHE_FILE = "throughput.json"
 MEASURE_SECONDS = 1.0
@@ -108,17 +108,8 @@ def measure(cfg: TrainConfig, seconds: float = MEASURE_SECONDS) -> Rate:
         data = torch.randint(cfg.model.vocab_size, (B, T + 1), device=device)
         x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
 
-        def step() -> float:
-            for _ in range(cfg.grad_accum):
-                with autocast:
-                    _, loss = model(x, y)
-                    (loss / cfg.grad_accum).backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            for opt in optimizers:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            return loss.item()  # the run reads the loss every step: the same synchronisation
+        def step() -> float:  # the run reads the loss every step: the same synchronisation
+            return optimizer_step(model, model, optimizers, cfg, lambda: (x, y), autocast)
 
         model.train()
         step()  # warm-up: allocations, the optimizers' state

@@ -19,7 +19,6 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ from quillgpt.distributed import Processes, init_distributed
 from quillgpt.evaluate import estimate_loss, evaluate
 from quillgpt.fileio import recover_dir
 from quillgpt.layout import mix_layouts
-from quillgpt.optim import lr_factor
+from quillgpt.optim import lr_factor, optimizer_step
 from quillgpt.rundir import (
     LAST_DIR,
     PLOT_FILE,
@@ -235,23 +234,13 @@ class _Stepper:
     def __call__(self) -> float:
         """Returns the mean loss over all processes. Under DDP, gradients are all-reduced only on the
         last micro-batch (`no_sync` before it)."""
-        cfg, ddp = self.cfg, self.ddp
-        loss_sum = 0.0
-        for micro in range(cfg.grad_accum):
-            x, y = self.next_batch()
-            sync = micro == cfg.grad_accum - 1 or not ddp.joined
-            with nullcontext() if sync else self.forward.no_sync(), self.autocast:
-                _, loss = self.forward(x, y)
-                (loss / cfg.grad_accum).backward()
-            loss_sum += loss.item()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.run.model.parameters(), cfg.grad_clip)
-        for opt in self.run.optimizers:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        loss_value = loss_sum / cfg.grad_accum
+        ddp = self.ddp
+        hold_sync = self.forward.no_sync if ddp.joined else None
+        loss_value = optimizer_step(
+            self.forward, self.run.model, self.run.optimizers, self.cfg, self.next_batch, self.autocast, hold_sync
+        )
         if ddp.joined:
-            t = torch.tensor(loss_value, device=x.device)
+            t = torch.tensor(loss_value, device=self.device)
             dist.all_reduce(t)
             loss_value = t.item() / ddp.world
         return loss_value
