@@ -17,7 +17,7 @@ from quillgpt.checkpoint import LoadedModel, default_prompt, load_model, save_mo
 from quillgpt.generate import generate
 from quillgpt.playground import launch, page
 from quillgpt.playground.api import ApiBackend
-from quillgpt.playground.backend import TOP_ALTERNATIVES, BackendError, TokenView, provenance_facts
+from quillgpt.playground.backend import TOP_ALTERNATIVES, BackendError, TokenView, default_first, provenance_facts
 from quillgpt.playground.local import LocalBackend
 from quillgpt.playground.page import Result
 from quillgpt.playground.settings import PlaygroundSettings, parse_stop_strings, read_settings
@@ -230,7 +230,7 @@ def test_api_backend_streams_text_and_logprobs():
     assert card.parameters == 10_000_000 and card.default_prompt == "ROMEO:"
     assert card.facts == {
         "Training data": "tinyshakespeare",
-        "Val loss": "1.4700",
+        "Val loss": "1.4700 nats/token",
         "Tokenizer": "char, 65 tokens",
         "Context": "256 tokens",
     }
@@ -363,5 +363,31 @@ def test_launcher_does_not_import_streamlit():
 
 def test_card_prefers_the_whole_split_val_loss():
     facts = provenance_facts({"val_loss": 1.4918, "val_loss_full_split": 1.4667})
-    assert facts["Val loss"] == "1.4667 (whole split)"
-    assert provenance_facts({"val_loss": 1.4918})["Val loss"] == "1.4918"
+    assert facts["Val loss"] == "1.4667 nats/token (whole split)"
+    assert provenance_facts({"val_loss": 1.4918})["Val loss"] == "1.4918 nats/token"
+    assert "Val bits per byte" not in facts
+
+
+def test_bpe_card_shows_bits_per_byte_beside_nats_per_token():
+    """Bits per byte compares models across tokenizers; the bundled BPE model, Harpoon, records it."""
+    harpoon = REPO / "models" / "harpoon"
+    if not harpoon.is_dir():
+        pytest.skip("the bundled BPE model (models/harpoon) is not in this checkout")
+    config = checkpoint.read_model_config(harpoon)
+    assert config["tokenizer"]["type"] == "bpe"
+    prov = config["provenance"]
+    facts = provenance_facts(prov)
+    assert facts["Val loss"] == f"{prov['val_loss_full_split']:.4f} nats/token (whole split)"
+    assert facts["Val bits per byte"] == f"{prov['val_bits_per_byte']:.4f}"
+
+
+def test_bundled_models_open_on_shakespeare_char(monkeypatch, tmp_path):
+    """Bundled models sort by name (harpoon first); the page's list starts with the default one."""
+    for name in ("harpoon", "shakespeare-char", "shakespeare-speedrun"):
+        (tmp_path / "models" / name).mkdir(parents=True)
+        (tmp_path / "models" / name / "config.json").write_text("{}")
+    monkeypatch.setattr(checkpoint, "REPO_MODELS_DIR", tmp_path / "models")
+    assert list(checkpoint.bundled_models())[0] == "harpoon"
+    assert LocalBackend().models() == ["shakespeare-char", "shakespeare-speedrun", "harpoon"]
+    assert LocalBackend(["my-model"]).models()[:2] == ["my-model", "shakespeare-char"]  # named models first
+    assert default_first(["harpoon", "x", "shakespeare-char"]) == ["shakespeare-char", "harpoon", "x"]

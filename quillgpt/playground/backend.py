@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from quillgpt.checkpoint import DEFAULT_MODELS
 from quillgpt.sampling import SamplingParams
 
 TOP_ALTERNATIVES = 5  # alternatives shown per token (OpenAI's completions API allows at most 5)
@@ -62,6 +63,13 @@ class Backend(Protocol):
     def stream(self, name: str, prompt: str, params: SamplingParams) -> Iterator[Chunk]: ...
 
 
+def default_first(names: list[str]) -> list[str]:
+    """`names` with the default models (`shakespeare-char` first) ahead of the rest, the rest in order:
+    the page opens on the model the README names, however it is launched."""
+    defaults = [n for n in DEFAULT_MODELS if n in names]
+    return [*defaults, *(n for n in names if n not in defaults)]
+
+
 def provenance_facts(prov: dict[str, Any]) -> dict[str, str]:
     facts: dict[str, str] = {}
     data, sha = prov.get("dataset") or prov.get("data"), prov.get("data_sha256")
@@ -69,10 +77,12 @@ def provenance_facts(prov: dict[str, Any]) -> dict[str, str]:
         data, sha = data.get("name") or data.get("dataset") or data.get("path"), sha or data.get("sha256")
     if data:
         facts["Training data"] = f"{data}" + (f" (sha256 {str(sha)[:12]}…)" if sha else "")
-    if isinstance(prov.get("val_loss_full_split"), int | float):  # every character of the split
-        facts["Val loss"] = f"{prov['val_loss_full_split']:.4f} (whole split)"
+    if isinstance(prov.get("val_loss_full_split"), int | float):  # every token of the split
+        facts["Val loss"] = f"{prov['val_loss_full_split']:.4f} nats/token (whole split)"
     elif isinstance(prov.get("val_loss"), int | float):  # the training loop's estimate
-        facts["Val loss"] = f"{prov['val_loss']:.4f}"
+        facts["Val loss"] = f"{prov['val_loss']:.4f} nats/token"
+    if isinstance(prov.get("val_bits_per_byte"), int | float):  # the figure that compares across tokenizers
+        facts["Val bits per byte"] = f"{prov['val_bits_per_byte']:.4f}"
     if isinstance(prov.get("steps"), int):
         facts["Training steps"] = f"{prov['steps']:,}"
     if isinstance(prov.get("tokens"), int | float):

@@ -13,6 +13,7 @@ from quillgpt.playground.backend import (
     Chunk,
     ModelCard,
     TokenView,
+    default_first,
     provenance_facts,
 )
 from quillgpt.sampling import SamplingParams
@@ -38,7 +39,7 @@ class LocalBackend:
         self.label = "Models run in this process"
 
     def models(self) -> list[str]:
-        return list(dict.fromkeys([*self.extra, *bundled_models(), *self.trained]))
+        return list(dict.fromkeys([*self.extra, *default_first(list(bundled_models())), *self.trained]))
 
     def load(self, name: str) -> LoadedModel:
         try:

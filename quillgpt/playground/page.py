@@ -215,6 +215,7 @@ def model_picker(backend: Backend, names: list[str], side: str, compare: bool) -
         return None
     facts = [f"{card.parameters:,} parameters"] if card.parameters else []
     facts += [f"val loss {card.facts['Val loss']}"] if "Val loss" in card.facts else []
+    facts += [f"{card.facts['Val bits per byte']} bits/byte"] if "Val bits per byte" in card.facts else []
     facts += [f"trained on {card.facts['Training data']}"] if "Training data" in card.facts else []
     st.caption(" · ".join(facts) or card.source)
     return card
