@@ -1,10 +1,9 @@
 """The text layer: text in, text out, over the id-level `quillgpt.decoder.Decoder`.
 
 - `TextRequest`: one generation's text side — prompt encoding, detokenizing without splitting UTF-8
-  characters (`TextStreamer`), stopping on stop strings (`StopStrings`). The server's engine uses it too.
+  characters (`TextStreamer`), stopping on stop strings (`StopStrings`). The server's engine and the
+  playground's token stream (`quillgpt.playground.local.token_chunks`) use it too.
 - `generate`, `stream`: complete prompts (batched), or stream one as it is generated.
-- `stream_with_probs`: `stream` with each token's own text, its probability and the alternatives
-  the model weighed (the playground colours text with them).
 
 The settings, `SamplingParams`, are in `quillgpt.sampling`; the context-overflow policy (what a
 prompt longer than the context keeps) is the decoder's.
@@ -12,10 +11,8 @@ prompt longer than the context keeps) is the decoder's.
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from quillgpt.decoder import Decoder, SequenceState, TokenLogprob
 from quillgpt.model import GPT
@@ -159,66 +156,3 @@ def stream(model: GPT, tokenizer: TextTokenizer, prompt: str, params: SamplingPa
         pieces.clear()
     if tail := req.finish():
         yield tail
-
-
-@dataclass
-class TokenText:
-    """A generated token as text, with the model's own probability for it (before temperature and filters)."""
-
-    text: str
-    """The token's text. A token ending inside a UTF-8 character shows no text: it joins the next one."""
-    prob: float
-    """The token's probability; for tokens joined into one text, the product of theirs."""
-    top: list[tuple[str, float]] = field(default_factory=list)
-    """The most likely tokens at its position, (text, probability), most likely first."""
-
-
-@dataclass
-class TextPiece:
-    """What one decode step of `stream_with_probs` produced."""
-
-    text: str
-    """New text that may be shown: never a broken UTF-8 character, never part of a stop string."""
-    tokens: list[TokenText]
-    """The tokens behind it, each with its own text (a stop string's tokens too: they are generated)."""
-    finish_reason: str | None = None
-    """Set on the last piece only: "stop" or "length"."""
-    prompt_truncated: bool = False
-
-
-def stream_with_probs(
-    model: GPT, tokenizer: TextTokenizer, prompt: str, params: SamplingParams | None = None, *, alternatives: int = 5
-) -> Iterator[TextPiece]:
-    """`stream`, with each token's probability and its `alternatives` most likely rivals.
-
-    A prompt the tokenizer cannot encode raises here, before the first piece is asked for.
-    """
-    params = dataclasses.replace(params or SamplingParams(), logprobs=alternatives)
-    return _pieces(model, TextRequest(tokenizer, prompt, params))
-
-
-def _pieces(model: GPT, req: TextRequest) -> Iterator[TextPiece]:
-    tokenizer = req.tokenizer
-    own = TextStreamer(tokenizer)  # each token's own text, whatever the stop strings hold back
-    held = 1.0  # the probability of tokens waiting for the rest of their UTF-8 character
-    piece = TextPiece("", [])
-
-    def on_token(seq: SequenceState, token: int) -> None:
-        nonlocal held
-        piece.text += req.push(token)
-        lp = seq.logprobs[-1]
-        held *= math.exp(lp.logprob)
-        if text := own.push(token):
-            top = [(tokenizer.decode([i]), math.exp(v)) for i, v in lp.top]
-            piece.tokens.append(TokenText(text, held, top))
-            held = 1.0
-
-    decoder = Decoder(model, max_batch=1)
-    decoder.add(req.seq)
-    while decoder.active:
-        decoder.step(on_token)
-        yield piece
-        piece = TextPiece("", [])
-    tail, rest = req.finish(), own.flush()
-    seq = req.seq
-    yield TextPiece(tail, [TokenText(rest, held)] if rest else [], seq.finish_reason or "length", seq.prompt_truncated)

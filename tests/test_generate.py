@@ -1,9 +1,7 @@
-import math
-
 import pytest
 import torch
 
-from quillgpt.generate import StopStrings, generate, stream, stream_with_probs
+from quillgpt.generate import StopStrings, generate, stream
 from quillgpt.model import GPT
 from quillgpt.sampling import SamplingError, SamplingParams, sample_next_token, sample_next_tokens
 from quillgpt.tokenizer import BPETokenizer
@@ -146,34 +144,3 @@ def test_sampler_never_returns_a_token_the_filters_removed():
     for _ in range(200):
         tokens = sample_next_tokens(logits, params, [g] * 4).tolist()
         assert tokens[0] in (1, 2) and tokens[1] == 1 and tokens[2] in (1, 2, 3) and tokens[3] == 1
-
-
-def test_stream_with_probs_is_generate_with_each_tokens_probability(char_tokenizer):
-    model = noisy_model(char_tokenizer)
-    unstopped = generate(model, char_tokenizer, "All:", SamplingParams(max_new_tokens=40, temperature=0.9, seed=3))
-    stop = unstopped[0].text[20]  # a character this seed generates, so the stop string is met
-    params = SamplingParams(max_new_tokens=40, temperature=0.9, seed=3, stop=(stop,))
-    (c,) = generate(model, char_tokenizer, "All:", SamplingParams(**{**vars(params), "logprobs": 3}))
-    pieces = list(stream_with_probs(model, char_tokenizer, "All:", params, alternatives=3))
-    assert "".join(p.text for p in pieces) == c.text and c.finish_reason == "stop"
-    assert [p.finish_reason for p in pieces] == [None] * (len(pieces) - 1) + ["stop"]
-    tokens = [t for p in pieces for t in p.tokens]  # every generated token, the stop string's included
-    assert [t.text for t in tokens] == [char_tokenizer.decode([i]) for i in c.tokens]
-    assert [t.prob for t in tokens] == pytest.approx([math.exp(lp.logprob) for lp in c.logprobs])
-    for t, lp in zip(tokens, c.logprobs):
-        assert [a for a, _ in t.top] == [char_tokenizer.decode([i]) for i, _ in lp.top]
-        assert [p for _, p in t.top] == pytest.approx([math.exp(v) for _, v in lp.top])
-    with pytest.raises(ValueError, match="not in the model's vocabulary"):
-        stream_with_probs(model, char_tokenizer, "Zebra", params)  # at once, not at the first piece
-
-
-def test_stream_with_probs_joins_the_tokens_of_one_character():
-    tok = BPETokenizer.train(["ascii only words here"], vocab_size=260)
-    torch.manual_seed(0)
-    model = GPT(tiny_config(vocab_size=tok.vocab_size, block_size=64)).eval()
-    params = SamplingParams(max_new_tokens=40, seed=1)
-    (c,) = generate(model, tok, "é", SamplingParams(max_new_tokens=40, seed=1, logprobs=0))
-    tokens = [t for p in stream_with_probs(model, tok, "é", params, alternatives=0) for t in p.tokens]
-    assert "".join(t.text for t in tokens) == c.text
-    assert len(tokens) < len(c.tokens)  # some tokens were parts of one UTF-8 character
-    assert math.prod(t.prob for t in tokens) == pytest.approx(math.exp(sum(lp.logprob for lp in c.logprobs)))

@@ -3,28 +3,43 @@
 from __future__ import annotations
 
 import json
+import math
+import os
+import re
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import httpx
 import pytest
+import torch
 from streamlit.testing.v1 import AppTest
 
 import quillgpt.checkpoint as checkpoint
 from quillgpt.checkpoint import LoadedModel, load_model, save_model
 from quillgpt.data import default_prompt
 from quillgpt.generate import generate
+from quillgpt.model import GPT
 from quillgpt.playground import launch, page
 from quillgpt.playground.api import ApiBackend
-from quillgpt.playground.backend import TOP_ALTERNATIVES, BackendError, TokenView, provenance_facts
-from quillgpt.playground.local import LocalBackend
+from quillgpt.playground.backend import (
+    TOP_ALTERNATIVES,
+    BackendError,
+    BackgroundStream,
+    Chunk,
+    TokenView,
+    default_first,
+    provenance_facts,
+)
+from quillgpt.playground.local import LocalBackend, decode_threads, token_chunks
 from quillgpt.playground.page import Result
 from quillgpt.playground.settings import PlaygroundSettings, parse_stop_strings, read_settings
-from quillgpt.playground.view import render_tokens
+from quillgpt.playground.view import LiveView, render_tokens
 from quillgpt.sampling import SamplingParams
-from tests.conftest import REPO
+from quillgpt.tokenizer import BPETokenizer
+from tests.conftest import REPO, tiny_config
 
 APP = Path(__file__).resolve().parent.parent / "app.py"
 
@@ -54,6 +69,15 @@ def errors(at: AppTest) -> list[str]:
 
 def generated(at: AppTest, side: str = "a") -> Result:
     return at.session_state[f"result_{side}"]
+
+
+def noisy_model(tokenizer) -> GPT:
+    """Random weights large enough that sampling does not collapse to one repeated token."""
+    torch.manual_seed(1)
+    model = GPT(tiny_config(vocab_size=tokenizer.vocab_size, block_size=24, tie_embeddings=False)).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return model
 
 
 # --- the page ---------------------------------------------------------------------------------------
@@ -231,7 +255,7 @@ def test_api_backend_streams_text_and_logprobs():
     assert card.parameters == 10_000_000 and card.default_prompt == "ROMEO:"
     assert card.facts == {
         "Training data": "tinyshakespeare",
-        "Val loss": "1.4700",
+        "Val loss": "1.4700 nats/token",
         "Tokenizer": "char, 65 tokens",
         "Context": "256 tokens",
     }
@@ -364,5 +388,125 @@ def test_launcher_does_not_import_streamlit():
 
 def test_card_prefers_the_whole_split_val_loss():
     facts = provenance_facts({"val_loss": 1.4918, "val_loss_full_split": 1.4667})
-    assert facts["Val loss"] == "1.4667 (whole split)"
-    assert provenance_facts({"val_loss": 1.4918})["Val loss"] == "1.4918"
+    assert facts["Val loss"] == "1.4667 nats/token (whole split)"
+    assert provenance_facts({"val_loss": 1.4918})["Val loss"] == "1.4918 nats/token"
+    assert "Val bits per byte" not in facts
+
+
+def test_bpe_card_shows_bits_per_byte_beside_nats_per_token():
+    """Bits per byte compares models across tokenizers; the bundled BPE model, Harpoon, records it."""
+    harpoon = REPO / "models" / "harpoon"
+    if not harpoon.is_dir():
+        pytest.skip("the bundled BPE model (models/harpoon) is not in this checkout")
+    config = checkpoint.read_model_config(harpoon)
+    assert config["tokenizer"]["type"] == "bpe"
+    prov = config["provenance"]
+    facts = provenance_facts(prov)
+    assert facts["Val loss"] == f"{prov['val_loss_full_split']:.4f} nats/token (whole split)"
+    assert facts["Val bits per byte"] == f"{prov['val_bits_per_byte']:.4f}"
+
+
+def test_bundled_models_open_on_shakespeare_char(monkeypatch, tmp_path):
+    """Bundled models sort by name (harpoon first); the page's list starts with the default one."""
+    for name in ("harpoon", "shakespeare-char", "shakespeare-speedrun"):
+        (tmp_path / "models" / name).mkdir(parents=True)
+        (tmp_path / "models" / name / "config.json").write_text("{}")
+    monkeypatch.setattr(checkpoint, "REPO_MODELS_DIR", tmp_path / "models")
+    assert list(checkpoint.bundled_models())[0] == "harpoon"
+    assert LocalBackend().models() == ["shakespeare-char", "shakespeare-speedrun", "harpoon"]
+    assert LocalBackend(["my-model"]).models()[:2] == ["my-model", "shakespeare-char"]  # named models first
+    assert default_first(["harpoon", "x", "shakespeare-char"]) == ["shakespeare-char", "harpoon", "x"]
+
+
+# --- the local backend's token stream ---------------------------------------------------------
+
+
+def test_token_chunks_are_generate_with_each_tokens_probability(char_tokenizer):
+    model = noisy_model(char_tokenizer)
+    unstopped = generate(model, char_tokenizer, "All:", SamplingParams(max_new_tokens=40, temperature=0.9, seed=3))
+    stop = unstopped[0].text[20]  # a character this seed generates, so the stop string is met
+    params = SamplingParams(max_new_tokens=40, temperature=0.9, seed=3, stop=(stop,))
+    (c,) = generate(model, char_tokenizer, "All:", SamplingParams(**{**vars(params), "logprobs": 3}))
+    chunks = list(token_chunks(model, char_tokenizer, "All:", params, alternatives=3))
+    assert "".join(p.text for p in chunks) == c.text and c.finish_reason == "stop"
+    assert [p.finish_reason for p in chunks] == [None] * (len(chunks) - 1) + ["stop"]
+    tokens = [t for p in chunks for t in p.tokens]  # every generated token, the stop string's included
+    assert [t.text for t in tokens] == [char_tokenizer.decode([i]) for i in c.tokens]
+    assert [t.prob for t in tokens] == pytest.approx([math.exp(lp.logprob) for lp in c.logprobs])
+    for t, lp in zip(tokens, c.logprobs):
+        assert [a for a, _ in t.top] == [char_tokenizer.decode([i]) for i, _ in lp.top]
+        assert [p for _, p in t.top] == pytest.approx([math.exp(v) for _, v in lp.top])
+    with pytest.raises(ValueError, match="not in the model's vocabulary"):
+        token_chunks(model, char_tokenizer, "Zebra", params)  # at once, not at the first piece
+
+
+def test_token_chunks_join_the_tokens_of_one_character():
+    tok = BPETokenizer.train(["ascii only words here"], vocab_size=260)
+    torch.manual_seed(0)
+    model = GPT(tiny_config(vocab_size=tok.vocab_size, block_size=64)).eval()
+    params = SamplingParams(max_new_tokens=40, seed=1)
+    (c,) = generate(model, tok, "é", SamplingParams(max_new_tokens=40, seed=1, logprobs=0))
+    tokens = [t for p in token_chunks(model, tok, "é", params, alternatives=0) for t in p.tokens]
+    assert "".join(t.text for t in tokens) == c.text
+    assert len(tokens) < len(c.tokens)  # some tokens were parts of one UTF-8 character
+    assert math.prod(t.prob for t in tokens) == pytest.approx(math.exp(sum(lp.logprob for lp in c.logprobs)))
+
+
+def test_local_stream_decodes_with_a_core_left_and_restores_the_threads(tiny_model_dir):
+    """Beside a browser the model decodes with fewer threads than cores; the caller's count comes back."""
+    before = torch.get_num_threads()
+    out = list(LocalBackend().stream(str(tiny_model_dir), "First", SamplingParams(max_new_tokens=5, seed=1)))
+    assert sum(len(c.tokens) for c in out) == 5 and out[-1].finish_reason == "length"
+    assert torch.get_num_threads() == before
+    assert 1 <= decode_threads() <= before
+    assert decode_threads() < len(os.sched_getaffinity(0)) or len(os.sched_getaffinity(0)) == 1
+    stream = LocalBackend.run(iter([Chunk("a")]))
+    assert next(stream).text == "a" and torch.get_num_threads() == decode_threads()
+    stream.close()
+    assert torch.get_num_threads() == before
+
+
+def test_background_stream_hands_over_chunks_then_the_error():
+    def chunks():
+        yield Chunk("a", [TokenView("a", 0.5)])
+        yield Chunk("b")
+        raise BackendError("the API went away")
+
+    stream = BackgroundStream(chunks())
+    got = []
+    with pytest.raises(BackendError, match="went away"):
+        while not stream.done:
+            stream.wake.wait(1)
+            stream.wake.clear()
+            got += stream.take()
+    assert [c.text for c in got] == ["a", "b"]
+
+
+def test_background_stream_closes_a_long_stream_in_its_own_thread():
+    closed_in = []
+
+    def chunks():
+        try:
+            while True:
+                yield Chunk("x")
+        finally:
+            closed_in.append(threading.current_thread().name)
+
+    stream = BackgroundStream(chunks())
+    stream.wake.wait(1)
+    stream.close()
+    assert closed_in == ["quill-stream"] and stream.take() and not stream._thread.is_alive()
+
+
+def test_live_view_sends_each_token_once_and_holds_back_unshown_text():
+    tokens = [TokenView("Hi", 0.9), TokenView(" <", 0.2), TokenView("b>", 0.5)]
+    view = LiveView()
+    first = view.update("Hi", tokens[:2])  # " <" is generated but held back (a stop string may start)
+    assert first.count('class="quill-tok"') == 1 and "Hi" in first
+    assert view.update("Hi", tokens[:2]) == ""
+    rest = view.update("Hi <b>", tokens)
+    assert rest.count('class="quill-tok"') == 2 and "&lt;" in rest and "data-tip" not in rest
+    whole = render_tokens("", "Hi <b>", tokens)
+    assert re.sub(r' tabindex="0" data-i="\d+" data-tip="[^"]*"', "", whole) == (
+        '<div class="quill-output"><span class="quill-prompt"></span>' + first + rest + "</div>"
+    )

@@ -1,7 +1,7 @@
 """The playground: a Streamlit page to pick a model, sample from it and see how sure it was.
 
 - backend.py   what the page shows (`TokenView`, `Chunk`, `ModelCard`) and the `Backend` protocol
-- local.py     `LocalBackend`: models in this process, through `quillgpt.generate.stream_with_probs`
+- local.py     `LocalBackend`: models in this process, through `token_chunks` (tokens with their probabilities)
 - api.py       `ApiBackend`: models on a running `quill serve`, over its OpenAI-compatible SSE API
 - settings.py  the page's settings (arguments after `--`, or the environment), stop strings, seeds
 - view.py      the probability view: tokens coloured by probability, as HTML and CSS

@@ -16,6 +16,7 @@ from quillgpt.playground.backend import (
     Chunk,
     ModelCard,
     TokenView,
+    default_first,
     provenance_facts,
 )
 from quillgpt.sampling import SamplingParams
@@ -45,7 +46,7 @@ class ApiBackend:
             self.entries = {m["id"]: m for m in data}
         except (ValueError, KeyError, TypeError):
             raise BackendError(f"{self.url}/v1/models did not answer like an OpenAI-compatible API") from None
-        return list(self.entries)
+        return default_first(list(self.entries))
 
     def card(self, name: str) -> ModelCard:
         if name not in self.entries:

@@ -6,11 +6,13 @@ process; `ApiBackend` (quillgpt/playground/api.py) asks a running `quill serve`.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from quillgpt.checkpoint import DEFAULT_MODELS
 from quillgpt.sampling import SamplingParams
 
 TOP_ALTERNATIVES = 5  # alternatives shown per token (OpenAI's completions API allows at most 5)
@@ -62,6 +64,71 @@ class Backend(Protocol):
     def stream(self, name: str, prompt: str, params: SamplingParams) -> Iterator[Chunk]: ...
 
 
+class BackgroundStream:
+    """A backend's stream, read in a thread of its own while the page draws what has arrived.
+
+    Streamlit's script thread sends each update to the browser; reading the stream in that thread
+    would make the model wait for every update. Here the model decodes without pausing, and the page
+    takes whatever has come in since its last update (`take`), as often as it draws. An error in the
+    stream comes out of `take`, after the chunks before it. `close` stops it after the current step.
+    """
+
+    def __init__(self, chunks: Iterator[Chunk], wake: threading.Event | None = None):
+        """`wake` is set whenever a chunk arrives or the stream ends (one event can serve many streams)."""
+        self._chunks = chunks
+        self._lock = threading.Lock()
+        self._ready: list[Chunk] = []
+        self._error: BaseException | None = None
+        self._stop = threading.Event()
+        self.wake = wake or threading.Event()
+        self.done = False
+        """True once every chunk has been taken (and any error raised)."""
+        self._ended = False
+        self._thread = threading.Thread(target=self._read, name="quill-stream", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            for chunk in self._chunks:
+                with self._lock:
+                    self._ready.append(chunk)
+                self.wake.set()
+                if self._stop.is_set():
+                    break
+        except BaseException as e:  # handed to the page's thread, which shows it
+            self._error = e
+        finally:
+            close = getattr(self._chunks, "close", None)
+            if close is not None:
+                close()  # here, in the thread that runs it: its clean-up (torch threads) happens here too
+            with self._lock:
+                self._ended = True
+            self.wake.set()
+
+    def take(self) -> list[Chunk]:
+        """The chunks that arrived since the last call (maybe none); raises the stream's error after them."""
+        with self._lock:
+            ready, self._ready = self._ready, []
+            ended = self._ended
+        if ended and not ready:
+            self.done = True
+            if self._error is not None:
+                error, self._error = self._error, None
+                raise error
+        return ready
+
+    def close(self, timeout: float | None = 5.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+
+def default_first(names: list[str]) -> list[str]:
+    """`names` with the default models (`shakespeare-char` first) ahead of the rest, the rest in order:
+    the page opens on the model the README names, however it is launched."""
+    defaults = [n for n in DEFAULT_MODELS if n in names]
+    return [*defaults, *(n for n in names if n not in defaults)]
+
+
 def provenance_facts(prov: dict[str, Any]) -> dict[str, str]:
     facts: dict[str, str] = {}
     data, sha = prov.get("dataset") or prov.get("data"), prov.get("data_sha256")
@@ -69,10 +136,12 @@ def provenance_facts(prov: dict[str, Any]) -> dict[str, str]:
         data, sha = data.get("name") or data.get("dataset") or data.get("path"), sha or data.get("sha256")
     if data:
         facts["Training data"] = f"{data}" + (f" (sha256 {str(sha)[:12]}…)" if sha else "")
-    if isinstance(prov.get("val_loss_full_split"), int | float):  # every character of the split
-        facts["Val loss"] = f"{prov['val_loss_full_split']:.4f} (whole split)"
+    if isinstance(prov.get("val_loss_full_split"), int | float):  # every token of the split
+        facts["Val loss"] = f"{prov['val_loss_full_split']:.4f} nats/token (whole split)"
     elif isinstance(prov.get("val_loss"), int | float):  # the training loop's estimate
-        facts["Val loss"] = f"{prov['val_loss']:.4f}"
+        facts["Val loss"] = f"{prov['val_loss']:.4f} nats/token"
+    if isinstance(prov.get("val_bits_per_byte"), int | float):  # the figure that compares across tokenizers
+        facts["Val bits per byte"] = f"{prov['val_bits_per_byte']:.4f}"
     if isinstance(prov.get("steps"), int):
         facts["Training steps"] = f"{prov['steps']:,}"
     if isinstance(prov.get("tokens"), int | float):

@@ -11,8 +11,11 @@ that, from $QUILL_PLAYGROUND_MODELS (os.pathsep-separated) and $QUILL_API_URL.
 
 from __future__ import annotations
 
+import json
 import logging
+import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,22 +31,54 @@ from quillgpt.checkpoint import (
 )
 from quillgpt.device import resolve_device
 from quillgpt.playground.api import ApiBackend
-from quillgpt.playground.backend import Backend, BackendError, Chunk, ModelCard, TokenView
-from quillgpt.playground.local import LocalBackend
+from quillgpt.playground.backend import Backend, BackendError, BackgroundStream, Chunk, ModelCard, TokenView
+from quillgpt.playground.local import LocalBackend, warm_up
 from quillgpt.playground.settings import PlaygroundSettings, parse_seed, parse_stop_strings, read_settings
 from quillgpt.playground.train_page import train_page
 from quillgpt.playground.training import runs_dir, trained_models
-from quillgpt.playground.view import CSS, LEGEND, render_tokens
+from quillgpt.playground.view import CSS, CURSOR, LEGEND, LiveView, prompt_html, render_tokens
 from quillgpt.sampling import LIMITS, SamplingError, SamplingParams, sampling_params
 
 log = logging.getLogger(__name__)
 
 # Module-level strings would be drawn on the page by Streamlit's "magic" when this file is the
 # script being run, so the constants here are explained in comments.
-# How often the page redraws while text streams in; tokens arriving in between wait for the next
-# redraw. Each redraw costs the browser tens of milliseconds of CPU whatever its size, on the same
-# CPU as the model (docs/playground.md, "Speed"): every 0.1 s, that slowed generation by a third.
-REDRAW_SECONDS = 0.25
+# How often the page sends new text while it streams in; tokens arriving in between go out
+# together. Each update costs Streamlit's server and the browser a few milliseconds of the CPU the
+# model runs on, whatever its size, so they are coalesced by time rather than sent per token.
+REDRAW_SECONDS = 0.1
+
+# The click on Generate, timed by the browser: the status line's rate runs from it to the frame
+# that shows the finished text, which is what the user waits for (the server sees the click late).
+CLICK_JS = """<script>
+if (!window.quillClickTimer) {
+  window.quillClickTimer = true;
+  document.addEventListener("click", (e) => {
+    if (e.target.closest && e.target.closest(".st-key-generate")) window.quillClickAt = e.timeStamp;
+  }, true);
+}
+</script>"""
+
+# Beside a result's status line: its rate from the click to the frame showing it, kept per result.
+RATE_JS = r"""<script>
+(() => {
+  const id = %s, n = %d, me = document.currentScript;
+  const rates = (window.quillRates = window.quillRates || {});
+  const show = () => {
+    const box = me.closest('[data-testid="stElementContainer"]');
+    const line = box && box.previousElementSibling && box.previousElementSibling.querySelector("p");
+    if (line && rates[id]) line.textContent = line.textContent.replace(/[0-9]+ tokens\/s$/,
+      Math.round(rates[id]) + " tokens/s");
+  };
+  if (rates[id]) return show();
+  if (window.quillClickAt === undefined) return;
+  const clicked = window.quillClickAt;
+  requestAnimationFrame(() => setTimeout(() => {
+    rates[id] = n / ((performance.now() - clicked) / 1000);
+    show();
+  }, 0));
+})();
+</script>"""
 
 NO_MODELS = """**No model to run yet.** The bundled Shakespeare model (`models/shakespeare-char`) is not in
 this checkout, and no model directory was given.
@@ -53,9 +88,11 @@ written by training — in the sidebar, or start it with `quill playground --mod
 (`streamlit run app.py -- --model path/to/model`)."""
 
 
-@st.cache_resource(show_spinner="Loading model…", max_entries=8)
+@st.cache_resource(show_spinner="Loading and preparing the model…", max_entries=8)
 def _load_cached(path: str, stamp: float) -> LoadedModel:
-    return load_model(path, device=resolve_device("auto"), weights="auto")
+    loaded = load_model(path, device=resolve_device("auto"), weights="auto")
+    warm_up(loaded)  # when the model is selected, not inside the first Generate
+    return loaded
 
 
 def cached_load(name: str) -> LoadedModel:
@@ -85,7 +122,9 @@ class Result:
     error: str | None = None
     note: str | None = None
     started: float = field(default_factory=time.monotonic)
+    """When the click's rerun began (the server's earliest sight of it)."""
     elapsed: float = 0.0
+    key: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def add(self, chunk: Chunk) -> None:
         self.text += chunk.text
@@ -103,6 +142,7 @@ def make_backend(settings: PlaygroundSettings) -> Backend:
 
 
 def main() -> None:
+    st.session_state.run_started = time.monotonic()
     st.set_page_config(page_title="QuillGPT playground", page_icon="🪶", layout="wide")
     st.html(CSS)
     try:
@@ -117,6 +157,7 @@ def main() -> None:
 def page(settings: PlaygroundSettings) -> None:
     """Generate, or (with models run in this process) Train: a mode chosen in the sidebar."""
     with st.sidebar:
+        st.html(CLICK_JS, unsafe_allow_javascript=True)
         st.title("QuillGPT playground")
         modes = ["Generate"] if settings.api_url else ["Generate", "Train"]
         mode = st.radio("Mode", modes, key="mode", horizontal=True, label_visibility="collapsed")
@@ -186,7 +227,8 @@ def generate_page(settings: PlaygroundSettings) -> None:
                 started = True
                 for side in sides:
                     model, prompt = st.session_state[f"model_{side}"], st.session_state.prompt
-                    st.session_state[f"result_{side}"] = Result(model, prompt, describe(params[side]))
+                    res = Result(model, prompt, describe(params[side]), started=st.session_state.run_started)
+                    st.session_state[f"result_{side}"] = res
 
     outputs = {}
     for side, col in zip(sides, output_cols):
@@ -215,6 +257,7 @@ def model_picker(backend: Backend, names: list[str], side: str, compare: bool) -
         return None
     facts = [f"{card.parameters:,} parameters"] if card.parameters else []
     facts += [f"val loss {card.facts['Val loss']}"] if "Val loss" in card.facts else []
+    facts += [f"{card.facts['Val bits per byte']} bits/byte"] if "Val bits per byte" in card.facts else []
     facts += [f"trained on {card.facts['Training data']}"] if "Training data" in card.facts else []
     st.caption(" · ".join(facts) or card.source)
     return card
@@ -331,27 +374,49 @@ def describe(p: SamplingParams) -> str:
 
 
 def run_generation(backend: Backend, params: dict, results: dict[str, Result], outputs: dict) -> None:
-    """Stream every side at once, a token from each in turn, redrawing the page as text arrives."""
-    streams = {s: backend.stream(res.model, res.prompt, params[s]) for s, res in results.items()}
-    last = 0.0
-    while streams:
-        for side in list(streams):
-            res = results[side]
+    """Stream every side at once, each read in its own thread, sending the new tokens as they arrive.
+
+    The page takes what has arrived at most every REDRAW_SECONDS and appends only those tokens to the
+    view (`LiveView`), so neither the model nor the browser waits on the other."""
+    wake = threading.Event()
+    streams: dict[str, BackgroundStream] = {}
+    views, live = {}, {}
+    try:
+        for side, res in results.items():
             try:
-                res.add(next(streams[side]))
-            except StopIteration:
-                res.status = "done"
+                streams[side] = BackgroundStream(backend.stream(res.model, res.prompt, params[side]), wake)
             except BackendError as e:
                 res.status, res.error = "error", str(e)
-            except Exception as e:  # one side failing must not take the other down
-                log.exception("generation failed")
-                res.status, res.error = "error", f"Generation failed: {type(e).__name__}: {e}"
-            if res.status != "running":
-                del streams[side]
-        if time.monotonic() - last > REDRAW_SECONDS and streams:
-            for side, res in results.items():  # the element itself, not a new container: cheaper to swap
-                outputs[side].html(render_tokens(res.prompt, res.text, res.tokens, live=res.status == "running"))
-            last = time.monotonic()
+                continue
+            live[side] = outputs[side].container(key=f"quill_live_{side}")
+            live[side].html(prompt_html(res.prompt) + CURSOR)
+            views[side] = LiveView()
+        drawn = 0.0
+        while streams:
+            wake.wait(timeout=REDRAW_SECONDS)
+            wake.clear()
+            for side in list(streams):
+                res = results[side]
+                try:
+                    for chunk in streams[side].take():
+                        res.add(chunk)
+                    if streams[side].done:
+                        res.status = "done"
+                except BackendError as e:
+                    res.status, res.error = "error", str(e)
+                except Exception as e:  # one side failing must not take the other down
+                    log.exception("generation failed")
+                    res.status, res.error = "error", f"Generation failed: {type(e).__name__}: {e}"
+                if res.status != "running":
+                    del streams[side]
+            if streams and time.monotonic() - drawn >= REDRAW_SECONDS:
+                for side in streams:
+                    if new := views[side].update(results[side].text, results[side].tokens):
+                        live[side].html(new + CURSOR)
+                drawn = time.monotonic()
+    finally:  # Stop, or another widget, interrupts the script here: the threads stop too
+        for stream in streams.values():
+            stream.close()
 
 
 def show_result(res: Result | None, side: str, compare: bool) -> None:
@@ -374,6 +439,8 @@ def show_result(res: Result | None, side: str, compare: bool) -> None:
     reason = {"stop": " (stop string or end of text)", "length": " (max new tokens)"}.get(res.finish_reason or "", "")
     rate = len(res.tokens) / res.elapsed if res.elapsed > 0 else 0.0
     st.caption(f"{status}{reason if res.status == 'done' else ''} · {len(res.tokens)} tokens · {rate:.0f} tokens/s")
+    if res.tokens:  # in the browser, the rate becomes the user's: from their click to this line's frame
+        st.html(RATE_JS % (json.dumps(res.key), len(res.tokens)), unsafe_allow_javascript=True)
     if res.note:
         st.caption(res.note)
     if res.status == "stopped":

@@ -26,35 +26,75 @@ def token_tip(t: TokenView) -> str:
     return head + "\nmost likely here:\n" + "\n".join(f"  {_shown(a)}  {p:.1%}" for a, p in t.top)
 
 
-def render_tokens(prompt: str, text: str, tokens: list[TokenView], live: bool = False) -> str:
+def _token_html(t: TokenView, piece: str, i: int | None) -> str:
+    """One token's span; with its tooltip unless `i` is None (text still streaming in)."""
+    style = f' style="background:{prob_colour(t.prob)}"' if t.prob is not None else ""
+    body = html.escape(piece)
+    if piece.strip("\n") == "":  # a newline token: give it something to hover
+        body = '<span class="quill-nl">↵</span>' + body
+    tip = "" if i is None else f' tabindex="0" data-i="{i}" data-tip="{html.escape(token_tip(t))}"'
+    return f'<span class="quill-tok"{style}{tip}>{body}</span>'
+
+
+def render_tokens(prompt: str, text: str, tokens: list[TokenView]) -> str:
     """HTML for the prompt then the generated text, each token coloured by its probability, with its
     alternatives in a tooltip (on hover, or on focus: click a token). `text` is the truth: token texts
-    are laid over it, so a stop string's tokens, generated but not shown, fall off the end.
-
-    `live`: the text is still streaming in: a cursor ends it, and the tooltips wait for the last
-    redraw (they are most of the HTML, and the browser re-reads all of it at every redraw)."""
-    parts = ['<div class="quill-output">', f'<span class="quill-prompt">{html.escape(prompt)}</span>']
+    are laid over it, so a stop string's tokens, generated but not shown, fall off the end."""
+    parts = ['<div class="quill-output">', prompt_html(prompt)]
     pos = 0
     for i, t in enumerate(tokens):
         if pos >= len(text):
             break
         piece = text[pos : pos + len(t.text)]
         pos += len(piece)
-        style = f' style="background:{prob_colour(t.prob)}"' if t.prob is not None else ""
-        body = html.escape(piece)
-        if piece.strip("\n") == "":  # a newline token: give it something to hover
-            body = '<span class="quill-nl">↵</span>' + body
-        tip = "" if live else f' tabindex="0" data-i="{i}" data-tip="{html.escape(token_tip(t))}"'
-        parts.append(f'<span class="quill-tok"{style}{tip}>{body}</span>')
+        parts.append(_token_html(t, piece, i))
     if pos < len(text):
         parts.append(html.escape(text[pos:]))
-    if live:
-        parts.append('<span class="quill-cursor">▌</span>')
     parts.append("</div>")
     return "".join(parts)
 
 
+def prompt_html(prompt: str) -> str:
+    return f'<span class="quill-prompt">{html.escape(prompt)}</span>'
+
+
+CURSOR = '<span class="quill-cursor">▌</span>'
+
+
+class LiveView:
+    """The probability view while text streams in, drawn in pieces: each update is the HTML of the
+    tokens shown since the last one, appended after it (`CSS` lays the pieces out as one text).
+
+    Redrawing the whole view at every update made each one cost the browser more as the text grew:
+    the whole HTML sent, parsed and laid out again. Tooltips wait for the finished view."""
+
+    def __init__(self) -> None:
+        self.pos = 0
+        """Characters of the text drawn so far."""
+        self.count = 0
+        """Tokens drawn so far."""
+
+    def update(self, text: str, tokens: list[TokenView]) -> str:
+        """HTML of the tokens not drawn yet whose text is shown: a token whose text is still held back
+        (it may begin a stop string) waits. Empty if there is nothing new."""
+        parts = []
+        while self.count < len(tokens):
+            t = tokens[self.count]
+            if self.pos + len(t.text) > len(text):
+                break
+            parts.append(_token_html(t, t.text, None))
+            self.pos += len(t.text)
+            self.count += 1
+        return "".join(parts)
+
+
 CSS = """<style>
+[class*="st-key-quill_live_"] { display: block !important; white-space: pre-wrap;
+  font-family: ui-monospace, SFMono-Regular, Menlo, monospace; font-size: 0.95rem; line-height: 1.75;
+  padding: 0.9rem 1rem; border-radius: 0.5rem; border: 1px solid rgba(128, 128, 128, 0.35);
+  overflow-wrap: anywhere; }
+[class*="st-key-quill_live_"] > div, [class*="st-key-quill_live_"] .stHtml { display: inline !important; }
+[class*="st-key-quill_live_"] > div:not(:last-child) .quill-cursor { display: none; }
 [data-testid="stMainBlockContainer"] { padding-top: 2.5rem; }
 .quill-output { white-space: pre-wrap; font-family: ui-monospace, SFMono-Regular, Menlo, monospace;
   font-size: 0.95rem; line-height: 1.75; padding: 0.9rem 1rem; border-radius: 0.5rem;

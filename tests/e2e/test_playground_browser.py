@@ -8,7 +8,9 @@ To refresh the README's screenshots (the playground with a real model, and the T
 
 from __future__ import annotations
 
+import contextlib
 import os
+import platform
 import re
 import shutil
 import socket
@@ -62,14 +64,15 @@ def model(tiny_model_dir) -> str:
     return os.environ.get("QUILL_SCREENSHOT_MODEL") or str(tiny_model_dir)
 
 
-@pytest.fixture
-def playground_url(chromium, tmp_path, model) -> Iterator[str]:
+@contextlib.contextmanager
+def streamlit_server(models: list[str], tmp_path: Path, env: dict[str, str] | None = None) -> Iterator[str]:
+    """`quill playground`'s server for `models` on a free port until the block ends; its URL."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = streamlit_command([model], port=port)
+    cmd = streamlit_command(models, port=port)
     log_path = tmp_path / "streamlit.log"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, env=env)
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -91,6 +94,12 @@ def playground_url(chromium, tmp_path, model) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture
+def playground_url(chromium, tmp_path, model) -> Iterator[str]:
+    with streamlit_server([model], tmp_path) as url:
+        yield url
 
 
 def test_type_prompt_generate_and_see_text(chromium, playground_url, model, tmp_path):
@@ -128,7 +137,7 @@ def test_type_prompt_generate_and_see_text(chromium, playground_url, model, tmp_
             max_new.fill("5000")
             max_new.press("Enter")
             page.get_by_role("button", name="Generate").click()
-            page.locator(".quill-cursor").wait_for()  # shown while text streams in
+            page.locator(".quill-cursor").last.wait_for()  # ends the text while it streams in
             main = page.get_by_test_id("stMainBlockContainer")  # not Streamlit's own Stop in the header
             main.get_by_role("button", name="Stop", exact=True).click()
             page.get_by_text("Stopped — the text so far is kept.").wait_for(timeout=30_000)
@@ -142,54 +151,96 @@ def test_type_prompt_generate_and_see_text(chromium, playground_url, model, tmp_
         shutil.copyfile(shot, target)
 
 
-# `quill generate`'s path (`stream`), timed in a fresh process like the page's, with the page's defaults
+# `quill generate`'s path (`stream`), timed in a fresh process like the page's, with the page's defaults,
+# from before the first token (the prompt's prefill included) to the last
 LIBRARY_RATE = """
 import sys, time
 from quillgpt.checkpoint import load_model
 from quillgpt.generate import stream
 from quillgpt.sampling import SamplingParams
 m = load_model(sys.argv[1], weights="auto")
+next(stream(m.model, m.tokenizer, "ROMEO:", SamplingParams(max_new_tokens=2)))  # the kernels' first load
 params = SamplingParams(max_new_tokens=300, seed=1)
-t0 = time.monotonic()
+t0 = time.perf_counter()
 n = sum(1 for _ in stream(m.model, m.tokenizer, "ROMEO:", params))
-print(n / (time.monotonic() - t0))
+print(300 / (time.perf_counter() - t0))
+"""
+
+# Installed before the page's scripts: the click's event time, and a moment after the first frame
+# that shows a new "finished" status line (the last run's line must be gone first).
+TIMING_JS = """
+window.__quill = {click: null, gone: false, finished: null};
+document.addEventListener("click", (e) => {
+  const b = e.target.closest && e.target.closest("button");
+  if (b && b.innerText.trim() === "Generate") { window.__quill = {click: e.timeStamp, gone: false, finished: null}; }
+}, true);
+new MutationObserver(() => {
+  const q = window.__quill;
+  if (q.click === null || q.finished !== null) return;
+  const shown = [...document.querySelectorAll('[data-testid="stCaptionContainer"]')]
+    .some((c) => /^finished.* tokens\\/s/.test(c.textContent));
+  if (!shown) { q.gone = true; return; }
+  if (!q.gone) return;
+  q.finished = -1;
+  requestAnimationFrame(() => setTimeout(() => { q.finished = performance.now(); }, 0));
+}).observe(document, {childList: true, subtree: true, characterData: true});
 """
 
 
-@pytest.mark.parametrize("model", ["shakespeare-char"])
-def test_page_streams_at_the_models_speed(chromium, model, playground_url, capsys):
-    """300 tokens of the bundled model: the page's own rate beside the library's, printed.
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
+        if line.startswith("model name"):
+            return line.partition(":")[2].strip()
+    return platform.processor() or platform.machine()
 
-    No bound is asserted (tests are not timed here); the figures go in the output and docs/playground.md.
+
+def test_page_opens_on_shakespeare_char_and_streams_at_the_models_speed(chromium, tmp_path, capsys):
+    """As `make run` starts it (no model named, the server at its default thread count: `make test`'s
+    OMP_NUM_THREADS=1 is removed), a fresh page shows shakespeare-char first. With the model loaded,
+    300 tokens from the click on Generate to the frame showing "finished", timed by the browser,
+    beside the library's stream rate for the same model and settings, both printed with the CPU.
+
+    Correctness is asserted, not speed (tests are not timed here; the ratio's target is in
+    benchmarks/playground.py and docs/playground.md).
     """
     from playwright.sync_api import sync_playwright
 
+    model = "shakespeare-char"
     if model not in bundled_models():
         pytest.skip(f"the bundled model {model} is not in this checkout")
-    with sync_playwright() as pw:
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    with streamlit_server([], tmp_path, env) as url, sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(chromium), headless=True, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1440, "height": 1100})
-            page.goto(playground_url)
-            page.get_by_label("Prompt").wait_for(timeout=60_000)
+            page.add_init_script(TIMING_JS)
+            page.goto(url)
+            page.get_by_label("Prompt").wait_for(timeout=120_000)  # the page is up, its model loaded
+            assert page.get_by_role("combobox", name="Model").input_value() == model  # the first model shown
+            assert page.get_by_label("Prompt").input_value() == "ROMEO:"  # its default prompt
             seed = page.get_by_role("textbox", name="Seed")
             seed.fill("1")
             seed.press("Enter")
-            started = time.monotonic()
-            page.get_by_role("button", name="Generate").click()
-            status = page.get_by_text(re.compile(r"^finished.* tokens/s$"))
-            status.wait_for(timeout=120_000)
-            wall = time.monotonic() - started
-            n, rate = map(int, re.search(r"(\d+) tokens · (\d+) tokens/s", status.inner_text()).groups())
+            page.wait_for_timeout(500)  # the seed's rerun settles
+            page.get_by_role("button", name="Generate", exact=True).click()
+            page.wait_for_function("() => window.__quill.finished > 0", timeout=120_000, polling=100)
+            timing = page.evaluate("window.__quill")
+            status = page.get_by_text(re.compile(r"^finished.* tokens/s$")).inner_text()
+            n, shown_rate = map(int, re.search(r"(\d+) tokens · (\d+) tokens/s", status).groups())
+            text = page.locator(".quill-output").first.inner_text()
         finally:
             browser.close()
-    out = subprocess.run([sys.executable, "-c", LIBRARY_RATE, model], capture_output=True, text=True, check=True)
+    cmd = [sys.executable, "-c", LIBRARY_RATE, model]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     library = float(out.stdout)
     assert n == 300  # the page's defaults: 300 new tokens, ROMEO:, the default temperature (the seed as set above)
+    assert text.startswith("ROMEO:") and len(text) > len("ROMEO:") + 100
+    page_rate = n / ((timing["finished"] - timing["click"]) / 1000)
     with capsys.disabled():
         print(
-            f"\nplayground, {model}, 300 tokens: page {rate} tokens/s (status line; {n / wall:.0f} from click to "
-            f"finished), library (stream) {library:.0f} tokens/s; page/library {rate / library:.0%}"
+            f"\nplayground, {model}, 300 tokens, {cpu_name()} ({os.cpu_count()} cores), default threads: "
+            f"click to finished {page_rate:.0f} tokens/s (the status line said {shown_rate}), "
+            f"library (stream, first token included) {library:.0f} tokens/s; page/library {page_rate / library:.0%}"
         )
 
 

@@ -1,0 +1,209 @@
+"""The playground's speed as a user times it: from the click on Generate to the last token painted,
+next to the library's own stream rate for the same model, prompt and settings, in the same run.
+
+A real Chromium (Playwright, headless) drives `quill playground`'s page, served with the default
+thread count (OMP_NUM_THREADS is removed from the server's environment). Each timed generation
+opens a fresh page with the model already loaded, sets the seed, clicks Generate and waits until
+the status line says "finished". The browser records both ends itself: the click event's
+timestamp, and a moment after the frame that first shows the status line (a MutationObserver,
+then the next animation frame) — nothing the server reports is trusted.
+
+The library's rate is `quillgpt.generate.stream` (what `quill generate` runs) in a fresh process at
+default threads, timed from before its first token (prefill included) to its last.
+
+Then, on one page, the first Generate after selecting another model against the second one.
+Prints human-readable lines, then one JSON line.
+
+    python benchmarks/playground.py [--model shakespeare-char] [--runs 3] [--tokens 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+from machine import cpu_info
+
+from quillgpt.playground.launch import streamlit_command
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync"]  # fmt: skip
+
+# Installed before the page's own scripts: the click's event time, and the first frame showing "finished".
+TIMING_JS = """
+window.__quill = {click: null, gone: false, finished: null};
+document.addEventListener("click", (e) => {
+  const b = e.target.closest && e.target.closest("button");
+  if (b && b.innerText.trim() === "Generate") { window.__quill = {click: e.timeStamp, gone: false, finished: null}; }
+}, true);
+new MutationObserver(() => {
+  const q = window.__quill;
+  if (q.click === null || q.finished !== null) return;
+  const shown = [...document.querySelectorAll('[data-testid="stCaptionContainer"]')]
+    .some((c) => /^finished.* tokens\\/s/.test(c.textContent));
+  if (!shown) { q.gone = true; return; }  // the last run's status line must go first
+  if (!q.gone) return;
+  q.finished = -1;
+  requestAnimationFrame(() => setTimeout(() => { q.finished = performance.now(); }, 0));
+}).observe(document, {childList: true, subtree: true, characterData: true});
+"""
+
+LIBRARY_RATE = """
+import sys, time
+from quillgpt.checkpoint import load_model
+from quillgpt.generate import stream
+from quillgpt.sampling import SamplingParams
+m = load_model(sys.argv[1], weights="auto")
+params = SamplingParams(max_new_tokens=int(sys.argv[2]), seed=1)
+next(stream(m.model, m.tokenizer, "ROMEO:", SamplingParams(max_new_tokens=2)))  # the kernels' first load
+rates = []
+for _ in range(int(sys.argv[3])):
+    t0 = time.perf_counter()
+    n = sum(1 for _ in stream(m.model, m.tokenizer, "ROMEO:", params))
+    rates.append(int(sys.argv[2]) / (time.perf_counter() - t0))
+print(" ".join(f"{r:.1f}" for r in rates))
+"""
+
+
+def default_threads_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def playground(models: list[str], env: dict[str, str]) -> Iterator[str]:
+    """`quill playground`'s server on a free port until the block ends; its URL."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryDirectory() as tmp:
+        log_path = Path(tmp) / "streamlit.log"
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(streamlit_command(models, port=port), stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"streamlit did not start:\n{log_path.read_text()}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(f"{url}/_stcore/health", timeout=1).text == "ok":
+                        break
+                time.sleep(0.2)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def open_page(browser, url: str):
+    page = browser.new_page(viewport={"width": 1440, "height": 1100})
+    page.add_init_script(TIMING_JS)
+    page.goto(url)
+    page.get_by_label("Prompt").wait_for(timeout=120_000)
+    return page
+
+
+def set_field(page, role: str, name: str, value: str) -> None:
+    box = page.get_by_role(role, name=name)
+    box.fill(value)
+    box.press("Enter")
+
+
+def click_to_finished(page) -> tuple[int, float, str]:
+    """Click Generate, wait for "finished": (tokens, seconds from the click to the painted status, status line)."""
+    page.wait_for_timeout(300)  # the widgets' reruns settle
+    page.get_by_role("button", name="Generate", exact=True).click()
+    page.wait_for_function("() => window.__quill.finished > 0", timeout=300_000, polling=100)
+    q = page.evaluate("window.__quill")
+    status = page.get_by_text(re.compile(r"^finished.* tokens/s$")).inner_text()
+    n = int(re.search(r"(\d+) tokens ·", status).group(1))
+    return n, (q["finished"] - q["click"]) / 1000, status
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="shakespeare-char")
+    ap.add_argument("--other", default="shakespeare-speedrun", help="the model selected for first-vs-second")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--tokens", type=int, default=300)
+    args = ap.parse_args()
+    from playwright.sync_api import sync_playwright
+
+    env = default_threads_env()
+    cpu = cpu_info()
+    print(f"CPU: {cpu['cpu']} ({os.cpu_count()} cores), server and library at default threads")
+    pages, statuses, first_second = [], [], None
+    with playground([args.model, args.other], env) as url, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            for _ in range(args.runs):
+                page = open_page(browser, url)
+                set_field(page, "textbox", "Seed", "1")
+                set_field(page, "spinbutton", "Max new tokens", str(args.tokens))
+                n, seconds, status = click_to_finished(page)
+                assert n == args.tokens, status
+                pages.append(n / seconds)
+                statuses.append(status)
+                page.close()
+            page = open_page(browser, url)
+            page.get_by_role("combobox", name="Model").first.click()
+            page.get_by_role("option", name=args.other).click()
+            page.get_by_role("heading", name=args.other).wait_for(timeout=120_000)  # its card: loaded
+            set_field(page, "textbox", "Seed", "1")
+            set_field(page, "spinbutton", "Max new tokens", str(args.tokens))
+            first = click_to_finished(page)
+            second = click_to_finished(page)
+            first_second = (first[1], second[1])
+        finally:
+            browser.close()
+    out = subprocess.run(
+        [sys.executable, "-c", LIBRARY_RATE, args.model, str(args.tokens), str(args.runs)],
+        capture_output=True, text=True, check=True, env=env,
+    )  # fmt: skip
+    library = [float(x) for x in out.stdout.split()]
+    page_rate, library_rate = statistics.median(pages), statistics.median(library)
+    print(f"model {args.model}, {args.tokens} tokens, seed 1, prompt ROMEO:")
+    print(f"page, click to finished painted: {', '.join(f'{r:.0f}' for r in pages)} tokens/s (median {page_rate:.0f})")
+    print(f"page's status lines: {' | '.join(statuses)}")
+    print(f"library (stream, first token included): {', '.join(f'{r:.0f}' for r in library)} tokens/s")
+    print(f"page / library: {page_rate / library_rate:.0%} (target ≥ 80%)")
+    f, s = first_second
+    print(f"{args.other}: first Generate after selecting it {f:.2f} s, second {s:.2f} s ({f / s:.2f}×; target ≤ 1.2×)")
+    record = {
+        "benchmark": "playground",
+        "model": args.model,
+        "tokens": args.tokens,
+        "page_tokens_per_s": [round(r, 1) for r in pages],
+        "library_tokens_per_s": library,
+        "page_over_library": round(page_rate / library_rate, 3),
+        "first_generate_s": round(f, 3),
+        "second_generate_s": round(s, 3),
+        "first_over_second": round(f / s, 3),
+        **cpu,
+    }
+    print(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main()
