@@ -34,7 +34,7 @@ from quillgpt.playground.backend import (
     provenance_facts,
 )
 from quillgpt.playground.local import LocalBackend, decode_threads, token_chunks
-from quillgpt.playground.page import Result
+from quillgpt.playground.output import Result
 from quillgpt.playground.settings import PlaygroundSettings, parse_stop_strings, read_settings
 from quillgpt.playground.view import LiveView, render_tokens
 from quillgpt.sampling import SamplingParams

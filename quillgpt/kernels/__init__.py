@@ -74,7 +74,7 @@ def _built():
 def _build():
     if os.environ.get("QUILL_KERNELS", "1") == "0":
         return None
-    from torch.utils import cpp_extension
+    from torch.utils import cpp_extension  # start-up time: the builder is needed only when a kernel is asked for
 
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         log.info("no AVX2 on this CPU: decoding uses PyTorch's attention and int8 kernel")

@@ -11,13 +11,8 @@ that, from $QUILL_PLAYGROUND_MODELS (os.pathsep-separated) and $QUILL_API_URL.
 
 from __future__ import annotations
 
-import json
 import logging
-import threading
 import time
-import uuid
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import streamlit as st
 
@@ -31,23 +26,19 @@ from quillgpt.checkpoint import (
 )
 from quillgpt.device import resolve_device
 from quillgpt.playground.api import ApiBackend
-from quillgpt.playground.backend import Backend, BackendError, BackgroundStream, Chunk, ModelCard, TokenView
+from quillgpt.playground.backend import Backend, BackendError, ModelCard
 from quillgpt.playground.local import LocalBackend, warm_up
+from quillgpt.playground.output import Result, model_label, run_generation, show_result
 from quillgpt.playground.settings import PlaygroundSettings, parse_seed, parse_stop_strings, read_settings
 from quillgpt.playground.train_page import train_page
 from quillgpt.playground.training import runs_dir, trained_models
-from quillgpt.playground.view import CSS, CURSOR, LEGEND, LiveView, prompt_html, render_tokens
+from quillgpt.playground.view import CSS
 from quillgpt.sampling import LIMITS, SamplingError, SamplingParams, sampling_params
 
 log = logging.getLogger(__name__)
 
 # Module-level strings would be drawn on the page by Streamlit's "magic" when this file is the
 # script being run, so the constants here are explained in comments.
-# How often the page sends new text while it streams in; tokens arriving in between go out
-# together. Each update costs Streamlit's server and the browser a few milliseconds of the CPU the
-# model runs on, whatever its size, so they are coalesced by time rather than sent per token.
-REDRAW_SECONDS = 0.1
-
 # The click on Generate, timed by the browser: the status line's rate runs from it to the frame
 # that shows the finished text, which is what the user waits for (the server sees the click late).
 CLICK_JS = """<script>
@@ -57,27 +48,6 @@ if (!window.quillClickTimer) {
     if (e.target.closest && e.target.closest(".st-key-generate")) window.quillClickAt = e.timeStamp;
   }, true);
 }
-</script>"""
-
-# Beside a result's status line: its rate from the click to the frame showing it, kept per result.
-RATE_JS = r"""<script>
-(() => {
-  const id = %s, n = %d, me = document.currentScript;
-  const rates = (window.quillRates = window.quillRates || {});
-  const show = () => {
-    const box = me.closest('[data-testid="stElementContainer"]');
-    const line = box && box.previousElementSibling && box.previousElementSibling.querySelector("p");
-    if (line && rates[id]) line.textContent = line.textContent.replace(/[0-9]+ tokens\/s$/,
-      Math.round(rates[id]) + " tokens/s");
-  };
-  if (rates[id]) return show();
-  if (window.quillClickAt === undefined) return;
-  const clicked = window.quillClickAt;
-  requestAnimationFrame(() => setTimeout(() => {
-    rates[id] = n / ((performance.now() - clicked) / 1000);
-    show();
-  }, 0));
-})();
 </script>"""
 
 NO_MODELS = """**No model to run yet.** The bundled Shakespeare model (`models/shakespeare-char`) is not in
@@ -105,33 +75,6 @@ def cached_load(name: str) -> LoadedModel:
 @st.cache_resource
 def _api_backend(url: str) -> ApiBackend:
     return ApiBackend(url)
-
-
-@dataclass
-class Result:
-    """One generation, kept in the session so it survives reruns (and a Stop)."""
-
-    model: str
-    prompt: str
-    settings: str
-    text: str = ""
-    tokens: list[TokenView] = field(default_factory=list)
-    status: str = "running"
-    """running, done, stopped or error."""
-    finish_reason: str | None = None
-    error: str | None = None
-    note: str | None = None
-    started: float = field(default_factory=time.monotonic)
-    """When the click's rerun began (the server's earliest sight of it)."""
-    elapsed: float = 0.0
-    key: str = field(default_factory=lambda: uuid.uuid4().hex)
-
-    def add(self, chunk: Chunk) -> None:
-        self.text += chunk.text
-        self.tokens.extend(chunk.tokens)
-        self.finish_reason = chunk.finish_reason or self.finish_reason
-        self.note = chunk.note or self.note
-        self.elapsed = time.monotonic() - self.started
 
 
 def make_backend(settings: PlaygroundSettings) -> Backend:
@@ -249,7 +192,7 @@ def model_picker(backend: Backend, names: list[str], side: str, compare: bool) -
     """The model selectbox of one side and a line about the model; its card, or None if it cannot load."""
     label = f"Model {side.upper()}" if compare else "Model"
     default = 1 if side == "b" and len(names) > 1 else 0
-    name = st.selectbox(label, names, index=default, key=f"model_{side}", format_func=_model_label)
+    name = st.selectbox(label, names, index=default, key=f"model_{side}", format_func=model_label)
     try:
         card = backend.card(name)
     except BackendError as e:
@@ -261,11 +204,6 @@ def model_picker(backend: Backend, names: list[str], side: str, compare: bool) -
     facts += [f"trained on {card.facts['Training data']}"] if "Training data" in card.facts else []
     st.caption(" · ".join(facts) or card.source)
     return card
-
-
-def _model_label(name: str) -> str:
-    p = Path(name)
-    return f"{p.name} ({name})" if p.name != name else name
 
 
 def add_model_form() -> None:
@@ -371,108 +309,6 @@ def describe(p: SamplingParams) -> str:
     if p.seed is not None:
         parts.append(f"seed {p.seed}")
     return " · ".join(parts)
-
-
-def run_generation(backend: Backend, params: dict, results: dict[str, Result], outputs: dict) -> None:
-    """Stream every side at once, each read in its own thread, sending the new tokens as they arrive.
-
-    The page takes what has arrived at most every REDRAW_SECONDS and appends only those tokens to the
-    view (`LiveView`), so neither the model nor the browser waits on the other."""
-    wake = threading.Event()
-    streams: dict[str, BackgroundStream] = {}
-    views, live = {}, {}
-    try:
-        for side, res in results.items():
-            try:
-                streams[side] = BackgroundStream(backend.stream(res.model, res.prompt, params[side]), wake)
-            except BackendError as e:
-                res.status, res.error = "error", str(e)
-                continue
-            live[side] = outputs[side].container(key=f"quill_live_{side}")
-            live[side].html(prompt_html(res.prompt) + CURSOR)
-            views[side] = LiveView()
-        drawn = 0.0
-        while streams:
-            wake.wait(timeout=REDRAW_SECONDS)
-            wake.clear()
-            for side in list(streams):
-                res = results[side]
-                try:
-                    for chunk in streams[side].take():
-                        res.add(chunk)
-                    if streams[side].done:
-                        res.status = "done"
-                except BackendError as e:
-                    res.status, res.error = "error", str(e)
-                except Exception as e:  # one side failing must not take the other down
-                    log.exception("generation failed")
-                    res.status, res.error = "error", f"Generation failed: {type(e).__name__}: {e}"
-                if res.status != "running":
-                    del streams[side]
-            if streams and time.monotonic() - drawn >= REDRAW_SECONDS:
-                for side in streams:
-                    if new := views[side].update(results[side].text, results[side].tokens):
-                        live[side].html(new + CURSOR)
-                drawn = time.monotonic()
-    finally:  # Stop, or another widget, interrupts the script here: the threads stop too
-        for stream in streams.values():
-            stream.close()
-
-
-def show_result(res: Result | None, side: str, compare: bool) -> None:
-    if res is None:
-        st.caption("Press **Generate** to sample from the model.")
-        return
-    if compare:
-        st.markdown(f"**{side.upper()}** · {_model_label(res.model)} · {res.settings}")
-    if res.error:
-        st.error(res.error)
-        if not res.text:
-            return
-    view, plain = st.tabs(["Probabilities", "Text"])
-    with view:
-        st.html(render_tokens(res.prompt, res.text, res.tokens))
-        st.html(LEGEND)
-    with plain:
-        st.code(res.prompt + res.text, language=None, wrap_lines=True)
-    status = {"done": "finished", "stopped": "stopped", "error": "failed", "running": "generating"}[res.status]
-    reason = {"stop": " (stop string or end of text)", "length": " (max new tokens)"}.get(res.finish_reason or "", "")
-    rate = len(res.tokens) / res.elapsed if res.elapsed > 0 else 0.0
-    st.caption(f"{status}{reason if res.status == 'done' else ''} · {len(res.tokens)} tokens · {rate:.0f} tokens/s")
-    if res.tokens:  # in the browser, the rate becomes the user's: from their click to this line's frame
-        st.html(RATE_JS % (json.dumps(res.key), len(res.tokens)), unsafe_allow_javascript=True)
-    if res.note:
-        st.caption(res.note)
-    if res.status == "stopped":
-        st.info("Stopped — the text so far is kept.")
-    if res.tokens:
-        inspect_tokens(res, side)
-
-
-def inspect_tokens(res: Result, side: str) -> None:
-    with st.expander("Inspect a token"):
-        i = st.selectbox(
-            "Token",
-            range(len(res.tokens)),
-            key=f"inspect_{side}",
-            format_func=lambda i: (
-                f"#{i} {res.tokens[i].text!r}"
-                + (f" · {res.tokens[i].prob:.1%}" if res.tokens[i].prob is not None else "")
-            ),
-        )
-        t = res.tokens[i if i is not None and i < len(res.tokens) else 0]
-        if t.top:
-            st.dataframe(
-                {"token": [repr(a) for a, _ in t.top], "probability": [p for _, p in t.top]},
-                hide_index=True,
-                column_config={
-                    "probability": st.column_config.ProgressColumn(
-                        "probability", min_value=0.0, max_value=1.0, format="percent"
-                    )
-                },
-            )
-        else:
-            st.caption("No alternatives recorded for this token.")
 
 
 if __name__ == "__main__":
