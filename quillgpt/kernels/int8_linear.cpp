@@ -206,14 +206,23 @@ BF16_TARGET void widen(const int8_t* w, int64_t K, int64_t rows, int64_t kc, uin
 
 // R rows of x (pairs of bfloat16, row stride xs in pairs) times the tile's kp pairs, for the tile's
 // first `rows` outputs of each: added to y (rows N apart) unless `first`; scaled and biased if `last`.
+// `ahead`: the next block of int8 weights (ahead_rows rows of ahead_cols, rows K apart), asked into
+// the caches two lines per pair meanwhile, so that reading it from memory overlaps this arithmetic
+// (widening it waits on memory otherwise: more row streams than the hardware prefetcher follows).
 template <int R>
 BF16_TARGET void multiply(const uint32_t* x, int64_t xs, const uint16_t* t, int64_t kp, float* y, int64_t N,
-                          int64_t rows, const float* sc, const float* bi, bool first, bool last) {
+                          int64_t rows, const float* sc, const float* bi, bool first, bool last, const int8_t* ahead,
+                          int64_t ahead_rows, int64_t ahead_cols, int64_t K) {
+  const int64_t row_lines = (ahead_cols + 63) / 64, lines = ahead == nullptr ? 0 : ahead_rows * row_lines;
+  int64_t line = 0;
   __m512 acc[R][VECTORS];
   for (int r = 0; r < R; ++r) {
     for (int v = 0; v < VECTORS; ++v) acc[r][v] = _mm512_setzero_ps();
   }
   for (int64_t p = 0; p < kp; ++p) {
+    for (int i = 0; i < 2 && line < lines; ++i, ++line) {
+      _mm_prefetch(reinterpret_cast<const char*>(ahead + (line / row_lines) * K + (line % row_lines) * 64), _MM_HINT_T1);
+    }
     __m512bh wk[VECTORS];
     for (int v = 0; v < VECTORS; ++v) wk[v] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(t + (p * TILE + 16 * v) * 2));
     for (int r = 0; r < R; ++r) {
@@ -257,18 +266,26 @@ BF16_TARGET void multiply_tiled(const uint32_t* x, int64_t xs, int64_t M, int64_
         const int64_t kc = std::min(K - k0, k_step), kp = (kc + 1) / 2;
         const bool first = k0 == 0, last = k0 + kc == K;
         widen(w + nt * K + k0, K, rows, kc, t, kp);
-        for (int64_t m = m0; m < m1; m += ROWS) {
+        // the block after this one: the next columns of these rows, else the next tile's first
+        const int8_t* ahead = nullptr;
+        int64_t ahead_rows = 0, ahead_cols = 0;
+        if (!last) {
+          ahead = w + nt * K + k0 + kc, ahead_rows = rows, ahead_cols = std::min(K - k0 - kc, k_step);
+        } else if (nt + TILE < n1) {
+          ahead = w + (nt + TILE) * K, ahead_rows = std::min(n1 - nt - TILE, TILE), ahead_cols = std::min(K, k_step);
+        }
+        for (int64_t m = m0; m < m1; m += ROWS, ahead = nullptr) {  // asked for once, in the first rows
           const uint32_t* xm = x + m * xs + k0 / 2;
           float* ym = y + m * N + nt;
           switch (std::min(m1 - m, ROWS)) {
-            case 1: multiply<1>(xm, xs, t, kp, ym, N, rows, sc, bi, first, last); break;
-            case 2: multiply<2>(xm, xs, t, kp, ym, N, rows, sc, bi, first, last); break;
-            case 3: multiply<3>(xm, xs, t, kp, ym, N, rows, sc, bi, first, last); break;
-            case 4: multiply<4>(xm, xs, t, kp, ym, N, rows, sc, bi, first, last); break;
-            case 5: multiply<5>(xm, xs, t, kp, ym, N, rows, sc, bi, first, last); break;
-            case 6: multiply<6>(xm, xs, t, kp, ym, N, rows, sc, bi, first, last); break;
-            case 7: multiply<7>(xm, xs, t, kp, ym, N, rows, sc, bi, first, last); break;
-            default: multiply<8>(xm, xs, t, kp, ym, N, rows, sc, bi, first, last); break;
+            case 1: multiply<1>(xm, xs, t, kp, ym, N, rows, sc, bi, first, last, ahead, ahead_rows, ahead_cols, K); break;
+            case 2: multiply<2>(xm, xs, t, kp, ym, N, rows, sc, bi, first, last, ahead, ahead_rows, ahead_cols, K); break;
+            case 3: multiply<3>(xm, xs, t, kp, ym, N, rows, sc, bi, first, last, ahead, ahead_rows, ahead_cols, K); break;
+            case 4: multiply<4>(xm, xs, t, kp, ym, N, rows, sc, bi, first, last, ahead, ahead_rows, ahead_cols, K); break;
+            case 5: multiply<5>(xm, xs, t, kp, ym, N, rows, sc, bi, first, last, ahead, ahead_rows, ahead_cols, K); break;
+            case 6: multiply<6>(xm, xs, t, kp, ym, N, rows, sc, bi, first, last, ahead, ahead_rows, ahead_cols, K); break;
+            case 7: multiply<7>(xm, xs, t, kp, ym, N, rows, sc, bi, first, last, ahead, ahead_rows, ahead_cols, K); break;
+            default: multiply<8>(xm, xs, t, kp, ym, N, rows, sc, bi, first, last, ahead, ahead_rows, ahead_cols, K); break;
           }
         }
       }
