@@ -1,16 +1,22 @@
-// A linear layer with int8 weights and a scale per output row, for the few rows of a decode step.
+// A linear layer with int8 weights and a scale per output row, for any number of rows: the few
+// rows of a decode step, a batch's, a prompt's.
 //
 //   y[m, n] = scale[n] * sum_k x[m, k] * w[n, k] + bias[n]
 //
-// x is (M, K) float32; w is (N, K) int8 (contiguous); scale (N,) and bias (N,) are float32 or
-// bfloat16, bias optional; y is (M, N) float32. Weights are widened to float32 eight at a time and
-// multiplied into float32 sums with AVX2: no rounding of x or y to bfloat16 on the way, and one call
-// where PyTorch's weight-only int8 kernel (`aten::_weight_int8pack_mm`) takes bfloat16 inputs and
-// needs the conversions and the bias around it. Decoding one row reads each weight once, so each
-// weight row is widened once and used for up to four rows of x at a time; output rows run in
-// parallel on PyTorch's threads. At 1 row the model's matmuls take about half the time of that
-// path (docs/results.md); past a few rows, FBGEMM or oneDNN on a packed copy is faster
-// (`Int8Linear`).
+// x is (M, K) float32 or bfloat16; w is (N, K) int8 (contiguous); scale (N,) and bias (N,) are
+// float32 or bfloat16, bias optional; y is (M, N) float32, sums in float32. Output rows run in
+// parallel on PyTorch's threads. Three paths, by x's dtype and rows:
+// - float32 x, up to STREAM_ROWS rows (decoding): the weights streamed from memory, widened to
+//   float32 eight at a time, each weight row used for up to four rows of x, AVX2 multiply-adds: no
+//   rounding of x or y on the way, and one call where PyTorch's weight-only int8 kernel
+//   (`aten::_weight_int8pack_mm`) takes bfloat16 inputs and needs conversions and the bias around it.
+// - float32 x, more rows: tiles of weights widened to float32 once and multiplied by every row
+//   (`Float32Tile`), AVX2.
+// - bfloat16 x (rows a caller has rounded, as a bfloat16 copy of the weights would take them): tiles
+//   widened to bfloat16 once and multiplied by every row with AVX512-BF16 dot products (namespace
+//   bf16), reading the next tile's weights from memory while multiplying; without AVX512-BF16 the
+//   float32 tiles. With it, each weight is read once per call instead of a packed bfloat16 copy's
+//   two bytes: `Int8Linear` then holds no copy.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
