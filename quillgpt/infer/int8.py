@@ -22,9 +22,13 @@ and oneDNN's float32 copy at 64 (docs/results.md)."""
 
 
 def kernel_serves_batches() -> bool:
-    """Whether `Int8Linear` multiplies prompts and batches by its int8 weights alone (no copy): where
-    QuillGPT's int8 kernel is built and the CPU has AVX512-BF16, whose dot products give the tiled
-    kernel (`quillgpt/kernels/int8_linear.cpp`) about the copy's speed for a quarter of its bytes."""
+    """Whether `Int8Linear` multiplies prompts and batches by its int8 weights alone, with no copy
+    beside them: where QuillGPT's int8 kernel is built and the CPU has AVX512-BF16. The rule: a copy
+    costs twice the int8 bytes (bfloat16), so it is kept only where it is clearly faster. With
+    AVX512-BF16 the kernel's bfloat16 tiles (`quillgpt/kernels/int8_linear.cpp`) are about as fast as
+    oneDNN on a bfloat16 copy (faster at a few rows, on par at batches, a little slower on long
+    prompts: docs/results.md); without it, the float32 tiles are not measured against the copies, so
+    those CPUs keep them."""
     return torch.cpu._is_avx512_bf16_supported() and int8_linear_op() is not None
 
 
