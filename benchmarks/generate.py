@@ -71,7 +71,7 @@ def held_weight_mb(model: GPT) -> float:
     weights a prepared model let go), plus packed copies and int8 weights."""
     total = sum(p.numel() * p.element_size() for p in model.parameters() if not p.is_meta)
     for m in model.modules():
-        if isinstance(m, PackedLinear):
+        if isinstance(m, PackedLinear) and m.packed is not None:  # an Int8Linear may hold no packed copy
             total += m.packed.numel() * m.packed.element_size()
         if isinstance(m, Int8Linear):
             total += m.qweight.numel() + m.scale.numel() * m.scale.element_size()

@@ -113,15 +113,19 @@ def int8_linear():
 
 
 @needs_kernel
-@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 9])
-@pytest.mark.parametrize("K,N", [(5, 3), (8, 1), (24, 65), (40, 130), (384, 64), (1030, 33)])
-def test_int8_linear_matches_the_product_written_out(int8_linear, M, K, N):
-    """Every row count (four at a time, then the rest), widths of 32-, 8- and 1-value steps (5: only
-    the last), a scale in bfloat16 (as Int8Linear holds it) or float32, a bias in float32, bfloat16
-    or none, x strided."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 9, 16, 17, 64, 100, 131])
+@pytest.mark.parametrize("K,N", [(5, 3), (8, 1), (24, 65), (40, 130), (384, 64), (1030, 33), (2100, 97), (4103, 50)])
+def test_int8_linear_matches_the_product_written_out(int8_linear, dtype, M, K, N):
+    """x in float32 (up to 4 rows streamed, four at a time, past them in float32 tiles) or bfloat16
+    (tiles of bfloat16 dot products where the CPU has them): every row count, incl. the 1-7 rows
+    left past blocks of 4 or 8 and the rows past a block of 128; widths of 32-, 8- and 1-value steps
+    (5: only the last), odd ones, and past a column tile (2,048) into partial sums; output counts
+    that are not whole tiles (48). A scale in bfloat16 (as Int8Linear holds it) or float32, a bias in
+    float32, bfloat16 or none, x strided. The reference is the float64 product of x's own values."""
     torch.manual_seed(0)
     w = torch.randint(-127, 128, (N, K), dtype=torch.int8)
-    x = torch.randn(M, 2 * K)[:, ::2]
+    x = torch.randn(M, 2 * K).to(dtype)[:, ::2]
     for scale in (torch.rand(N).to(torch.bfloat16), torch.rand(N)):
         for bias in (torch.randn(N), torch.randn(N).to(torch.bfloat16), None):
             reference = x.double() @ (w.double() * scale.double()[:, None]).T
@@ -133,14 +137,16 @@ def test_int8_linear_matches_the_product_written_out(int8_linear, M, K, N):
 
 @needs_kernel
 def test_int8_linear_keeps_a_nan_in_its_row_and_refuses_bad_inputs(int8_linear):
+    for rows, dtype in [(3, torch.float32), (9, torch.float32), (9, torch.bfloat16)]:  # streamed, then tiled
+        x, w, scale = torch.randn(rows, 43), torch.ones(50, 43, dtype=torch.int8), torch.ones(50)
+        for k in (3, 35, 41):  # in a 32-value step, an 8-value step and the single values past them
+            x[1, k] = math.nan
+            y = int8_linear(x.to(dtype), w, scale, None)
+            assert y[1].isnan().all() and not y[[0, *range(2, rows)]].isnan().any()
+            x[1, k] = 0.0
     x, w, scale = torch.randn(3, 43), torch.ones(6, 43, dtype=torch.int8), torch.ones(6)
-    for k in (3, 35, 41):  # in a 32-value step, an 8-value step and the single values past them
-        x[1, k] = math.nan
-        y = int8_linear(x, w, scale, None)
-        assert y[1].isnan().all() and not y[[0, 2]].isnan().any()
-        x[1, k] = 0.0
     cases = [
-        ((x.double(), w, scale, None), "x must be \\(M, K\\) float32"),
+        ((x.double(), w, scale, None), "x must be \\(M, K\\) float32 or bfloat16"),
         ((x, w.float(), scale, None), "int8 matrix"),
         ((x, w.t(), scale, None), "int8 matrix"),
         ((x, w[:, :32].contiguous(), scale, None), "x has 43 columns, w 32"),

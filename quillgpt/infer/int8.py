@@ -12,12 +12,24 @@ from quillgpt.kernels import int8_linear_op
 from quillgpt.model import activate
 
 KERNEL_ROWS = 4
-"""Up to how many rows `Int8Linear` multiplies through QuillGPT's int8 kernel: there it is as fast
-as PyTorch's, and past a few rows FBGEMM or oneDNN on a packed copy is faster (docs/results.md)."""
+"""Up to how many rows QuillGPT's int8 kernel multiplies float32 activations as they are, streaming the
+weights from memory; past it (where it serves batches, `kernel_serves_batches`) it rounds them to
+bfloat16 and multiplies tile by tile."""
 
 HALF_ROWS = 48
 """Up to how many rows `Int8Linear` multiplies by its float16 copy: float16 was the faster at 32 rows
 and oneDNN's float32 copy at 64 (docs/results.md)."""
+
+
+def kernel_serves_batches() -> bool:
+    """Whether `Int8Linear` multiplies prompts and batches by its int8 weights alone, with no copy
+    beside them: where QuillGPT's int8 kernel is built and the CPU has AVX512-BF16. The rule: a copy
+    costs twice the int8 bytes (bfloat16), so it is kept only where it is clearly faster. With
+    AVX512-BF16 the kernel's bfloat16 tiles (`quillgpt/kernels/int8_linear.cpp`) are about as fast as
+    oneDNN on a bfloat16 copy (faster at a few rows, on par at batches, a little slower on long
+    prompts: docs/results.md); without it, the float32 tiles are not measured against the copies, so
+    those CPUs keep them."""
+    return torch.cpu._is_avx512_bf16_supported() and int8_linear_op() is not None
 
 
 def native_bfloat16() -> bool:
@@ -38,16 +50,20 @@ class Int8Linear(PackedLinear):
     (weight-only quantization: `quantize_rows`), for CPU decoding.
 
     A decode step reads every weight once, so int8 weights are a quarter of float32's bytes to read.
-    Which matmul multiplies depends on how many rows come in:
-    - up to `KERNEL_ROWS` rows (one decode step of a few sequences), QuillGPT's own int8 kernel
-      (`quillgpt.kernels.int8_linear_op`): float32 activations, sums and output, the scale and
-      bias applied in the same pass;
-    - where that kernel is not built, up to `few_rows` rows, PyTorch's weight-only int8 matmul
-      (`aten._weight_int8pack_mm`) against bfloat16 activations;
-    - past a few rows (prompts, large batches), the `PackedLinear` it also is, holding the same
-      rounded weight in bfloat16 where the CPU has it natively and float32 elsewhere: both int8
-      paths re-read the weight for each row, and the packed copy reads it once.
-    That copy and PyTorch's int8 kernel round their products to bfloat16 (as the bfloat16 weights
+    Which matmul multiplies depends on the CPU and on how many rows come in:
+    - where `kernel_serves_batches()` (QuillGPT's int8 kernel built, AVX512-BF16): that kernel
+      (`quillgpt.kernels.int8_linear_op`) alone, and the int8 weights are all the layer holds. Up to
+      `KERNEL_ROWS` rows (one decode step of a few sequences) float32 activations, sums and output;
+      past them (prompts, larger batches) the activations rounded to bfloat16 as a bfloat16 copy
+      would, each tile of weights widened once and reused by every row, float32 sums and output;
+    - elsewhere up to `KERNEL_ROWS` rows that kernel (float32 throughout) where it is built, else
+      up to `few_rows` rows PyTorch's weight-only int8 matmul (`aten._weight_int8pack_mm`) against
+      bfloat16 activations; past a few rows (prompts, large batches), the `PackedLinear` it also
+      is, holding the same rounded weight in bfloat16 where the CPU has it natively and float32
+      elsewhere: both paths re-read the int8 weight for each few rows, and the packed copy reads it
+      once (QuillGPT's kernel multiplies float32 tiles there too, but against these copies on such
+      CPUs it is unmeasured, so they stay).
+    The copy and PyTorch's int8 kernel round their products to bfloat16 (as the bfloat16 weights
     path does); `forward` returns the input's dtype, `activated` float32 from QuillGPT's kernel, the
     input's from PyTorch's, the copy's past them.
 
@@ -63,10 +79,14 @@ class Int8Linear(PackedLinear):
         native = native_bfloat16()
         qweight, scale = quantize_rows(linear.weight)
         scale = scale.to(torch.bfloat16)
+        self.float16_copy = None  # FBGEMM's packed float16 copy, where it helps (the class docstring)
+        if kernel_serves_batches():
+            super().__init__(linear, torch.bfloat16, keep_weight=keep_weight, pack=False)
+            self.qweight, self.scale, self.few_rows = qweight, scale, 0
+            return
         rounded = qweight.float() * scale.float()[:, None]
         super().__init__(linear, torch.bfloat16 if native else None, values=rounded, keep_weight=keep_weight)
         self.qweight, self.scale = qweight, scale
-        self.float16_copy = None  # FBGEMM's packed float16 copy, where it helps (the class docstring)
         if not native and fbgemm_half() and rounded.abs().max() < torch.finfo(torch.float16).max:
             bias = None if self.bias is None else self.bias.detach().float()
             self.float16_copy = torch.ops.quantized.linear_prepack_fp16(rounded, bias)
@@ -77,7 +97,11 @@ class Int8Linear(PackedLinear):
     def activated(self, x: torch.Tensor, activation: str) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         relu = False  # whether the matmul applied the activation's relu as it wrote
-        if rows.shape[0] <= KERNEL_ROWS and not torch.is_grad_enabled() and (kernel := int8_linear_op()) is not None:
+        if self.packed is None:  # the int8 kernel for every row count (no gradients: nothing here trains)
+            xs = rows.float() if rows.shape[0] <= KERNEL_ROWS else rows.to(torch.bfloat16)
+            bias = None if self.bias is None else self.bias.detach()
+            y = int8_linear_op()(xs, self.qweight, self.scale, bias)
+        elif rows.shape[0] <= KERNEL_ROWS and not torch.is_grad_enabled() and (kernel := int8_linear_op()) is not None:
             y = kernel(rows.float(), self.qweight, self.scale, self.bias)
         elif self.float16_copy is not None and self.few_rows < rows.shape[0] <= HALF_ROWS:
             relu = activation in ("relu", "relu2")  # FBGEMM applies relu as it writes

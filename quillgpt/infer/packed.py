@@ -47,18 +47,22 @@ class PackedLinear(nn.Module):
         batch_hint: int = 16,
         values: torch.Tensor | None = None,
         keep_weight: bool = False,
+        pack: bool = True,
     ):
         """`values`: the weight to pack instead of the linear's own (e.g. its int8 rounding).
-        `keep_weight`: keep the linear's weight (another module uses it) rather than its shape only."""
+        `keep_weight`: keep the linear's weight (another module uses it) rather than its shape only.
+        `pack`: False for a subclass that multiplies by other means and holds no packed copy."""
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.bias = linear.bias
         self.weight = linear.weight if keep_weight else nn.Parameter(linear.weight.to("meta"), requires_grad=False)
         self.dtype = dtype or linear.weight.dtype
         self.activation = "none"
-        values = linear.weight.detach() if values is None else values
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(values.to(self.dtype), batch_hint)
-        self.packed_bias = None if self.bias is None else self.bias.detach().to(self.dtype)
+        self.packed = self.packed_bias = None
+        if pack:
+            values = linear.weight.detach() if values is None else values
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(values.to(self.dtype), batch_hint)
+            self.packed_bias = None if self.bias is None else self.bias.detach().to(self.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.activation != "none":

@@ -4,10 +4,13 @@
   KV cache, the step every decoded token takes in every layer. It streams the cache, float32 or
   bfloat16, once per step with AVX2 multiply-adds, faster than PyTorch's CPU attention at these
   shapes (docs/results.md). Results agree with `F.scaled_dot_product_attention` to float32 rounding.
-- `int8_linear` (int8_linear.cpp): a linear layer with int8 weights and a scale per output row for
-  the 1-4 rows of a decode step (`Int8Linear`), float32 in and out, the scale and bias applied in
-  the same pass: faster than PyTorch's weight-only int8 kernel with the bfloat16 conversions and
-  bias around it (docs/results.md).
+- `int8_linear` (int8_linear.cpp): a linear layer with int8 weights and a scale per output row
+  (`Int8Linear`), the scale and bias applied in the same pass, float32 out. For the 1-4 float32
+  rows of a decode step it streams the weights: faster than PyTorch's weight-only int8 kernel with
+  the bfloat16 conversions and bias around it (docs/results.md). For more rows (batches, prompts)
+  it widens tiles of weights once and reuses them for every row; bfloat16 rows there take
+  AVX512-BF16 dot products where the CPU has them, so the int8 weights serve batches without a
+  bfloat16 copy beside them.
 
 The first use builds them (seconds) into torch's extensions directory (`TORCH_EXTENSIONS_DIR`,
 by default ~/.cache/torch_extensions), where later runs find them; a changed source or flag
@@ -55,9 +58,9 @@ def decode_attention_op():
 
 
 def int8_linear_op():
-    """`torch.ops.quill.int8_linear(x (M, K) float32, w (N, K) int8, scale (N,), bias (N,) or None)
-    -> (M, N) float32`: x times the int8 weight, row n scaled by scale[n], plus the bias. Built on the
-    first call; None where it cannot be (see the module's notes)."""
+    """`torch.ops.quill.int8_linear(x (M, K) float32 or bfloat16, w (N, K) int8, scale (N,), bias (N,)
+    or None) -> (M, N) float32`: x times the int8 weight, row n scaled by scale[n], plus the bias, any
+    number of rows. Built on the first call; None where it cannot be (see the module's notes)."""
     ops = _built()
     return None if ops is None else ops.int8_linear
 

@@ -9,10 +9,12 @@ from quillgpt.model import activate
 
 
 @pytest.mark.parametrize("bias,width", [(False, 96), (True, 96), (True, 24)])  # 24: no int8 kernel
-def test_int8_linear_multiplies_by_its_rounded_weight_on_both_paths(bias, width):
-    """Few rows go through the int8 kernel, many through the packed copy: both must compute
-    x @ (int8 * scale).T + bias, checked against that product in float64. One large entry per row
-    makes the int8 steps coarse, so the rounded weight is far from the original."""
+def test_int8_linear_multiplies_by_its_rounded_weight_on_both_paths(monkeypatch, bias, width):
+    """Where the int8 kernel does not serve batches, few rows go through an int8 kernel, many through
+    the packed copy: both must compute x @ (int8 * scale).T + bias, checked against that product in
+    float64. One large entry per row makes the int8 steps coarse, so the rounded weight is far from
+    the original."""
+    monkeypatch.setattr(int8, "kernel_serves_batches", lambda: False)
     torch.manual_seed(0)
     linear = torch.nn.Linear(width, 40, bias=bias)
     linear.weight.data[:, 0] = 10.0
@@ -44,6 +46,35 @@ def test_int8_linear_multiplies_by_its_rounded_weight_on_both_paths(bias, width)
             torch.testing.assert_close(y, reference, atol=0.1, rtol=0.01)
 
 
+@pytest.mark.skipif(not int8.kernel_serves_batches(), reason="no AVX512-BF16 here, or the int8 kernel is not built")
+@pytest.mark.parametrize("bias,width", [(False, 96), (True, 96), (True, 24), (True, 1020), (False, 33)])
+def test_int8_linear_multiplies_every_row_count_by_its_int8_weights_alone(bias, width):
+    """Where the int8 kernel serves batches the layer holds its int8 weights and no copy, and every
+    row count goes through the kernel: up to KERNEL_ROWS float32 rows as they are, past it rows
+    rounded to bfloat16 (as a bfloat16 copy would take them), both against the float64 product of
+    the rounded weight and the rows' own values; each activation applied to it, in float32."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(width, 100, bias=bias)
+    linear.weight.data[:, 0] = 10.0
+    layer = Int8Linear(linear)
+    assert layer.packed is None and layer.float16_copy is None and layer.weight.is_meta
+    rounded = layer.qweight.double() * layer.scale.double()[:, None]
+    for rows in (1, 2, KERNEL_ROWS, KERNEL_ROWS + 1, 16, 17, 64, 100, 130):
+        x = torch.randn(rows, 1, width)
+        seen = x if rows <= KERNEL_ROWS else x.to(torch.bfloat16)
+        reference = seen.double() @ rounded.T + (linear.bias.double() if bias else 0)
+        for grad in (False, True):  # a forward with gradients on (no one trains it) takes the same path
+            with torch.set_grad_enabled(grad):
+                y = layer(x)
+            assert y.dtype == torch.float32 and y.shape == (rows, 1, 100)
+            torch.testing.assert_close(y.double(), reference, atol=1e-5 * reference.abs().max().item(), rtol=1e-6)
+        assert (y.double() - (x.double() @ linear.weight.double().T)).abs().max() > 0.3  # not the original
+        for activation in ("gelu", "gelu_exact", "relu", "relu2"):
+            y = layer.activated(x, activation)
+            assert y.dtype == torch.float32
+            torch.testing.assert_close(y.double(), activate(reference, activation), atol=1e-4, rtol=1e-5)
+
+
 @pytest.mark.skipif(not fbgemm_half(), reason="this PyTorch has no FBGEMM")
 @pytest.mark.parametrize("bias,width", [(False, 96), (True, 96), (True, 24)])  # 24: no int8 kernel
 def test_int8_linear_without_native_bfloat16_multiplies_batches_by_a_float16_copy(monkeypatch, bias, width):
@@ -52,6 +83,7 @@ def test_int8_linear_without_native_bfloat16_multiplies_batches_by_a_float16_cop
     the float64 product than the int8 kernel's bfloat16 rounding of the activations. Each activation,
     fused or not, matches it applied to the float64 product."""
     monkeypatch.setattr(int8, "native_bfloat16", lambda: False)
+    monkeypatch.setattr(int8, "kernel_serves_batches", lambda: False)
     torch.manual_seed(0)
     linear = torch.nn.Linear(width, 40, bias=bias)
     linear.weight.data[:, 0] = 10.0

@@ -15,10 +15,11 @@ def test_packed_linears_apply_the_mlp_activation_as_they_multiply(activation):
     layers = {"float32": PackedLinear(linear), "bfloat16": PackedLinear(linear, torch.bfloat16)}
     layers["int8"] = Int8Linear(linear)
     for name, layer in layers.items():
-        for rows in (1, 17):  # int8: the int8 kernel, then the packed copy (past 4 or 16 rows)
+        for rows in (1, 17):  # int8: the int8 kernel, then the kernel's tiles or the packed copy (past 4 or 16 rows)
             x = torch.randn(rows, 1, 32).to(torch.bfloat16).float()
             y = layer.activated(x, activation)
-            assert y.dtype == (torch.float32 if name == "int8" and rows <= layer.few_rows else layer.dtype)
+            int8_kernel = name == "int8" and (layer.packed is None or rows <= layer.few_rows)
+            assert y.dtype == (torch.float32 if int8_kernel else layer.dtype)
             exact = activate(layer(x), activation)  # the unfused path this replaces
             tolerance = 1e-5 if name == "float32" else 0.02
             torch.testing.assert_close(y.float(), exact, atol=tolerance, rtol=tolerance)

@@ -33,10 +33,12 @@ def test_inference_weights_float32_is_exact_and_bfloat16_close(variant):
     assert 0 < (logits - reference).abs().max() < 0.05 * reference.abs().max()
 
 
-@pytest.mark.parametrize("cpu", ["this", "without-native-bfloat16"])
+@pytest.mark.parametrize("cpu", ["this", "with-a-batch-copy", "without-native-bfloat16"])
 @pytest.mark.parametrize("variant", ["gpt2", "modern"])
 def test_int8_inference_weights_keep_the_model_and_stay_close(monkeypatch, variant, cpu):
-    if cpu != "this":  # AVX2-only CPUs: float32 copies, and a float16 one for 5 to 48 rows
+    if cpu != "this":  # the int8 kernel for a few rows, a bfloat16 copy past them
+        monkeypatch.setattr(int8_module, "kernel_serves_batches", lambda: False)
+    if cpu == "without-native-bfloat16":  # AVX2-only CPUs: float32 copies, and a float16 one for 5 to 48 rows
         monkeypatch.setattr(int8_module, "native_bfloat16", lambda: False)
     torch.manual_seed(0)
     model = GPT(tiny_config(**{**VARIANTS[variant], "tie_embeddings": True})).eval()
@@ -51,7 +53,12 @@ def test_int8_inference_weights_keep_the_model_and_stay_close(monkeypatch, varia
     assert int8.lm_head.weight is int8.transformer.wte.weight  # still tied
     auto = prepare_for_inference(copy.deepcopy(model), "auto")  # what the CLI, server and playground use
     assert any(isinstance(m, Int8Linear) for m in auto.modules())
-    logits, _ = int8(idx)
+    copies = [m.packed is not None for m in int8.modules() if isinstance(m, Int8Linear)]
+    if cpu == "this" and int8_module.kernel_serves_batches():
+        assert not any(copies)  # the int8 weights alone
+    else:
+        assert all(copies)
+    logits, _ = int8(idx)  # 24 rows: the kernel's bfloat16 tiles, or the packed copy
     assert 0 < (logits - reference).abs().max() < 0.05 * reference.abs().max()
     last, _ = int8(idx[:1, :3])  # one row of three tokens: the int8 kernel's few-rows path
     torch.testing.assert_close(last, logits[:1, :3], atol=0.05 * reference.abs().max().item(), rtol=0)
