@@ -216,7 +216,7 @@ def test_unreachable_api_shows_a_message(monkeypatch):
 # --- the API backend against a fake OpenAI-compatible server ---------------------------------------
 
 
-def fake_server(requests: list[dict], url: str = "http://localhost:8000") -> httpx.Client:
+def fake_server(requests: list[dict], url: str = "http://localhost:8080") -> httpx.Client:
     """An httpx client whose requests a fake OpenAI-compatible QuillGPT server answers."""
 
     def chunk(text, lp, top, finish=None):
@@ -248,8 +248,8 @@ def fake_server(requests: list[dict], url: str = "http://localhost:8000") -> htt
 
 def test_api_backend_streams_text_and_logprobs():
     sent: list[dict] = []
-    backend = ApiBackend("localhost:8000/v1/", client=fake_server(sent))
-    assert backend.url == "http://localhost:8000"
+    backend = ApiBackend("localhost:8080/v1/", client=fake_server(sent))
+    assert backend.url == "http://localhost:8080"
     assert backend.models() == ["shakespeare-char"]
     card = backend.card("shakespeare-char")
     assert card.parameters == 10_000_000 and card.default_prompt == "ROMEO:"
