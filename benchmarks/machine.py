@@ -7,31 +7,29 @@ named next to them cannot be compared.
 
 from __future__ import annotations
 
-import platform
 import time
 
 import torch
+
+from quillgpt.device import cpu_model
 
 VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
 def cpu_info() -> dict:
     """CPU model, its vector extensions of interest, and the threads PyTorch uses."""
-    model, flags = platform.processor() or platform.machine(), set()
+    flags = set()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 key, _, value = line.partition(":")
-                if key.strip() == "model name":
-                    model = value.strip()
-                elif key.strip() == "flags":
+                if key.strip() == "flags":
                     flags = set(value.split())
-                if model and flags:
                     break
     except OSError:
         pass
     return {
-        "cpu": model,
+        "cpu": cpu_model(),
         "vector_extensions": [f for f in VECTOR_FLAGS if f in flags],
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),

@@ -4,8 +4,10 @@ vendor's dense bfloat16 figure on a GPU)."""
 
 from __future__ import annotations
 
+import platform
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 
@@ -80,3 +82,15 @@ def measure_matmul_peak(seconds: float = 1.0, n: int = 1024, dtype: torch.dtype 
         a @ b
         count += 1
     return 2 * n**3 * count / (time.perf_counter() - start)
+
+
+def cpu_model() -> str:
+    """The processor's name ("AMD EPYC", "Intel(R) Xeon(R) ..."): what every speed figure names, and
+    what a throughput measurement is remembered for."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import platform
 import tempfile
 import time
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ import torch
 
 from quillgpt.config import TrainConfig
 from quillgpt.data import cache_dir
-from quillgpt.device import autocast_context, resolve_device
+from quillgpt.device import autocast_context, cpu_model, resolve_device
 from quillgpt.fileio import write_json
 from quillgpt.model import GPT
 from quillgpt.optim import build_optimizers, optimizer_step
@@ -64,7 +63,7 @@ def machine_key(device: torch.device | None = None) -> str:
     if device.type == "cuda":
         chip = torch.cuda.get_device_name(device)
     else:
-        chip = _cpu_model()
+        chip = cpu_model()
     return f"{chip} | {torch.get_num_threads()} threads | torch {torch.__version__} | {device.type}"
 
 
@@ -150,13 +149,3 @@ def _read(path: Path) -> dict:
     except (OSError, ValueError):
         return {}
     return entries if isinstance(entries, dict) else {}
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"

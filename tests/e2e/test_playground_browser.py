@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import platform
 import re
 import shutil
 import socket
@@ -24,6 +23,7 @@ import httpx
 import pytest
 
 from quillgpt.checkpoint import bundled_models
+from quillgpt.device import cpu_model
 from quillgpt.playground.launch import streamlit_command
 from quillgpt.playground.local import LocalBackend
 
@@ -187,13 +187,6 @@ new MutationObserver(() => {
 """
 
 
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
-        if line.startswith("model name"):
-            return line.partition(":")[2].strip()
-    return platform.processor() or platform.machine()
-
-
 def test_page_opens_on_shakespeare_char_and_streams_at_the_models_speed(chromium, tmp_path, capsys):
     """As `make run` starts it (no model named, the server at its default thread count: `make test`'s
     OMP_NUM_THREADS=1 is removed), a fresh page shows shakespeare-char first. With the model loaded,
@@ -238,7 +231,7 @@ def test_page_opens_on_shakespeare_char_and_streams_at_the_models_speed(chromium
     page_rate = n / ((timing["finished"] - timing["click"]) / 1000)
     with capsys.disabled():
         print(
-            f"\nplayground, {model}, 300 tokens, {cpu_name()} ({os.cpu_count()} cores), default threads: "
+            f"\nplayground, {model}, 300 tokens, {cpu_model()} ({os.cpu_count()} cores), default threads: "
             f"click to finished {page_rate:.0f} tokens/s (the status line said {shown_rate}), "
             f"library (stream, first token included) {library:.0f} tokens/s; page/library {page_rate / library:.0%}"
         )
