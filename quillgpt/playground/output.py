@@ -77,11 +77,12 @@ def model_label(name: str) -> str:
     return f"{p.name} ({name})" if p.name != name else name
 
 
-def run_generation(backend: Backend, params: dict, results: dict[str, Result], outputs: dict) -> None:
+def run_generation(backend: Backend, params: dict, results: dict[str, Result], slots: dict) -> None:
     """Stream every side at once, each read in its own thread, sending the new tokens as they arrive.
 
     The page takes what has arrived at most every REDRAW_SECONDS and appends only those tokens to the
-    view (`LiveView`), so neither the model nor the browser waits on the other."""
+    view (`LiveView`), so neither the model nor the browser waits on the other. Each side streams
+    into its `slots` placeholder, emptied once every side has finished (the result is drawn apart)."""
     wake = threading.Event()
     streams: dict[str, BackgroundStream] = {}
     views, live = {}, {}
@@ -92,7 +93,7 @@ def run_generation(backend: Backend, params: dict, results: dict[str, Result], o
             except BackendError as e:
                 res.status, res.error = "error", str(e)
                 continue
-            live[side] = outputs[side].container(key=f"quill_live_{side}")
+            live[side] = slots[side].container(key=f"quill_live_{side}")
             live[side].html(prompt_html(res.prompt) + CURSOR)
             views[side] = LiveView()
         drawn = 0.0
@@ -118,6 +119,8 @@ def run_generation(backend: Backend, params: dict, results: dict[str, Result], o
                     if new := views[side].update(results[side].text, results[side].tokens):
                         live[side].html(new + CURSOR)
                 drawn = time.monotonic()
+        for slot in slots.values():
+            slot.empty()
     finally:  # Stop, or another widget, interrupts the script here: the threads stop too
         for stream in streams.values():
             stream.close()

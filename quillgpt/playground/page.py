@@ -173,16 +173,19 @@ def generate_page(settings: PlaygroundSettings) -> None:
                     res = Result(model, prompt, describe(params[side]), started=st.session_state.run_started)
                     st.session_state[f"result_{side}"] = res
 
-    outputs = {}
+    # Two slots per side: the text while it streams in, then the result. Were the result drawn into
+    # the streaming slot, Streamlit would keep the streamed pieces beyond the result's own elements
+    # under it until the next rerun (they come from the same run, so nothing marks them stale).
+    streaming, outputs = {}, {}
     for side, col in zip(sides, output_cols):
         with col:
-            outputs[side] = st.empty()
+            streaming[side], outputs[side] = st.empty(), st.empty()
     results = {s: st.session_state.get(f"result_{s}") for s in sides}
     for res in results.values():
         if res is not None and res.status == "running" and not started:
             res.status = "stopped"  # the run generating it was interrupted: Stop, or another widget
     if started:
-        run_generation(backend, params, results, outputs)
+        run_generation(backend, params, results, streaming)
     for side, res in results.items():
         with outputs[side].container():
             show_result(res, side, compare)

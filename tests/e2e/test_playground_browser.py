@@ -126,6 +126,9 @@ def test_type_prompt_generate_and_see_text(chromium, playground_url, model, tmp_
             assert text.startswith(prompt) and len(text) > len(prompt)
             assert "%" in (tokens.first.get_attribute("data-tip") or "")  # the alternatives' tooltip
             assert page.locator('[data-testid="stException"]').count() == 0
+            # nothing of the streamed view is left under the result: every token on the page is the result's
+            assert page.locator(".quill-cursor").count() == 0
+            assert page.locator(".quill-tok").count() == tokens.count()
 
             tokens.nth(min(5, tokens.count() - 1)).hover()
             shot = tmp_path / "playground.png"
