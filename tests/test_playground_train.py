@@ -178,6 +178,8 @@ def test_page_running_shows_progress_curve_sample_and_refuses_a_second_run(tmp_p
         assert {m.label: m.value for m in at.metric}["Step"] == "120"
         assert at.get("vega_lite_chart")  # the loss curve
         assert at.button(key="train_stop").label == "Stop training"
+        assert not at.code  # sampling takes the run's cores: only when asked
+        at.button(key=f"sample_{run.name}").click().run()
         assert at.code[0].value  # a sample from the best model so far
         at.button(key="train_start").click().run()  # a second run while this one trains
         assert any("still training" in e.value for e in at.error)
@@ -193,6 +195,7 @@ def test_page_finished_run_opens_in_generate(tmp_path, tiny_model, char_tokenize
     assert not at.exception and not at.error
     assert "2.0100" in at.get("progress")[0].proto.text
     assert at.success
+    assert at.code[0].value  # the run is over: its sample is shown unasked
     at.button(key="train_generate").click().run()
     assert at.radio(key="mode").value == "Generate"
     assert at.selectbox(key="model_a").value == str(run)

@@ -74,7 +74,9 @@ class BackgroundStream:
     """
 
     def __init__(self, chunks: Iterator[Chunk], wake: threading.Event | None = None):
-        """`wake` is set whenever a chunk arrives or the stream ends (one event can serve many streams)."""
+        """`wake` is set when the first chunk arrives and when the stream ends (one event can serve many
+        streams). Not per chunk: a page thread woken for every token takes the interpreter from the
+        model's thread hundreds of times a second, and it only draws every so often anyway."""
         self._chunks = chunks
         self._lock = threading.Lock()
         self._ready: list[Chunk] = []
@@ -89,10 +91,11 @@ class BackgroundStream:
 
     def _read(self) -> None:
         try:
-            for chunk in self._chunks:
+            for n, chunk in enumerate(self._chunks):
                 with self._lock:
                     self._ready.append(chunk)
-                self.wake.set()
+                if n == 0:
+                    self.wake.set()
                 if self._stop.is_set():
                     break
         except BaseException as e:  # handed to the page's thread, which shows it

@@ -159,8 +159,23 @@ def show_run(s: RunStatus) -> None:
     if s.steps:
         loss_chart(s)
     if (model := s.model_dir) is not None:
-        st.markdown("**Sample** from the best model so far")
-        st.code(_sample(str(model), (model / "config.json").stat().st_mtime), language=None, wrap_lines=True)
+        sample_panel(s, model)
+
+
+def sample_panel(s: RunStatus, model: Path) -> None:
+    """A sample from the best model so far. While the run trains, only when asked: generating takes the
+    cores the run trains on, and sampling each new best model on its own slowed a watched run
+    (docs/results.md, "Recipe: planned against seen")."""
+    st.markdown("**Sample** from the best model so far")
+    stamp = (model / "config.json").stat().st_mtime
+    if s.active:
+        asked = f"sample_asked_{s.run.name}"
+        if st.button("Sample now", key=f"sample_{s.run.name}", help="takes the run's cores for a moment"):
+            st.session_state[asked] = stamp
+        if (stamp := st.session_state.get(asked)) is None:
+            st.caption("Press **Sample now** to read what the model writes at this point.")
+            return
+    st.code(_sample(str(model), stamp), language=None, wrap_lines=True)
 
 
 def loss_chart(s: RunStatus) -> None:

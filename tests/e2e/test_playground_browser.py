@@ -282,7 +282,7 @@ def test_train_page_upload_train_stop_and_generate(chromium, playground_url, tmp
             first_progress, first_step = progress(), step.inner_text()
             page.wait_for_timeout(8_000)
             assert progress() > first_progress and step.inner_text() != first_step  # both move
-            page.get_by_text("Sample").wait_for()
+            page.get_by_role("button", name="Sample now").click()  # while training, a sample only when asked
             page.locator('[data-testid="stCode"]').wait_for()  # the sample itself
             shot = tmp_path / "train-page.png"
             page.screenshot(path=str(shot), full_page=True)
