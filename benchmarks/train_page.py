@@ -28,15 +28,15 @@ from machine import cpu_info
 from playground import CHROMIUM, CHROMIUM_ARGS, default_threads_env, playground
 
 from quillgpt.playground import training
-from quillgpt.rundir import METRICS_FILE, PLAN_FILE
+from quillgpt.rundir import METRICS_FILE, PLAN_FILE, read_metrics
 
 
 def run_figures(run: Path) -> dict:
     """Planned and seen tokens of a finished run, and its rate over training steps alone."""
     plan = json.loads((run / PLAN_FILE).read_text(encoding="utf-8"))
-    rows = [json.loads(line) for line in (run / METRICS_FILE).read_text(encoding="utf-8").splitlines()]
-    steps = [r for r in rows if "loss" in r]
-    evaluated = {r["step"] for r in rows if "eval" in r}
+    metrics = read_metrics(run)
+    steps = metrics.steps
+    evaluated = {e["step"] for e in metrics.evals}
     gaps = [b["time_s"] - a["time_s"] for a, b in zip(steps, steps[1:]) if a["step"] not in evaluated]
     per_step = steps[1]["tokens"] - steps[0]["tokens"]
     return {

@@ -18,6 +18,7 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
+from quillgpt.checkpoint import CONFIG_FILE
 from quillgpt.data import REGISTRY
 from quillgpt.playground.backend import human_count
 from quillgpt.playground.training import (
@@ -167,15 +168,16 @@ def sample_panel(s: RunStatus, model: Path) -> None:
     cores the run trains on, and sampling each new best model on its own slowed a watched run
     (docs/results.md, "Recipe: planned against seen")."""
     st.markdown("**Sample** from the best model so far")
-    stamp = (model / "config.json").stat().st_mtime
+    saved = (model / CONFIG_FILE).stat().st_mtime  # which save of the model: a new one samples anew
     if s.active:
-        asked = f"sample_asked_{s.run.name}"
+        asked = f"sample_asked_{s.run.name}"  # the save sampled when Sample now was last pressed
         if st.button("Sample now", key=f"sample_{s.run.name}", help="takes the run's cores for a moment"):
-            st.session_state[asked] = stamp
-        if (stamp := st.session_state.get(asked)) is None:
+            st.session_state[asked] = saved
+        if asked not in st.session_state:
             st.caption("Press **Sample now** to read what the model writes at this point.")
             return
-    st.code(_sample(str(model), stamp), language=None, wrap_lines=True)
+        saved = st.session_state[asked]
+    st.code(_sample(str(model), saved), language=None, wrap_lines=True)
 
 
 def loss_chart(s: RunStatus) -> None:
