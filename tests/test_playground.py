@@ -482,6 +482,13 @@ def test_background_stream_hands_over_chunks_then_the_error():
     assert [c.text for c in got] == ["a", "b"]
 
 
+def test_background_stream_is_done_with_its_last_chunks():
+    # The page must not wait another redraw interval to learn that the stream it emptied has ended.
+    stream = BackgroundStream(iter([Chunk("a"), Chunk("b", finish_reason="length")]))
+    stream._thread.join(5)
+    assert [c.text for c in stream.take()] == ["a", "b"] and stream.done
+
+
 def test_background_stream_closes_a_long_stream_in_its_own_thread():
     closed_in = []
 

@@ -109,11 +109,17 @@ class BackgroundStream:
             self.wake.set()
 
     def take(self) -> list[Chunk]:
-        """The chunks that arrived since the last call (maybe none); raises the stream's error after them."""
+        """The chunks that arrived since the last call (maybe none); raises the stream's error after them.
+
+        The call that hands over the last chunks of a stream that ended well also sets `done`, so the
+        page finishes at once rather than one more wait later. With an error to come, `wake` stays set
+        and the next call raises it."""
         with self._lock:
             ready, self._ready = self._ready, []
             ended = self._ended
-        if ended and not ready:
+        if ended and ready and self._error is not None:
+            self.wake.set()
+        elif ended:
             self.done = True
             if self._error is not None:
                 error, self._error = self._error, None
