@@ -8,11 +8,13 @@ to that config, but for the 12-epoch cap on `max_iters` (rule 4), which that run
 
 1. Throughput, measured: before choosing, a few training steps of each candidate shape are timed on
    this machine at the run's batch, context and dtype (`quillgpt.throughput`: seconds, cached per
-   machine and shape). The planned tokens are the steps that fit the budget at that rate, less the
-   evaluations (their batches at the measured forward rate, their checkpoints) and, compiled, a
-   minute of compile warm-up; compiled steps are taken as 1.18× the eager rate (5,043 vs 4,289 tokens/s
-   at 6 × 256 on the reference machine; not measured here). The reference machine's rule (~142 GFLOP/s
-   of eager steps, `reference_rate`) was what the recipe assumed before: it overestimated a Zen 4 by 1.6×.
+   machine and shape; the chosen shape, if its figure came from the cache, is timed again, as this
+   VM has run 20-30% faster than its rate cached an hour before). The planned tokens are the steps
+   that fit the budget at that rate, less the evaluations (their batches at the measured forward
+   rate, their checkpoints) and, compiled, a minute of compile warm-up; compiled steps are taken as
+   1.18× the eager rate (5,043 vs 4,289 tokens/s at 6 × 256 on the reference machine; not measured
+   here). The reference machine's rule (~142 GFLOP/s of eager steps, `reference_rate`) was what the
+   recipe assumed before: it overestimated a Zen 4 by 1.6×.
 2. Shape: a ladder of shapes with 64-wide heads (4 × 128, 4 × 192, 6 × 256, 8 × 384, 10 × 512).
    Take the largest whose planned tokens reach its non-embedding parameter count (≥ 1 token per
    parameter: the speedrun had 1.15 and won; 6 × 384 at that budget, ~0.5, lost: attempt 2; timed
@@ -59,7 +61,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from quillgpt.config import ConfigError, GPTConfig, TrainConfig
-from quillgpt.throughput import Rate, cached_rate
+from quillgpt.throughput import Rate, cached_rate, fresh_rate
 
 RateFn = Callable[[TrainConfig], Rate]
 """How fast a config trains (eager): `cached_rate` measures this machine, `reference_rate` assumes another."""
@@ -209,7 +211,9 @@ def recipe(stats: TextStats, minutes: float, data_path: str | None = None, rate:
     """The recipe's config for a text of these stats and a budget of `minutes` (wall clock).
 
     `rate` says how fast a config trains: by default measured on this machine (`cached_rate`: a few
-    seconds per shape the first time, nothing after); `reference_rate` sizes as the reference machine."""
+    seconds per shape the first time, then the chosen shape's second or so again, `fresh_rate`); a
+    `rate` given is taken as it is (`cached_rate`: the cache alone; `reference_rate`: the reference
+    machine)."""
     if minutes <= 0:
         raise RecipeError(f"minutes must be > 0, got {minutes}")
     if stats.chars < MIN_CHARS:
@@ -217,7 +221,7 @@ def recipe(stats: TextStats, minutes: float, data_path: str | None = None, rate:
             f"the text has {stats.chars:,} characters: too short to train on; the recipe needs at least "
             f"{MIN_CHARS:,} (the last {VAL_FRACTION:.0%} validates, in windows of {MIN_CONTEXT}+ characters)"
         )
-    rate = rate or cached_rate
+    retime, rate = rate is None, rate or cached_rate
     budget = minutes - min(0.5, 0.05 * minutes)
     compiled = minutes >= COMPILE_FROM_MINUTES
     seconds = budget * 60
@@ -259,6 +263,10 @@ def recipe(stats: TextStats, minutes: float, data_path: str | None = None, rate:
             break
         chosen = (n_layer, n_embd, tokens, params, measured)
     n_layer, n_embd, tokens, params, measured = chosen
+    if retime and measured.source == "cached":  # rule 1: timed again now, the machine's speed drifts
+        cfg = config(n_layer, n_embd)
+        measured = fresh_rate(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab)))
+        tokens, _, _ = training_tokens(measured, cfg, seconds)
 
     # rule 4: at most MAX_EPOCHS passes (max_iters below): a small text ends early
     epochs = tokens / train_tokens

@@ -7,7 +7,7 @@ size, context and dtype, a few evaluation forwards (what `estimate_loss` runs) a
 writes. `cached_rate` keeps each measurement in a small JSON file, per machine (CPU model, torch
 threads, torch version, device) and per shape, so a second plan on the same machine costs nothing:
 `$QUILL_THROUGHPUT_CACHE`, else `throughput.json` in `$QUILL_CACHE_DIR` (default `~/.cache/quillgpt/`);
-delete it to measure again.
+delete it to measure again. The shape a recipe chooses is timed again when it plans (`fresh_rate`).
 """
 
 from __future__ import annotations
@@ -80,9 +80,18 @@ def cached_rate(cfg: TrainConfig, cache: Path | None = None) -> Rate:
     """The rate of `cfg` on this machine: from the cache when measured before, else measured and cached."""
     path = cache or cache_file()
     machine, shape = machine_key(resolve_device(cfg.device)), shape_key(cfg)
-    entries = _read(path)
-    if (hit := entries.get(machine, {}).get(shape)) is not None:
+    if (hit := _read(path).get(machine, {}).get(shape)) is not None:
         return Rate(hit["train_tokens_per_s"], hit["eval_tokens_per_s"], hit["checkpoint_s"], "cached")
+    return fresh_rate(cfg, path)
+
+
+def fresh_rate(cfg: TrainConfig, cache: Path | None = None) -> Rate:
+    """The rate of `cfg` measured now; it replaces what the cache held for this machine and shape.
+
+    A cached figure ranks shapes well, but a virtual machine's speed drifts (runs here have gone 20-30%
+    faster than the rate cached an hour before): the recipe times the shape it chose once more."""
+    path = cache or cache_file()
+    machine, shape = machine_key(resolve_device(cfg.device)), shape_key(cfg)
     rate = measure(cfg)
     entries = _read(path)  # another process may have written meanwhile
     entries.setdefault(machine, {})[shape] = {k: v for k, v in rate.to_dict().items() if k != "source"}

@@ -165,13 +165,30 @@ def test_the_measurement_times_real_steps():
 def test_by_default_the_recipe_measures_this_machine(throughput_cache):
     stats = TextStats(5_000, 5_000, 60)
     plan = recipe(stats, 1)
-    assert plan.rate.source in ("measured", "cached")
+    assert plan.rate.source == "measured"
+    chosen = shape_key(dataclasses.replace(plan.config, model=dataclasses.replace(plan.config.model, vocab_size=60)))
+    assert chosen in json.loads(throughput_cache.read_text())[machine_key()]
+    # planned again: the ladder reads the cache, and the chosen shape is timed once more, its figure kept
     again = recipe(stats, 1)
-    assert again.rate.source == "cached" and again.config == plan.config
-    assert (
-        shape_key(dataclasses.replace(plan.config, model=dataclasses.replace(plan.config.model, vocab_size=60)))
-        in (json.loads(throughput_cache.read_text())[machine_key()])
+    assert again.rate.source == "measured" and again.config.model == plan.config.model
+    kept = json.loads(throughput_cache.read_text())[machine_key()][chosen]
+    assert kept["train_tokens_per_s"] == again.rate.train_tokens_per_s != plan.rate.train_tokens_per_s
+
+
+def test_a_cached_rate_is_timed_again_for_the_chosen_shape_only(monkeypatch):
+    import quillgpt.recipe as recipe_module
+
+    timed = []
+    fresh = lambda cfg: timed.append(shape_key(cfg)) or dataclasses.replace(reference_rate(cfg), source="measured")  # noqa: E731
+    monkeypatch.setattr(
+        recipe_module, "cached_rate", lambda cfg: dataclasses.replace(reference_rate(cfg), source="cached")
     )
+    monkeypatch.setattr(recipe_module, "fresh_rate", fresh)
+    plan = recipe(TINY_SHAKESPEARE, 5)
+    model = dataclasses.replace(plan.config.model, vocab_size=TINY_SHAKESPEARE.distinct)
+    assert timed == [shape_key(dataclasses.replace(plan.config, model=model))] and plan.rate.source == "measured"
+    # a rate given is used as it is, cache or not
+    assert recipe(TINY_SHAKESPEARE, 5, rate=recipe_module.cached_rate).rate.source == "cached" and len(timed) == 1
 
 
 # --- quill train --data PATH --minutes N ------------------------------------------------------------
@@ -198,8 +215,8 @@ def test_quill_train_with_data_and_minutes_saves_the_resolved_config(tmp_path, c
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].startswith("recipe for 2 min: characters, 4 layers × 128")  # before the overrides
     saved = json.loads((out / "train_config.json").read_text())
-    plan = recipe(TextStats.of(text.read_text()), 2, data_path=str(text))
-    assert plan.rate.source == "cached"  # measured by the run above, on this machine
+    # the run's plan again, from the rates it measured and cached (not timed a third time)
+    plan = recipe(TextStats.of(text.read_text()), 2, data_path=str(text), rate=cached_rate)
     expected = plan.config.to_dict()
     expected.update(n_layer=1, n_embd=32, n_head=1, max_iters=3, eval_interval=3, vocab_size=saved["vocab_size"])
     assert saved == expected

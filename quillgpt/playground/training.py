@@ -11,6 +11,7 @@ stored as `uploads/<sha256 prefix>.txt` under the runs directory, never at a nam
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -26,7 +27,8 @@ from pathlib import Path
 from quillgpt.data import DataError, load_text
 from quillgpt.fileio import write_bytes, write_json
 from quillgpt.recipe import TextStats, describe, recipe
-from quillgpt.rundir import RUNS_DIR, MetricsFollower, model_dir, read_progress, resumable, train_config_path
+from quillgpt.rundir import PLAN_FILE, RUNS_DIR, MetricsFollower, model_dir, read_progress, resumable, train_config_path
+from quillgpt.throughput import cached_rate
 
 JOB_FILE = "job.json"
 LOG_FILE = "train.log"
@@ -82,11 +84,13 @@ def _looks_binary(data: bytes) -> bool:
 def start(data: str | Path, minutes: float, runs: Path, label: str | None = None, overrides=()) -> Path:
     """Start `quill train --data DATA --minutes M` into a new run directory; the directory.
 
-    Refused while another run trains, and for a text the recipe cannot use (too short, unreadable)."""
+    Refused while another run trains, and for a text the recipe cannot use (too short, unreadable).
+    The plan shown until the run saves its own (recipe.json) reads the rates cached on this machine:
+    the run times its chosen shape again as it plans."""
     if busy := active_run(runs):
         raise TrainingError(f"{busy.name} is still training: stop it, or wait for it to finish, first.")
     try:
-        plan = recipe(TextStats.of(load_text(data)), minutes)
+        plan = recipe(TextStats.of(load_text(data)), minutes, rate=cached_rate)
     except (DataError, ValueError) as e:
         raise TrainingError(str(e)) from None
     run = _new_run_dir(runs, label or Path(str(data)).stem, minutes)
@@ -230,6 +234,8 @@ _metrics = MetricsFollower()
 def status(run: Path) -> RunStatus:
     job = read_job(run)
     s = RunStatus(run, "failed", job.get("label", run.name), job.get("minutes", 0.0), job.get("recipe", ""))
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # the run's own plan, once it has saved it
+        s.recipe = json.loads((run / PLAN_FILE).read_text(encoding="utf-8")).get("description") or s.recipe
     progress = read_progress(run, _metrics)
     s.steps, s.evals, s.final_val = progress.metrics.steps, progress.metrics.evals, progress.metrics.final_val_loss
     if last := progress.last_step:
