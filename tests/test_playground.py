@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import html
 import json
 import math
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -36,7 +36,7 @@ from quillgpt.playground.backend import (
 from quillgpt.playground.local import LocalBackend, decode_threads, token_chunks
 from quillgpt.playground.output import Result
 from quillgpt.playground.settings import PlaygroundSettings, parse_stop_strings, read_settings
-from quillgpt.playground.view import LiveView, render_tokens
+from quillgpt.playground.view import LiveView, render_tokens, token_tip
 from quillgpt.sampling import SamplingParams
 from quillgpt.tokenizer import BPETokenizer
 from tests.conftest import REPO, tiny_config
@@ -512,8 +512,27 @@ def test_live_view_sends_each_token_once_and_holds_back_unshown_text():
     assert first.count('class="quill-tok"') == 1 and "Hi" in first
     assert view.update("Hi", tokens[:2]) == ""
     rest = view.update("Hi <b>", tokens)
-    assert rest.count('class="quill-tok"') == 2 and "&lt;" in rest and "data-tip" not in rest
-    whole = render_tokens("", "Hi <b>", tokens)
-    assert re.sub(r' tabindex="0" data-i="\d+" data-tip="[^"]*"', "", whole) == (
+    assert rest.count('class="quill-tok"') == 2 and "&lt;" in rest and 'data-i="2"' in rest
+    assert view.finish("Hi <b>", tokens) == ""
+    assert render_tokens("", "Hi <b>", tokens) == (
         '<div class="quill-output"><span class="quill-prompt"></span>' + first + rest + "</div>"
     )
+
+
+@pytest.mark.parametrize(
+    "text, cut",
+    [
+        ("Hi there", None),  # every token shown
+        ("Hi the", 2),  # a stop string began inside the third token: it is cut where the text ends
+        ("Hi there!!", None),  # text no token covers (a flushed tail) comes after the tokens
+    ],
+)
+def test_live_view_pieces_and_finish_draw_what_render_tokens_draws(text, cut):
+    tokens = [TokenView("Hi", 0.9, [("Ho", 0.05)]), TokenView(" th", 0.4), TokenView("ere", 0.7)]
+    view = LiveView()
+    pieces = [view.update(text[:1], tokens[:1]), view.update(text[:4], tokens[:2]), view.finish(text, tokens)]
+    assert "".join(pieces) == render_tokens("", text, tokens).removeprefix(
+        '<div class="quill-output"><span class="quill-prompt"></span>'
+    ).removesuffix("</div>")
+    if cut is not None:
+        assert pieces[-1].endswith(f'data-i="{cut}" data-tip="{html.escape(token_tip(tokens[cut]))}">e</span>')

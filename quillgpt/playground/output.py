@@ -77,15 +77,21 @@ def model_label(name: str) -> str:
     return f"{p.name} ({name})" if p.name != name else name
 
 
-def run_generation(backend: Backend, params: dict, results: dict[str, Result], slots: dict) -> None:
-    """Stream every side at once, each read in its own thread, sending the new tokens as they arrive.
+def run_generation(
+    backend: Backend, params: dict, results: dict[str, Result], slots: dict, compare: bool = False
+) -> set[str]:
+    """Stream every side at once, each read in its own thread, drawing the new tokens as they arrive;
+    the sides whose result was finished in place (the page must not draw those again).
 
     The page takes what has arrived at most every REDRAW_SECONDS and appends only those tokens to the
-    view (`LiveView`), so neither the model nor the browser waits on the other. Each side streams
-    into its `slots` placeholder, emptied once every side has finished (the result is drawn apart)."""
+    view (`LiveView`), so neither the model nor the browser waits on the other. Each side streams into
+    the result's own frame in its `slots` placeholder (`LiveResult`) and, once its text is done,
+    finishes there: its last tokens and the rest of the result are appended, nothing is drawn twice.
+    A side that fails is emptied, for the page to draw with its error."""
     wake = threading.Event()
     streams: dict[str, BackgroundStream] = {}
-    views, live = {}, {}
+    frames: dict[str, LiveResult] = {}
+    finished: set[str] = set()
     try:
         for side, res in results.items():
             try:
@@ -93,9 +99,7 @@ def run_generation(backend: Backend, params: dict, results: dict[str, Result], s
             except BackendError as e:
                 res.status, res.error = "error", str(e)
                 continue
-            live[side] = slots[side].container(key=f"quill_live_{side}")
-            live[side].html(prompt_html(res.prompt) + CURSOR)
-            views[side] = LiveView()
+            frames[side] = LiveResult(slots[side], res, side, compare)
         drawn = 0.0
         while streams:
             wake.wait(timeout=REDRAW_SECONDS)
@@ -112,26 +116,58 @@ def run_generation(backend: Backend, params: dict, results: dict[str, Result], s
                 except Exception as e:  # one side failing must not take the other down
                     log.exception("generation failed")
                     res.status, res.error = "error", f"Generation failed: {type(e).__name__}: {e}"
+                if res.status == "done":
+                    frames[side].finish()
+                    finished.add(side)
+                elif res.status == "error":
+                    slots[side].empty()
                 if res.status != "running":
                     del streams[side]
             if streams and time.monotonic() - drawn >= REDRAW_SECONDS:
                 for side in streams:
-                    if new := views[side].update(results[side].text, results[side].tokens):
-                        live[side].html(new + CURSOR)
+                    frames[side].update()
                 drawn = time.monotonic()
-        for slot in slots.values():
-            slot.empty()
     finally:  # Stop, or another widget, interrupts the script here: the threads stop too
         for stream in streams.values():
             stream.close()
+    return finished
+
+
+class LiveResult:
+    """A result drawn as it streams in: `show_result`'s frame, its probability view appended to piece by
+    piece, then finished in place with the rest of what `show_result` draws."""
+
+    def __init__(self, slot, res: Result, side: str, compare: bool):
+        self.res, self.side, self.view = res, side, LiveView()
+        self.box = slot.container()
+        with self.box:
+            result_heading(res, side, compare)
+            self.probabilities, self.plain = st.tabs(["Probabilities", "Text"])
+        self.live = self.probabilities.container(key=f"quill_live_{side}")
+        self.live.html(prompt_html(res.prompt) + CURSOR)
+
+    def update(self) -> None:
+        if new := self.view.update(self.res.text, self.res.tokens):
+            self.live.html(new + CURSOR)
+
+    def finish(self) -> None:
+        self.live.html(self.view.finish(self.res.text, self.res.tokens))
+        self.probabilities.html(LEGEND)
+        self.plain.code(self.res.prompt + self.res.text, language=None, wrap_lines=True)
+        with self.box:
+            result_footer(self.res, self.side)
+
+
+def result_heading(res: Result, side: str, compare: bool) -> None:
+    if compare:
+        st.markdown(f"**{side.upper()}** · {model_label(res.model)} · {res.settings}")
 
 
 def show_result(res: Result | None, side: str, compare: bool) -> None:
     if res is None:
         st.caption("Press **Generate** to sample from the model.")
         return
-    if compare:
-        st.markdown(f"**{side.upper()}** · {model_label(res.model)} · {res.settings}")
+    result_heading(res, side, compare)
     if res.error:
         st.error(res.error)
         if not res.text:
@@ -142,6 +178,11 @@ def show_result(res: Result | None, side: str, compare: bool) -> None:
         st.html(LEGEND)
     with plain:
         st.code(res.prompt + res.text, language=None, wrap_lines=True)
+    result_footer(res, side)
+
+
+def result_footer(res: Result, side: str) -> None:
+    """Under a result's view: its status line, the user's rate, notes, and the token inspector."""
     status = {"done": "finished", "stopped": "stopped", "error": "failed", "running": "generating"}[res.status]
     reason = {"stop": " (stop string or end of text)", "length": " (max new tokens)"}.get(res.finish_reason or "", "")
     rate = len(res.tokens) / res.elapsed if res.elapsed > 0 else 0.0

@@ -173,22 +173,27 @@ def generate_page(settings: PlaygroundSettings) -> None:
                     res = Result(model, prompt, describe(params[side]), started=st.session_state.run_started)
                     st.session_state[f"result_{side}"] = res
 
-    # Two slots per side: the text while it streams in, then the result. Were the result drawn into
-    # the streaming slot, Streamlit would keep the streamed pieces beyond the result's own elements
-    # under it until the next rerun (they come from the same run, so nothing marks them stale).
+    # Per side, the result drawn whole (`outputs`), in every run but the one that generates it, where
+    # it streams in and is finished in place instead, in one of two slots taken in turn. The other one,
+    # drawn empty, clears the result the last generation finished there: Streamlit reuses a container
+    # drawn again at the same place, and would keep the old result's elements under the new text.
+    if started:
+        st.session_state.stream_slot = 1 - st.session_state.get("stream_slot", 0)
+    turn = st.session_state.get("stream_slot", 0)
     streaming, outputs = {}, {}
     for side, col in zip(sides, output_cols):
         with col:
-            streaming[side], outputs[side] = st.empty(), st.empty()
+            streaming[side] = [st.empty(), st.empty()][turn]
+            outputs[side] = st.empty()
     results = {s: st.session_state.get(f"result_{s}") for s in sides}
     for res in results.values():
         if res is not None and res.status == "running" and not started:
             res.status = "stopped"  # the run generating it was interrupted: Stop, or another widget
-    if started:
-        run_generation(backend, params, results, streaming)
+    finished = run_generation(backend, params, results, streaming, compare) if started else set()
     for side, res in results.items():
-        with outputs[side].container():
-            show_result(res, side, compare)
+        if side not in finished:
+            with outputs[side].container():
+                show_result(res, side, compare)
 
 
 def model_picker(backend: Backend, names: list[str], side: str, compare: bool) -> ModelCard | None:

@@ -26,32 +26,22 @@ def token_tip(t: TokenView) -> str:
     return head + "\nmost likely here:\n" + "\n".join(f"  {_shown(a)}  {p:.1%}" for a, p in t.top)
 
 
-def _token_html(t: TokenView, piece: str, i: int | None) -> str:
-    """One token's span; with its tooltip unless `i` is None (text still streaming in)."""
+def _token_html(t: TokenView, piece: str, i: int) -> str:
+    """One token's span, with its alternatives in a tooltip."""
     style = f' style="background:{prob_colour(t.prob)}"' if t.prob is not None else ""
     body = html.escape(piece)
     if piece.strip("\n") == "":  # a newline token: give it something to hover
         body = '<span class="quill-nl">↵</span>' + body
-    tip = "" if i is None else f' tabindex="0" data-i="{i}" data-tip="{html.escape(token_tip(t))}"'
-    return f'<span class="quill-tok"{style}{tip}>{body}</span>'
+    return (
+        f'<span class="quill-tok"{style} tabindex="0" data-i="{i}" data-tip="{html.escape(token_tip(t))}">{body}</span>'
+    )
 
 
 def render_tokens(prompt: str, text: str, tokens: list[TokenView]) -> str:
     """HTML for the prompt then the generated text, each token coloured by its probability, with its
     alternatives in a tooltip (on hover, or on focus: click a token). `text` is the truth: token texts
     are laid over it, so a stop string's tokens, generated but not shown, fall off the end."""
-    parts = ['<div class="quill-output">', prompt_html(prompt)]
-    pos = 0
-    for i, t in enumerate(tokens):
-        if pos >= len(text):
-            break
-        piece = text[pos : pos + len(t.text)]
-        pos += len(piece)
-        parts.append(_token_html(t, piece, i))
-    if pos < len(text):
-        parts.append(html.escape(text[pos:]))
-    parts.append("</div>")
-    return "".join(parts)
+    return f'<div class="quill-output">{prompt_html(prompt)}{LiveView().finish(text, tokens)}</div>'
 
 
 def prompt_html(prompt: str) -> str:
@@ -62,11 +52,12 @@ CURSOR = '<span class="quill-cursor">▌</span>'
 
 
 class LiveView:
-    """The probability view while text streams in, drawn in pieces: each update is the HTML of the
-    tokens shown since the last one, appended after it (`CSS` lays the pieces out as one text).
+    """The probability view drawn in pieces as the text streams in: each update is the HTML of the
+    tokens shown since the last one, appended after it (`CSS` lays the pieces out as one text), and
+    `finish` draws the rest. The pieces together are `render_tokens`' view, without its frame.
 
     Redrawing the whole view at every update made each one cost the browser more as the text grew:
-    the whole HTML sent, parsed and laid out again. Tooltips wait for the finished view."""
+    the whole HTML sent, parsed and laid out again; and so did drawing it whole once more at the end."""
 
     def __init__(self) -> None:
         self.pos = 0
@@ -78,13 +69,26 @@ class LiveView:
         """HTML of the tokens not drawn yet whose text is shown: a token whose text is still held back
         (it may begin a stop string) waits. Empty if there is nothing new."""
         parts = []
-        while self.count < len(tokens):
+        while self.count < len(tokens) and self.pos + len(tokens[self.count].text) <= len(text):
             t = tokens[self.count]
-            if self.pos + len(t.text) > len(text):
-                break
-            parts.append(_token_html(t, t.text, None))
+            parts.append(_token_html(t, t.text, self.count))
             self.pos += len(t.text)
             self.count += 1
+        return "".join(parts)
+
+    def finish(self, text: str, tokens: list[TokenView]) -> str:
+        """HTML of everything not drawn yet of the final text: the tokens laid over it (the last one
+        cut where the text ends: a stop string's tokens fall off), then any text no token covers."""
+        parts = []
+        while self.count < len(tokens) and self.pos < len(text):
+            t = tokens[self.count]
+            piece = text[self.pos : self.pos + len(t.text)]
+            parts.append(_token_html(t, piece, self.count))
+            self.pos += len(piece)
+            self.count += 1
+        if self.pos < len(text):
+            parts.append(html.escape(text[self.pos :]))
+            self.pos = len(text)
         return "".join(parts)
 
 
