@@ -133,6 +133,15 @@ def test_stop_string_ends_text(monkeypatch, tiny_model_dir):
     assert res.finish_reason == "stop" and res.text == first[: first.index(stop)]
     html = "".join(h.value for h in at.html)
     assert html.count('class="quill-tok"') == len(res.text)  # the stop string's tokens are not shown
+    # stopped before the first character: the finished view is the prompt alone, its cursor gone
+    at.text_area(key="stop_a").input(first[:1])
+    at.button(key="generate").click().run()
+    assert generated(at).text == "" and not at.exception and not errors(at)
+    values = [h.value for h in at.html]
+    legend = next(i for i, v in enumerate(values) if "quill-legend" in v)
+    assert 'class="quill-tok"' not in "".join(values)
+    assert 'class="quill-cursor"' in values[legend - 2]  # the prompt, as it streamed in
+    assert 'class="quill-cursor"' not in values[legend - 1]  # the last piece: the CSS hides every cursor before it
 
 
 def test_shakespeare_default_prompt_and_prompt_outside_vocabulary(monkeypatch, tmp_path, tiny_model, char_tokenizer):

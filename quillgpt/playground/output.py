@@ -151,7 +151,9 @@ class LiveResult:
             self.live.html(new + CURSOR)
 
     def finish(self) -> None:
-        self.live.html(self.view.finish(self.res.text, self.res.tokens))
+        # a last piece, without the cursor, even if empty (st.html refuses an empty body): the CSS hides
+        # the cursor of every piece but the last
+        self.live.html(self.view.finish(self.res.text, self.res.tokens) or "<span></span>")
         self.probabilities.html(LEGEND)
         self.plain.code(self.res.prompt + self.res.text, language=None, wrap_lines=True)
         with self.box:
