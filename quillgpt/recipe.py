@@ -8,8 +8,10 @@ to that config, but for the 12-epoch cap on `max_iters` (rule 4), which that run
 
 1. Throughput, measured: before choosing, a few training steps of each candidate shape are timed on
    this machine at the run's batch, context and dtype (`quillgpt.throughput`: seconds, cached per
-   machine and shape; the chosen shape, if its figure came from the cache, is timed again, as this
-   VM has run 20-30% faster than its rate cached an hour before). The planned tokens are the steps
+   machine and shape; the chosen shape is timed again with its dropout, which the ladder leaves out
+   (dropout 0.2 cost 4 × 192 a fifth of its speed: a 20-minute run saw 0.74× its plan), and when its
+   figure came from the cache, as this VM has run 20-30% faster than its rate cached an hour
+   before). The planned tokens are the steps
    that fit the budget at that rate, less the evaluations (their batches at the measured forward
    rate, their checkpoints) and, compiled, a minute of compile warm-up; compiled steps are taken as
    1.18× the eager rate (5,043 vs 4,289 tokens/s at 6 × 256 on the reference machine; not measured
@@ -263,9 +265,17 @@ def recipe(stats: TextStats, minutes: float, data_path: str | None = None, rate:
             break
         chosen = (n_layer, n_embd, tokens, params, measured)
     n_layer, n_embd, tokens, params, measured = chosen
-    if retime and measured.source == "cached":  # rule 1: timed again now, the machine's speed drifts
-        cfg = config(n_layer, n_embd)
-        measured = fresh_rate(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab)))
+
+    # rule 5: dropout by the epochs the ladder planned, more where the model outsizes the text
+    dropout = 0.0 if tokens / train_tokens <= 6 else 0.2
+    if params > MAX_PARAMS_PER_TRAIN_TOKEN * train_tokens:
+        dropout = 0.3
+    # rule 1 again: the run's own config is timed, its dropout included (the ladder times none), and
+    # timed afresh where its figure came from the cache (the machine's speed drifts)
+    if dropout or (retime and measured.source == "cached"):
+        cfg = config(n_layer, n_embd, dropout)
+        timed = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
+        measured = fresh_rate(timed) if retime else rate(timed)
         tokens, _, _ = training_tokens(measured, cfg, seconds)
 
     # rule 4: at most MAX_EPOCHS passes (max_iters below): a small text ends early
@@ -275,11 +285,6 @@ def recipe(stats: TextStats, minutes: float, data_path: str | None = None, rate:
         seconds *= MAX_EPOCHS / epochs
         tokens, epochs = MAX_EPOCHS * train_tokens, MAX_EPOCHS
         compiled = compiled and seconds >= COMPILE_FROM_MINUTES * 60  # rule 8 holds for the shortened run
-
-    # rule 5: dropout by planned epochs, more where the model outsizes the text
-    dropout = 0.0 if epochs <= 6 else 0.2
-    if params > MAX_PARAMS_PER_TRAIN_TOKEN * train_tokens:
-        dropout = 0.3
 
     eval_interval, eval_iters = _eval_schedule(tokens / (batch * context))
     cfg = config(n_layer, n_embd, dropout, eval_interval, eval_iters)

@@ -68,11 +68,13 @@ def machine_key(device: torch.device | None = None) -> str:
 
 
 def shape_key(cfg: TrainConfig) -> str:
-    """What a measurement depends on in the config: the model's shape and the step's size and kind."""
+    """What a measurement depends on in the config: the model's shape and the step's size and kind
+    (dropout's masks cost time too)."""
     m = cfg.model
     return (
         f"{m.n_layer}x{m.n_embd} h{m.n_head} vocab {m.vocab_size} context {m.block_size} batch {cfg.batch_size}"
         f" accum {cfg.grad_accum} {cfg.optimizer} {cfg.dtype} {m.activation} {m.pos_emb} {m.norm}"
+        + (f" dropout {m.dropout:g}" if m.dropout else "")
     )
 
 
