@@ -9,9 +9,9 @@ to that config, but for the 12-epoch cap on `max_iters` (rule 4), which that run
 1. Throughput, measured: before choosing, a few training steps of each candidate shape are timed on
    this machine at the run's batch, context and dtype (`quillgpt.throughput`: seconds, cached per
    machine and shape; the chosen shape is timed again with its dropout, which the ladder leaves out
-   (dropout 0.2 cost 4 × 192 a fifth of its speed: a 20-minute run saw 0.74× its plan), and when its
-   figure came from the cache, as this VM has run 20-30% faster than its rate cached an hour
-   before). The planned tokens are the steps
+   (dropout 0.2 costs 4 × 192 about 6% of its speed), and when its figure came from the cache, as
+   this VM has run 20-30% faster than its rate cached an hour before; over 20 minutes its speed still
+   drifts by ±25% from the plan's). The planned tokens are the steps
    that fit the budget at that rate, less the evaluations (their batches at the measured forward
    rate, their checkpoints) and, compiled, a minute of compile warm-up; compiled steps are taken as
    1.18× the eager rate (5,043 vs 4,289 tokens/s at 6 × 256 on the reference machine; not measured
