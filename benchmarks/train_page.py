@@ -28,12 +28,12 @@ from machine import cpu_info
 from playground import CHROMIUM, CHROMIUM_ARGS, default_threads_env, playground
 
 from quillgpt.playground import training
-from quillgpt.rundir import METRICS_FILE, PLAN_FILE, read_metrics
+from quillgpt.rundir import METRICS_FILE, read_metrics, read_plan
 
 
 def run_figures(run: Path) -> dict:
     """Planned and seen tokens of a finished run, and its rate over training steps alone."""
-    plan = json.loads((run / PLAN_FILE).read_text(encoding="utf-8"))
+    plan = read_plan(run)
     metrics = read_metrics(run)
     steps = metrics.steps
     evaluated = {e["step"] for e in metrics.evals}

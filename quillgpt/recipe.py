@@ -11,12 +11,12 @@ to that config, but for the 12-epoch cap on `max_iters` (rule 4), which that run
    machine and shape; the chosen shape is timed again with its dropout, which the ladder leaves out
    (dropout 0.2 costs 4 × 192 about 6% of its speed), and when its figure came from the cache, as
    this VM has run 20-30% faster than its rate cached an hour before; over 20 minutes its speed still
-   drifts by ±25% from the plan's). The planned tokens are the steps
-   that fit the budget at that rate, less the evaluations (their batches at the measured forward
-   rate, their checkpoints) and, compiled, a minute of compile warm-up; compiled steps are taken as
-   1.18× the eager rate (5,043 vs 4,289 tokens/s at 6 × 256 on the reference machine; not measured
-   here). The reference machine's rule (~142 GFLOP/s of eager steps, `reference_rate`) was what the
-   recipe assumed before: it overestimated a Zen 4 by 1.6×.
+   drifts by ±25% from the plan's). The planned tokens are the steps that fit the budget at that
+   rate, less the evaluations (their batches at the measured forward rate, their checkpoints) and,
+   compiled, a minute of compile warm-up; compiled steps are taken as 1.18× the eager rate (5,043 vs
+   4,289 tokens/s at 6 × 256 on the reference machine; not measured here). The reference machine's
+   rule (~142 GFLOP/s of eager steps, `reference_rate`) was what the recipe assumed before: it
+   overestimated a Zen 4 by 1.6×.
 2. Shape: a ladder of shapes with 64-wide heads (4 × 128, 4 × 192, 6 × 256, 8 × 384, 10 × 512).
    Take the largest whose planned tokens reach its non-embedding parameter count (≥ 1 token per
    parameter: the speedrun had 1.15 and won; 6 × 384 at that budget, ~0.5, lost: attempt 2; timed

@@ -55,6 +55,11 @@ def read_train_config(run: Path) -> dict:
     return json.loads(train_config_path(run).read_text(encoding="utf-8"))
 
 
+def read_plan(run: Path) -> dict:
+    """The recipe's plan the run saved (raises OSError or ValueError when missing or unreadable)."""
+    return json.loads((Path(run) / PLAN_FILE).read_text(encoding="utf-8"))
+
+
 def state_path(run: Path) -> Path:
     """The training state that --resume continues from."""
     return Path(run) / LAST_DIR / STATE_FILE

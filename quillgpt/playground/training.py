@@ -27,7 +27,7 @@ from pathlib import Path
 from quillgpt.data import DataError, load_text
 from quillgpt.fileio import write_bytes, write_json
 from quillgpt.recipe import TextStats, describe, recipe
-from quillgpt.rundir import PLAN_FILE, RUNS_DIR, MetricsFollower, model_dir, read_progress, resumable, train_config_path
+from quillgpt.rundir import RUNS_DIR, MetricsFollower, model_dir, read_plan, read_progress, resumable, train_config_path
 from quillgpt.throughput import cached_rate
 
 JOB_FILE = "job.json"
@@ -235,7 +235,7 @@ def status(run: Path) -> RunStatus:
     job = read_job(run)
     s = RunStatus(run, "failed", job.get("label", run.name), job.get("minutes", 0.0), job.get("recipe", ""))
     with contextlib.suppress(OSError, ValueError, AttributeError):  # the run's own plan, once it has saved it
-        s.recipe = json.loads((run / PLAN_FILE).read_text(encoding="utf-8")).get("description") or s.recipe
+        s.recipe = read_plan(run).get("description") or s.recipe
     progress = read_progress(run, _metrics)
     s.steps, s.evals, s.final_val = progress.metrics.steps, progress.metrics.evals, progress.metrics.final_val_loss
     if last := progress.last_step:
