@@ -16,6 +16,7 @@ from quillgpt.checkpoint import save_model
 from quillgpt.playground import training
 from quillgpt.playground.training import TrainingError, save_upload, status
 from quillgpt.recipe import TextStats, recipe, reference_rate
+from quillgpt.rundir import read_plan
 
 APP = Path(__file__).resolve().parent.parent / "app.py"
 TEXT = "".join(f"Line {i}: the quick brown fox jumps over the lazy dog, and the dog sleeps on.\n" for i in range(60))
@@ -67,6 +68,7 @@ def test_start_stop_resume_a_real_run(tmp_path):
         running = status(run)
         assert running.state == "running" and running.budget_s == 30 and 0 < running.fraction < 1
         assert running.parameters and running.tokens > 0 and running.recipe.startswith("recipe for 2 min")
+        assert running.recipe == read_plan(run)["description"]  # the run's own plan, once saved
         training.stop(run)
         stopped = wait_for(lambda: (s := status(run)).state == "stopped" and s, "the run to stop", 30)
         assert stopped.resumable and stopped.model_dir is not None
