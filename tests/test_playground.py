@@ -172,6 +172,17 @@ def test_bad_settings_show_a_message(monkeypatch, tiny_model_dir, widget, key, v
     assert "result_a" not in at.session_state
 
 
+def test_both_ways_of_starting_the_page_turn_off_streamlits_collection_after_each_run():
+    """`quill playground`'s flag and the repository's .streamlit/config.toml (read by `streamlit run
+    app.py`) agree: no full garbage collection holding the server after every run of the page."""
+    assert "--runner.postScriptGC=false" in launch.streamlit_command([])
+    code = "from streamlit import config; print(config.get_option('runner.postScriptGC'))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO / "docs", capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"  # Streamlit's own default, elsewhere: the file above is what changes it
+
+
 def test_missing_model_shows_a_message(monkeypatch, tmp_path):
     at = app(monkeypatch, [tmp_path / "no-such-model"])
     assert not at.exception

@@ -32,6 +32,7 @@ def streamlit_command(
         "--browser.gatherUsageStats=false",
         "--server.fileWatcherType=none",
         "--client.toolbarMode=minimal",
+        "--runner.postScriptGC=false",  # as .streamlit/config.toml says, for `streamlit run app.py`
         "--", *args,
     ]  # fmt: skip
 

@@ -11,6 +11,7 @@ that, from $QUILL_PLAYGROUND_MODELS (os.pathsep-separated) and $QUILL_API_URL.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 
@@ -62,6 +63,10 @@ written by training — in the sidebar, or start it with `quill playground --mod
 def _load_cached(path: str, stamp: float) -> LoadedModel:
     loaded = load_model(path, device=resolve_device("auto"), weights="auto")
     warm_up(loaded)  # when the model is selected, not inside the first Generate
+    # What lives now (torch, Streamlit, the model: hundreds of thousands of objects) lives as long as the
+    # server: kept out of the garbage collector's full passes, which would otherwise walk it all while
+    # holding the interpreter, and the server would send nothing meanwhile (docs/results.md).
+    gc.freeze()
     return loaded
 
 
