@@ -169,7 +169,48 @@ def test_bad_settings_show_a_message(monkeypatch, tiny_model_dir, widget, key, v
     assert any(message in e for e in errors(at))
     at.button(key="generate").click().run()
     assert any("Fix the problems above" in e for e in errors(at))
-    assert "result_a" not in at.session_state
+    assert "result_a" not in at.session_state and "generation" not in at.session_state
+    assert not streams_alive()  # nothing was started
+
+
+def streams_alive() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "quill-stream" and t.is_alive()]
+
+
+def test_the_click_starts_the_model_before_the_page_is_drawn(monkeypatch, tiny_model_dir):
+    """Generate's callback starts the generation when the click reaches the server; the page, drawn
+    after it, receives it under way and shows the same result to its end."""
+    at = app(monkeypatch, [tiny_model_dir])
+    at.number_input(key="max_new_tokens_a").set_value(12)
+    at.text_input(key="seed_a").input("5")
+    seen = []
+    drawn = page.page
+    monkeypatch.setattr(
+        page, "page", lambda settings, generation=None: (seen.append(generation), drawn(settings, generation))
+    )
+    at.button(key="generate").click().run()
+    assert not at.exception and not errors(at)
+    (generation,) = seen  # the click's run, its page handed what the callback started
+    assert generation is not None and set(generation.streams) == {"a"}
+    assert generation.results["a"] is generated(at) and generated(at).status == "done"
+    assert len(generated(at).tokens) == 12 and generated(at).settings == "temperature 1 · seed 5"
+    at.run()  # a run without a click starts nothing
+    assert seen[-1] is None and generated(at).status == "done"
+
+
+def test_a_run_that_fails_before_drawing_the_generation_stops_it(monkeypatch, tiny_model_dir):
+    """What the click's callback started is stopped when the page's run ends without drawing it (an
+    error, or another click interrupting it): no thread is left decoding for nobody."""
+    at = app(monkeypatch, [tiny_model_dir])
+    at.number_input(key="max_new_tokens_a").set_value(5000)  # seconds of decoding for the tiny model
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("the page broke")
+
+    monkeypatch.setattr(page, "prompt_box", fail)
+    at.button(key="generate").click().run()
+    assert any("the page broke" in e for e in errors(at))
+    assert not streams_alive()
 
 
 def test_both_ways_of_starting_the_page_turn_off_streamlits_collection_after_each_run():

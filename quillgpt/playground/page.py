@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import time
 
 import streamlit as st
 
@@ -29,7 +28,7 @@ from quillgpt.device import resolve_device
 from quillgpt.playground.api import ApiBackend
 from quillgpt.playground.backend import Backend, BackendError, ModelCard
 from quillgpt.playground.local import LocalBackend, warm_up
-from quillgpt.playground.output import Result, model_label, run_generation, show_result
+from quillgpt.playground.output import Generation, Result, model_label, run_generation, show_result
 from quillgpt.playground.settings import PlaygroundSettings, parse_seed, parse_stop_strings, read_settings
 from quillgpt.playground.train_page import train_page
 from quillgpt.playground.training import runs_dir, trained_models
@@ -90,19 +89,24 @@ def make_backend(settings: PlaygroundSettings) -> Backend:
 
 
 def main() -> None:
-    st.session_state.run_started = time.monotonic()
+    # What Generate's callback started in this run, if anything; stopped at the end of the run unless
+    # the page drew it to its end (an interrupted run, or one that found a problem, leaves no thread).
+    generation = st.session_state.pop("generation", None)
     st.set_page_config(page_title="QuillGPT playground", page_icon="🪶", layout="wide")
     st.html(CSS)
     try:
-        page(read_settings())
+        page(read_settings(), generation)
     except BackendError as e:
         st.error(str(e))
     except Exception as e:  # the last line of defence: a message in the page, the traceback in the log
         log.exception("playground error")
         st.error(f"Something went wrong: {type(e).__name__}: {e}")
+    finally:
+        if generation is not None:
+            generation.close()
 
 
-def page(settings: PlaygroundSettings) -> None:
+def page(settings: PlaygroundSettings, generation: Generation | None = None) -> None:
     """Generate, or (with models run in this process) Train: a mode chosen in the sidebar."""
     with st.sidebar:
         st.html(CLICK_JS, unsafe_allow_javascript=True)
@@ -112,10 +116,10 @@ def page(settings: PlaygroundSettings) -> None:
     if mode == "Train":
         train_page()
     else:
-        generate_page(settings)
+        generate_page(settings, generation)
 
 
-def generate_page(settings: PlaygroundSettings) -> None:
+def generate_page(settings: PlaygroundSettings, generation: Generation | None) -> None:
     backend = make_backend(settings)
     with st.sidebar:
         st.caption(backend.label)
@@ -165,18 +169,18 @@ def generate_page(settings: PlaygroundSettings) -> None:
             params[side] = sampling_controls(side, compare)
     with button_area:
         b1, b2, _ = st.columns([1, 1, 3 if compare else 2])
-        go = b1.button("Generate", type="primary", key="generate", width="stretch")
+        # the click's callback starts the model before this script draws the page again
+        go = b1.button("Generate", type="primary", key="generate", width="stretch",
+                       on_click=start_generation, args=(backend, sides))  # fmt: skip
         b2.button("Stop", key="stop", width="stretch", help="stop generating and keep the text so far")
         started = False
         if go:
-            if any(cards[s] is None or params[s] is None for s in sides):
+            if generation is None or any(cards[s] is None or params[s] is None for s in sides):
                 st.error("Fix the problems above before generating.")
             else:
                 started = True
                 for side in sides:
-                    model, prompt = st.session_state[f"model_{side}"], st.session_state.prompt
-                    res = Result(model, prompt, describe(params[side]), started=st.session_state.run_started)
-                    st.session_state[f"result_{side}"] = res
+                    st.session_state[f"result_{side}"] = generation.results[side]
 
     # Per side, the result drawn whole (`outputs`), in every run but the one that generates it, where
     # it streams in and is finished in place instead, in one of two slots taken in turn. The other one,
@@ -194,11 +198,23 @@ def generate_page(settings: PlaygroundSettings) -> None:
     for res in results.values():
         if res is not None and res.status == "running" and not started:
             res.status = "stopped"  # the run generating it was interrupted: Stop, or another widget
-    finished = run_generation(backend, params, results, streaming, compare) if started else set()
+    finished = run_generation(generation, streaming, compare) if started else set()
     for side, res in results.items():
         if side not in finished:
             with outputs[side].container():
                 show_result(res, side, compare)
+
+
+def start_generation(backend: Backend, sides: list[str]) -> None:
+    """Generate's callback: start every side's generation from the settings in the session, before the
+    script draws the page (`Generation`). With a setting the page will reject, nothing starts."""
+    try:
+        params = {side: read_sampling(side) for side in sides}
+    except SamplingError:
+        return
+    prompt = st.session_state.prompt
+    results = {s: Result(st.session_state[f"model_{s}"], prompt, describe(params[s])) for s in sides}
+    st.session_state.generation = Generation.start(backend, params, results)
 
 
 def model_picker(backend: Backend, names: list[str], side: str, compare: bool) -> ModelCard | None:
@@ -261,7 +277,7 @@ def prompt_box(default: str) -> None:
 
 
 def sampling_controls(side: str, compare: bool) -> SamplingParams | None:
-    """The sampling widgets of one side; their SamplingParams, or None after showing what is wrong."""
+    """The sampling widgets of one side; the SamplingParams they hold, or None after showing what is wrong."""
     if compare:
         frame = st.expander(f"Sampling settings {side.upper()}", expanded=True)
     else:
@@ -270,7 +286,7 @@ def sampling_controls(side: str, compare: bool) -> SamplingParams | None:
     with frame:
         c1, c2 = st.columns(2)
         c3, c4 = st.columns(2)
-        temperature = c1.number_input(
+        c1.number_input(
             "Temperature",
             0.0,
             5.0,
@@ -279,15 +295,15 @@ def sampling_controls(side: str, compare: bool) -> SamplingParams | None:
             key=f"temperature_{side}",
             help="0 = always the most likely token",
         )
-        top_k = c2.number_input("Top-k", 0, 1_000_000, 0, 1, key=f"top_k_{side}", help="0 = off")
-        top_p = c3.number_input("Top-p", 0.0, 1.0, 1.0, 0.05, key=f"top_p_{side}", help="1 = off")
-        max_new = c4.number_input("Max new tokens", 1, 5000, 300, 50, key=f"max_new_tokens_{side}")
+        c2.number_input("Top-k", 0, 1_000_000, 0, 1, key=f"top_k_{side}", help="0 = off")
+        c3.number_input("Top-p", 0.0, 1.0, 1.0, 0.05, key=f"top_p_{side}", help="1 = off")
+        c4.number_input("Max new tokens", 1, 5000, 300, 50, key=f"max_new_tokens_{side}")
         d1, d2 = st.columns(2)
-        penalty = d1.number_input(
+        d1.number_input(
             "Repetition penalty", 0.0, 10.0, 1.0, 0.05, key=f"repetition_penalty_{side}", help=">1 discourages repeats"
         )
-        seed = d2.text_input("Seed", key=f"seed_{side}", placeholder="random", help="same seed, same text")
-        stop = st.text_area(
+        d2.text_input("Seed", key=f"seed_{side}", placeholder="random", help="same seed, same text")
+        st.text_area(
             "Stop strings",
             key=f"stop_{side}",
             height=68,
@@ -295,20 +311,27 @@ def sampling_controls(side: str, compare: bool) -> SamplingParams | None:
             help="generation ends before the first of these; one per line, \\n for a newline",
         )
     try:
-        return sampling_params(
-            dict(
-                max_new_tokens=int(max_new),
-                temperature=float(temperature),
-                top_k=int(top_k) or None,
-                top_p=float(top_p),
-                repetition_penalty=float(penalty),
-                stop=parse_stop_strings(stop),
-                seed=parse_seed(seed),
-            )
-        )
+        return read_sampling(side)
     except SamplingError as e:
         st.error(f"Bad setting: {e}")
         return None
+
+
+def read_sampling(side: str) -> SamplingParams:
+    """The SamplingParams one side's widgets hold (read from the session, as callbacks see them too);
+    SamplingError names a bad one."""
+    state = st.session_state
+    return sampling_params(
+        dict(
+            max_new_tokens=int(state[f"max_new_tokens_{side}"]),
+            temperature=float(state[f"temperature_{side}"]),
+            top_k=int(state[f"top_k_{side}"]) or None,
+            top_p=float(state[f"top_p_{side}"]),
+            repetition_penalty=float(state[f"repetition_penalty_{side}"]),
+            stop=parse_stop_strings(state[f"stop_{side}"]),
+            seed=parse_seed(state[f"seed_{side}"]),
+        )
+    )
 
 
 def describe(p: SamplingParams) -> str:
