@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -159,8 +160,8 @@ def test_type_prompt_generate_and_see_text(chromium, playground_url, model, tmp_
         shutil.copyfile(shot, target)
 
 
-# `quill generate`'s path (`stream`), timed in a fresh process like the page's, with the page's defaults,
-# from before the first token (the prompt's prefill included) to the last
+# `quill generate`'s path (`stream`), with the page's defaults, timed from before the first token (the
+# prompt's prefill included) to the last, each time a line comes in on stdin (the model stays loaded)
 LIBRARY_RATE = """
 import sys, time
 from quillgpt.checkpoint import load_model
@@ -169,10 +170,13 @@ from quillgpt.sampling import SamplingParams
 m = load_model(sys.argv[1], weights="auto")
 next(stream(m.model, m.tokenizer, "ROMEO:", SamplingParams(max_new_tokens=2)))  # the kernels' first load
 params = SamplingParams(max_new_tokens=300, seed=1)
-t0 = time.perf_counter()
-n = sum(1 for _ in stream(m.model, m.tokenizer, "ROMEO:", params))
-print(300 / (time.perf_counter() - t0))
+print("ready", flush=True)
+for _ in sys.stdin:
+    t0 = time.perf_counter()
+    n = sum(1 for _ in stream(m.model, m.tokenizer, "ROMEO:", params))
+    print(300 / (time.perf_counter() - t0), flush=True)
 """
+PAGE_RUNS = 3
 
 # Installed before the page's scripts: the click's event time, and a moment after the first frame
 # that shows a new "finished" status line (the last run's line must be gone first).
@@ -198,8 +202,10 @@ new MutationObserver(() => {
 def test_page_opens_on_shakespeare_char_and_streams_at_the_models_speed(chromium, tmp_path, capsys):
     """As `make run` starts it (no model named, the server at its default thread count: `make test`'s
     OMP_NUM_THREADS=1 is removed), a fresh page shows shakespeare-char first. With the model loaded,
-    300 tokens from the click on Generate to the frame showing "finished", timed by the browser,
-    beside the library's stream rate for the same model and settings, both printed with the CPU.
+    300 tokens from the click on Generate to the frame showing "finished", timed by the browser, on
+    PAGE_RUNS fresh pages, each beside the library's stream rate for the same model and settings
+    taken right after it (this machine's speed drifts between minutes); the median of those pairs is
+    printed with the CPU.
 
     Correctness is asserted, not speed (tests are not timed here; the ratio's target is in
     benchmarks/playground.py and docs/playground.md).
@@ -210,38 +216,50 @@ def test_page_opens_on_shakespeare_char_and_streams_at_the_models_speed(chromium
     if model not in bundled_models():
         pytest.skip(f"the bundled model {model} is not in this checkout")
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    with streamlit_server([], tmp_path, env) as url, sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(chromium), headless=True, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1440, "height": 1100})
-            page.add_init_script(TIMING_JS)
-            page.goto(url)
-            page.get_by_label("Prompt").wait_for(timeout=120_000)  # the page is up, its model loaded
-            assert page.get_by_role("combobox", name="Model").input_value() == model  # the first model shown
-            assert page.get_by_label("Prompt").input_value() == "ROMEO:"  # its default prompt
-            seed = page.get_by_role("textbox", name="Seed")
-            seed.fill("1")
-            seed.press("Enter")
-            page.wait_for_timeout(500)  # the seed's rerun settles
-            page.get_by_role("button", name="Generate", exact=True).click()
-            page.wait_for_function("() => window.__quill.finished > 0", timeout=120_000, polling=100)
-            timing = page.evaluate("window.__quill")
-            status = page.get_by_text(re.compile(r"^finished.* tokens/s$")).inner_text()
-            n, shown_rate = map(int, re.search(r"(\d+) tokens · (\d+) tokens/s", status).groups())
-            text = page.locator(RESULT_VIEW).first.inner_text()
-        finally:
-            browser.close()
-    cmd = [sys.executable, "-c", LIBRARY_RATE, model]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
-    library = float(out.stdout)
-    assert n == 300  # the page's defaults: 300 new tokens, ROMEO:, the default temperature (the seed as set above)
-    assert text.startswith("ROMEO:") and len(text) > len("ROMEO:") + 100
-    page_rate = n / ((timing["finished"] - timing["click"]) / 1000)
+    library = subprocess.Popen([sys.executable, "-c", LIBRARY_RATE, model], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    ratios = []
+    try:
+        assert library.stdout.readline().strip() == "ready"
+        with streamlit_server([], tmp_path, env) as url, sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=str(chromium), headless=True, args=CHROMIUM_ARGS)
+            try:
+                for _ in range(PAGE_RUNS):
+                    page = browser.new_page(viewport={"width": 1440, "height": 1100})
+                    page.add_init_script(TIMING_JS)
+                    page.goto(url)
+                    page.get_by_label("Prompt").wait_for(timeout=120_000)  # the page is up, its model loaded
+                    assert page.get_by_role("combobox", name="Model").input_value() == model  # the first shown
+                    assert page.get_by_label("Prompt").input_value() == "ROMEO:"  # its default prompt
+                    seed = page.get_by_role("textbox", name="Seed")
+                    seed.fill("1")
+                    seed.press("Enter")
+                    page.wait_for_timeout(500)  # the seed's rerun settles
+                    page.get_by_role("button", name="Generate", exact=True).click()
+                    page.wait_for_function("() => window.__quill.finished > 0", timeout=120_000, polling=100)
+                    timing = page.evaluate("window.__quill")
+                    status = page.get_by_text(re.compile(r"^finished.* tokens/s$")).inner_text()
+                    n = int(re.search(r"(\d+) tokens · \d+ tokens/s", status).group(1))
+                    text = page.locator(RESULT_VIEW).first.inner_text()
+                    page.close()
+                    # the page's defaults: 300 new tokens, ROMEO:, the default temperature (the seed as set above)
+                    assert n == 300
+                    assert text.startswith("ROMEO:") and len(text) > len("ROMEO:") + 100
+                    page_rate = n / ((timing["finished"] - timing["click"]) / 1000)
+                    library.stdin.write("go\n")
+                    library.stdin.flush()
+                    ratios.append((page_rate, float(library.stdout.readline())))
+            finally:
+                browser.close()
+    finally:
+        library.stdin.close()
+        library.wait(timeout=30)
+    pairs = ", ".join(f"{p:.0f}/{q:.0f}" for p, q in ratios)
     with capsys.disabled():
         print(
             f"\nplayground, {model}, 300 tokens, {cpu_model()} ({os.cpu_count()} cores), default threads: "
-            f"click to finished {page_rate:.0f} tokens/s (the status line said {shown_rate}), "
-            f"library (stream, first token included) {library:.0f} tokens/s; page/library {page_rate / library:.0%}"
+            f"click to finished / library (stream, first token included) {pairs} tokens/s; "
+            f"page/library median {statistics.median(p / q for p, q in ratios):.0%}"
         )
 
 
