@@ -8,7 +8,7 @@ opens the Train page, picks the minutes, presses Train and keeps the page open u
 Both read the throughput cache the first one fills, so both plan the same shape and tokens.
 
 For each run: tokens planned (its recipe.json), tokens seen (its last step in metrics.jsonl), and its
-training rate (tokens per second over its steps, the pauses for evaluation left out). Targets: seen
+training rate (tokens per second of its median step, the pauses for evaluation left out). Targets: seen
 within 15% of planned, and the watched rate ≥ 90% of the unwatched one.
 Prints human-readable lines, then one JSON line.
 
@@ -28,22 +28,19 @@ from machine import cpu_info
 from playground import CHROMIUM, CHROMIUM_ARGS, default_threads_env, playground
 
 from quillgpt.playground import training
-from quillgpt.rundir import METRICS_FILE, read_metrics, read_plan
+from quillgpt.rundir import METRICS_FILE, pace, read_metrics, read_plan
 
 
 def run_figures(run: Path) -> dict:
-    """Planned and seen tokens of a finished run, and its rate over training steps alone."""
+    """Planned and seen tokens of a finished run, and its rate over training steps alone (`pace`)."""
     plan = read_plan(run)
     metrics = read_metrics(run)
-    steps = metrics.steps
-    evaluated = {e["step"] for e in metrics.evals}
-    gaps = [b["time_s"] - a["time_s"] for a, b in zip(steps, steps[1:]) if a["step"] not in evaluated]
-    per_step = steps[1]["tokens"] - steps[0]["tokens"]
+    seen = metrics.steps[-1]["tokens"]
     return {
         "planned_tokens": plan["tokens"],
-        "seen_tokens": steps[-1]["tokens"],
-        "seen_over_planned": round(steps[-1]["tokens"] / plan["tokens"], 3),
-        "tokens_per_s": round(per_step * len(gaps) / sum(gaps)),
+        "seen_tokens": seen,
+        "seen_over_planned": round(seen / plan["tokens"], 3),
+        "tokens_per_s": round(pace(metrics).tokens_per_s),
         "plan": plan["description"],
     }
 

@@ -24,7 +24,7 @@ from quillgpt.generate import generate, stream
 from quillgpt.interop import EXPORT_FORMATS, IMPORT_FORMATS, export_model, import_model
 from quillgpt.model import GPT
 from quillgpt.playground.launch import launch
-from quillgpt.recipe import TextStats, describe, recipe
+from quillgpt.recipe import TextStats, describe, learn_from_run, recipe
 from quillgpt.rundir import PLAN_FILE, RUNS_DIR, train_config_path
 from quillgpt.sampling import LIMITS, SamplingError, sampling_params
 from quillgpt.tokenizer import TokenizerError
@@ -172,6 +172,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         on_step=on_step,
     )  # fmt: skip
     if int(os.environ.get("RANK", "0")) == 0:
+        if on_step is not None and not s.interrupted and (compiled := learn_from_run(Path(out), cfg)):
+            runs = f"{compiled.runs} run{'s' if compiled.runs > 1 else ''}"
+            print(f"compiling, kept for the next plans here: ×{compiled.speedup:.2f} the eager rate after "
+                  f"{compiled.start_s:.0f} s (the median of {runs})")  # fmt: skip
         best = f"{s.best_val_loss:.4f}" if s.best_val_loss is not None else "n/a"
         if s.full_val_loss is not None:
             best += f" (whole val split: {s.full_val_loss:.4f})"

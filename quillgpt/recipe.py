@@ -13,13 +13,17 @@ to that config, but for the 12-epoch cap on `max_iters` (rule 4), which that run
    this VM has run 20-30% faster than its rate cached an hour before; over 20 minutes its speed still
    drifts by ±25% from the plan's). The planned tokens are the steps that fit the budget at that
    rate, less the evaluations (their batches at the measured forward rate, their checkpoints) and,
-   compiled, a minute of compile warm-up; compiled steps are taken as 1.18× the eager rate (5,043 vs
-   4,289 tokens/s at 6 × 256 on the reference machine; not measured here). The reference machine's
+   compiled, the compile warm-up. Compiling is not timed before a run (it takes up to a minute): a
+   compiled run measures what it did (its steady steps over the plan's eager rate, its first step's
+   extra seconds) and leaves it for the next plans on the machine (`learn_from_run`); before the first,
+   the reference machine's figures stand: 1.18× the eager rate (5,043 vs 4,289 tokens/s at 6 × 256)
+   after a minute of warm-up (this VM, an AMD EPYC: 1.03–1.37× after 3 s). The reference machine's
    rule (~142 GFLOP/s of eager steps, `reference_rate`) was what the recipe assumed before: it
    overestimated a Zen 4 by 1.6×.
 2. Shape: a ladder of shapes with 64-wide heads (4 × 128, 4 × 192, 6 × 256, 8 × 384, 10 × 512).
-   Take the largest whose planned tokens reach its non-embedding parameter count (≥ 1 token per
-   parameter: the speedrun had 1.15 and won; 6 × 384 at that budget, ~0.5, lost: attempt 2; timed
+   Take the largest whose planned tokens reach 1.1 × its non-embedding parameter count (the speedrun
+   planned 1.12 and won; 6 × 384 at that budget, ~0.5, lost: attempt 2; seeing 0.86–0.96 (one planned
+   1.02), the larger shape lost to the smaller one in the three pairs run for issue 27; timed
    from small to large, up to the first one not fed), and
    whose parameters are at most 5 × the training tokens (Tiny Shakespeare: 4.7 and fine). The
    smallest shape is the floor.
@@ -61,9 +65,11 @@ import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from quillgpt.config import ConfigError, GPTConfig, TrainConfig
-from quillgpt.throughput import Rate, cached_rate, fresh_rate
+from quillgpt.rundir import pace, read_metrics, read_plan
+from quillgpt.throughput import Compiled, Rate, cached_rate, fresh_rate, record_compiled
 
 RateFn = Callable[[TrainConfig], Rate]
 """How fast a config trains (eager): `cached_rate` measures this machine, `reference_rate` assumes another."""
@@ -72,17 +78,19 @@ REFERENCE_FLOPS = 142e9
 33M FLOPs per token (docs/results.md). With compiling, evaluations and checkpoints, the speedrun saw 4,580."""
 REFERENCE_CHECKPOINT_S = 0.5
 COMPILE_SPEEDUP = 1.18
-"""Compiled over eager tokens/s at 6 × 256 (5,043 / 4,289, docs/results.md); not measured here: compiling
-takes longer than the whole measurement."""
+"""Compiled over eager tokens/s at 6 × 256 on the reference machine (5,043 / 4,289, docs/results.md): what a
+plan assumes until a compiled run on its machine has measured it (`learn_from_run`)."""
 COMPILE_SECONDS = 60.0
-"""The compile warm-up inside the first step (about a minute on 2 cores, not measured separately)."""
+"""The compile warm-up inside the first step on the reference machine (about a minute on 2 cores, torch's
+kernel cache empty): assumed likewise."""
 OPTIMISM = 1.5
 """A larger shape runs at most this much faster, in FLOP/s, than the next smaller one measured: past that,
 it is not timed."""
 SHAPES = ((4, 128), (4, 192), (6, 256), (8, 384), (10, 512))
 """(n_layer, n_embd) from small to large; heads are 64 wide."""
 HEAD_DIM = 64
-TOKENS_PER_PARAM = 1.0
+TOKENS_PER_PARAM = 1.1
+"""Planned training tokens per block parameter for a shape to count as fed (rule 2)."""
 MAX_PARAMS_PER_TRAIN_TOKEN = 5.0
 MAX_EPOCHS = 12.0
 BPE_VOCAB = 4096
@@ -179,9 +187,9 @@ def training_tokens(rate: Rate, cfg: TrainConfig, seconds: float) -> tuple[float
     the first step) and every evaluation with its checkpoint. Start-up and the final whole-split
     evaluation come after it, in the minutes the budget leaves out (rule 7)."""
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.model.block_size
-    train_rate = rate.train_tokens_per_s * (COMPILE_SPEEDUP if cfg.compile else 1.0)
-    step_s = tokens_per_step / train_rate
-    available = max(seconds - (COMPILE_SECONDS if cfg.compile else 0.0), 0.0)
+    speedup, start_s = compile_figures(rate) if cfg.compile else (1.0, 0.0)
+    step_s = tokens_per_step / (rate.train_tokens_per_s * speedup)
+    available = max(seconds - start_s, 0.0)
     steps = available / step_s
     for _ in range(4):  # the interval depends on the steps, the steps on the evaluations the interval brings
         interval, batches = _eval_schedule(steps)
@@ -189,6 +197,28 @@ def training_tokens(rate: Rate, cfg: TrainConfig, seconds: float) -> tuple[float
         steps = _steps_with_evals(available, step_s, interval, eval_s)
     interval, batches = _eval_schedule(steps)
     return steps * tokens_per_step, interval, batches
+
+
+def compile_figures(rate: Rate) -> tuple[float, float]:
+    """What compiling does for a run here (rule 1): (speed-up over eager steps, start-up seconds), as the
+    last compiled run on this machine measured them, else the reference machine's."""
+    if rate.compiled is not None:
+        return rate.compiled.speedup, rate.compiled.start_s
+    return COMPILE_SPEEDUP, COMPILE_SECONDS
+
+
+def learn_from_run(run: Path, cfg: TrainConfig) -> Compiled | None:
+    """After a compiled run the recipe planned (without overrides): what compiling did for it, from its own
+    steps against the eager rate its plan measured, kept for the plans that follow on this machine; what
+    they will read (the median of the runs kept)."""
+    try:
+        plan = read_plan(run)
+    except (OSError, ValueError):
+        return None
+    run_pace = pace(read_metrics(run))
+    if not cfg.compile or plan.get("overrides") or run_pace is None:
+        return None
+    return record_compiled(cfg, Compiled(run_pace.tokens_per_s / plan["rate"]["train_tokens_per_s"], run_pace.start_s))
 
 
 def _steps_with_evals(available: float, step_s: float, interval: int, eval_s: float) -> float:
@@ -353,14 +383,19 @@ def describe(plan: Plan, minutes: float) -> str:
     tokenizer = f"BPE {cfg.bpe_vocab_size:,}" if cfg.tokenizer == "bpe" else "characters"
     regular = f"dropout {m.dropout:g}" if m.dropout else "no dropout"
     early = f", ends early after {cfg.max_iters:,} steps" if plan.shortened else ""
-    eager = " before compiling" if cfg.compile else ""
+    eager = ""
+    if cfg.compile:
+        speedup, _ = compile_figures(plan.rate)
+        runs = plan.rate.compiled.runs if plan.rate.compiled is not None else 0
+        measured = f"as {runs} run{'s' if runs > 1 else ''} here measured" if runs else "assumed"
+        eager = f" before compiling, ×{speedup:.2f} compiled ({measured})"
     return (
         f"recipe for {minutes:g} min: {tokenizer}, {m.n_layer} layers × {m.n_embd} ({m.n_head} heads, "
         f"{_millions(plan.params)} block parameters), context {m.block_size}, batch {cfg.batch_size}, {regular}, "
         f"Muon {cfg.muon_lr:g} + AdamW {cfg.learning_rate:g}, constant then linear decay over the last "
         f"{cfg.decay_frac:.0%} of {cfg.max_minutes:g} min{', compiled' if cfg.compile else ''}; "
         f"~{_millions(plan.tokens)} tokens, {plan.epochs:.1f} epochs{early} "
-        f"at {plan.rate.train_tokens_per_s:,.0f} tokens/s{eager} ({plan.rate.source})"
+        f"at {plan.rate.train_tokens_per_s:,.0f} tokens/s ({plan.rate.source}){eager}"
     )
 
 

@@ -137,6 +137,29 @@ class Metrics:
         return self.final["final_eval"]["val_loss"] if self.final else None
 
 
+@dataclass(frozen=True)
+class Pace:
+    """How fast a run trained, from its metrics: its steady steps and the start-up before them."""
+
+    step_s: float
+    """Seconds per optimizer step, the median gap between steps that were not followed by an evaluation."""
+    tokens_per_s: float
+    start_s: float
+    """Seconds the first step took beyond a steady one: the start-up inside the budget (compiling, mostly)."""
+
+
+def pace(metrics: Metrics) -> Pace | None:
+    """The pace of a run's steps (None before it has taken three): what a plan's rate should have been."""
+    steps = metrics.steps
+    evaluated = {e["step"] for e in metrics.evals}
+    gaps = sorted(b["time_s"] - a["time_s"] for a, b in zip(steps, steps[1:]) if a["step"] not in evaluated)
+    if len(gaps) < 2 or gaps[len(gaps) // 2] <= 0:
+        return None
+    step_s = gaps[len(gaps) // 2]
+    tokens_per_step = (steps[-1]["tokens"] - steps[0]["tokens"]) / (steps[-1]["step"] - steps[0]["step"])
+    return Pace(step_s, tokens_per_step / step_s, max(steps[0]["time_s"] - step_s, 0.0))
+
+
 def read_metrics(run: Path) -> Metrics:
     """The metrics of a run directory (none yet before its first step)."""
     metrics = Metrics()

@@ -8,6 +8,8 @@ writes. `cached_rate` keeps each measurement in a small JSON file, per machine (
 threads, torch version, device) and per shape, so a second plan on the same machine costs nothing:
 `$QUILL_THROUGHPUT_CACHE`, else `throughput.json` in `$QUILL_CACHE_DIR` (default `~/.cache/quillgpt/`);
 delete it to measure again. The shape a recipe chooses is timed again when it plans (`fresh_rate`).
+Compiled steps are not timed here (compiling takes longer than the plan may): a compiled run records
+what compiling did for it (`record_compiled`), and the rates read afterwards carry it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -30,10 +33,31 @@ from quillgpt.model import GPT
 from quillgpt.optim import build_optimizers, optimizer_step
 
 CACHE_FILE = "throughput.json"
+COMPILED_KEY = "compiled"
+"""The machine's entry for what compiling did in its last runs (beside its shapes' entries)."""
 MEASURE_SECONDS = 1.0
 """Time the timed training steps may take together, per shape (at least MIN_STEPS are timed)."""
 MIN_STEPS, MAX_STEPS = 2, 6
 EVAL_BATCHES = 2
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """What `torch.compile` did for a recipe's run on this machine, measured from the run's own steps: too
+    slow to time before a run (compiling a model takes up to a minute on 2 cores), so each compiled run
+    leaves its figures for the next plans here (`record_compiled`)."""
+
+    speedup: float
+    """The run's compiled tokens per second over the eager rate its plan timed just before it."""
+    start_s: float
+    """Seconds the first step took beyond a steady one: compiling (seconds once torch's cache holds the
+    kernels, up to a minute before)."""
+    runs: int = 1
+    """Compiled runs behind the figures: read back, each is the median of the last `KEPT_RUNS` (a plan's
+    eager rate is a second of timing on a machine whose speed drifts, so one run's ratio is noisy)."""
+
+
+KEPT_RUNS = 5
 
 
 @dataclass(frozen=True)
@@ -48,6 +72,8 @@ class Rate:
     """Seconds one evaluation spends writing: the best model and the latest state (weights + optimizers)."""
     source: str
     """"measured" (now), "cached" (measured earlier on this machine) or "reference" (another machine's rule)."""
+    compiled: Compiled | None = None
+    """What compiling did for a run on this machine, once one has run compiled here (`record_compiled`)."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -82,8 +108,10 @@ def cached_rate(cfg: TrainConfig, cache: Path | None = None) -> Rate:
     """The rate of `cfg` on this machine: from the cache when measured before, else measured and cached."""
     path = cache or cache_file()
     machine, shape = machine_key(resolve_device(cfg.device)), shape_key(cfg)
-    if (hit := _read(path).get(machine, {}).get(shape)) is not None:
-        return Rate(hit["train_tokens_per_s"], hit["eval_tokens_per_s"], hit["checkpoint_s"], "cached")
+    entries = _read(path).get(machine, {})
+    if (hit := entries.get(shape)) is not None:
+        rate = Rate(hit["train_tokens_per_s"], hit["eval_tokens_per_s"], hit["checkpoint_s"], "cached")
+        return dataclasses.replace(rate, compiled=_compiled(entries))
     return fresh_rate(cfg, path)
 
 
@@ -96,10 +124,37 @@ def fresh_rate(cfg: TrainConfig, cache: Path | None = None) -> Rate:
     machine, shape = machine_key(resolve_device(cfg.device)), shape_key(cfg)
     rate = measure(cfg)
     entries = _read(path)  # another process may have written meanwhile
-    entries.setdefault(machine, {})[shape] = {k: v for k, v in rate.to_dict().items() if k != "source"}
+    entries.setdefault(machine, {})[shape] = {
+        k: v for k, v in rate.to_dict().items() if k not in ("source", "compiled")
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, entries)
-    return rate
+    return dataclasses.replace(rate, compiled=_compiled(entries[machine]))
+
+
+def record_compiled(cfg: TrainConfig, compiled: Compiled, cache: Path | None = None) -> Compiled:
+    """Keep what compiling did for a run of `cfg` on this machine; what the plans that follow will read."""
+    path = cache or cache_file()
+    entries = _read(path)
+    machine = entries.setdefault(machine_key(resolve_device(cfg.device)), {})
+    runs = [r for r in machine.get(COMPILED_KEY, []) if isinstance(r, dict)]
+    machine[COMPILED_KEY] = [*runs, {"speedup": compiled.speedup, "start_s": compiled.start_s, "shape": shape_key(cfg)}]
+    machine[COMPILED_KEY] = machine[COMPILED_KEY][-KEPT_RUNS:]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, entries)
+    return _compiled(machine)
+
+
+def _compiled(machine: dict) -> Compiled | None:
+    """The median of the compiled runs kept for a machine (any shape: compiling's gain varies less between
+    shapes than a second of timing does between minutes); None before the first."""
+    try:
+        runs = [(float(r["speedup"]), float(r["start_s"])) for r in machine.get(COMPILED_KEY, [])]
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not runs:
+        return None
+    return Compiled(statistics.median(a for a, _ in runs), statistics.median(b for _, b in runs), len(runs))
 
 
 def measure(cfg: TrainConfig, seconds: float = MEASURE_SECONDS) -> Rate:

@@ -12,8 +12,29 @@ import pytest
 from quillgpt.cli import main
 from quillgpt.config import load_train_config
 from quillgpt.model import GPT
-from quillgpt.recipe import MAX_EPOCHS, RecipeError, TextStats, block_params, describe, recipe, reference_rate
-from quillgpt.throughput import Rate, cached_rate, machine_key, measure, shape_key
+from quillgpt.recipe import (
+    COMPILE_SECONDS,
+    COMPILE_SPEEDUP,
+    MAX_EPOCHS,
+    RecipeError,
+    TextStats,
+    block_params,
+    describe,
+    learn_from_run,
+    recipe,
+    reference_rate,
+)
+from quillgpt.rundir import pace, read_metrics
+from quillgpt.throughput import (
+    Compiled,
+    Rate,
+    cached_rate,
+    fresh_rate,
+    machine_key,
+    measure,
+    record_compiled,
+    shape_key,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_SHAKESPEARE = TextStats(chars=1_115_394, bytes=1_115_394, distinct=65)
@@ -203,6 +224,58 @@ def test_a_cached_rate_is_timed_again_for_the_chosen_shape_only(monkeypatch):
     assert timed == [shape_key(dataclasses.replace(plan.config, model=model))] and plan.rate.source == "measured"
     # a rate given is used as it is, cache or not
     assert recipe(TINY_SHAKESPEARE, 5, rate=recipe_module.cached_rate).rate.source == "cached" and len(timed) == 1
+
+
+def test_a_compiled_plan_takes_what_compiled_runs_here_measured():
+    """Until a compiled run has measured this machine, the reference machine's figures (×1.18 after a
+    minute); after, the machine's own: the steps that fit the budget follow from them."""
+
+    def rate_with(compiled):
+        return lambda cfg: dataclasses.replace(reference_rate(cfg), compiled=compiled)
+
+    books = TextStats(6_000_000, 6_000_000, 90)  # the same shape and no dropout either way
+    assumed = recipe(books, 20, rate=rate_with(None))
+    measured = recipe(books, 20, rate=rate_with(Compiled(1.5, 3.0, runs=2)))
+    assert assumed.config.compile and measured.config.model == assumed.config.model
+    budget = assumed.config.max_minutes * 60
+    expected = (1.5 * (budget - 3.0)) / (COMPILE_SPEEDUP * (budget - COMPILE_SECONDS))
+    assert measured.tokens / assumed.tokens == pytest.approx(expected, rel=0.02)  # evaluations: a similar share
+    assert "×1.18 compiled (assumed)" in describe(assumed, 20)
+    assert "×1.50 compiled (as 2 runs here measured)" in describe(measured, 20)
+
+
+def test_the_compiled_runs_kept_are_the_last_five_read_as_their_median(tmp_path):
+    tiny = recipe(TextStats(5_000, 5_000, 60), 1, rate=reference_rate).config
+    tiny.model.vocab_size = 60
+    cache = tmp_path / "throughput.json"
+    assert cached_rate(tiny, cache).compiled is None
+    for speedup, start in [(9.0, 90.0), (1.2, 4.0), (1.6, 2.0), (1.4, 3.0), (1.3, 60.0), (1.5, 3.5)]:
+        kept = record_compiled(tiny, Compiled(speedup, start), cache)
+    assert kept == Compiled(1.4, 3.5, runs=5)  # the first run (9×) fell out
+    assert cached_rate(tiny, cache).compiled == kept  # a cached rate carries it,
+    assert fresh_rate(tiny, cache).compiled == kept  # and timing the shape again keeps it
+    other = dataclasses.replace(tiny, model=dataclasses.replace(tiny.model, n_layer=2))
+    assert cached_rate(other, cache).compiled == kept  # for every shape on this machine
+
+
+def test_a_finished_run_leaves_what_compiling_did_for_the_next_plans(tmp_path, monkeypatch):
+    """From a real run's steps against its plan's eager rate; a run with overrides does not count (its
+    plan's rate is another shape's)."""
+    monkeypatch.setenv("QUILL_THROUGHPUT_CACHE", str(tmp_path / "throughput.json"))  # not the session's
+    text = tmp_path / "story.txt"  # long enough for the recipe's 256-character context: steps of a few ms
+    text.write_text("".join(f"Once upon a time, {i} small models wanted to learn to write.\n" for i in range(800)))
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(text), "--minutes", "2", "--out", str(out), "--set", "max_iters=12"]) == 0
+    cfg = dataclasses.replace(load_train_config(out / "train_config.json"), compile=True)
+    assert learn_from_run(out, cfg) is None  # overridden
+    plan = json.loads((out / "recipe.json").read_text())
+    (out / "recipe.json").write_text(json.dumps({k: v for k, v in plan.items() if k != "overrides"}))
+    assert learn_from_run(out, dataclasses.replace(cfg, compile=False)) is None  # not compiled
+    learned = learn_from_run(out, cfg)
+    run_pace = pace(read_metrics(out))
+    assert learned.speedup == pytest.approx(run_pace.tokens_per_s / plan["rate"]["train_tokens_per_s"])
+    assert learned.start_s == pytest.approx(run_pace.start_s) and learned.runs >= 1
+    assert cached_rate(cfg).compiled == learned
 
 
 # --- quill train --data PATH --minutes N ------------------------------------------------------------

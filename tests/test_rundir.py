@@ -11,6 +11,7 @@ from quillgpt.rundir import (
     RUN_FILES,
     holds_run,
     model_dir,
+    pace,
     read_metrics,
     read_progress,
     read_train_config,
@@ -42,6 +43,17 @@ def test_metrics_of_a_run_under_way_or_not_started(tmp_path):
     assert m.steps == [STEP] and m.evals == [EVAL] and m.final is None and m.final_val_loss is None
     empty = read_metrics(tmp_path / "nothing-yet")
     assert empty.steps == [] and empty.evals == [] and empty.final is None
+
+
+def test_the_pace_of_a_run_leaves_out_its_start_up_and_its_evaluations(tmp_path):
+    """A first step of 3 s (compiling), then a step every 0.5 s but for a 2 s evaluation after step 4."""
+    times = [3.0, 3.5, 4.0, 4.5, 7.0, 7.5, 8.0]
+    steps = [{**STEP, "step": i + 1, "tokens": 4096 * (i + 1), "time_s": t} for i, t in enumerate(times)]
+    write_metrics(tmp_path / "run", [*steps[:4], {**EVAL, "step": 4}, *steps[4:]])
+    got = pace(read_metrics(tmp_path / "run"))
+    assert got.step_s == 0.5 and got.tokens_per_s == 8192 and got.start_s == 2.5
+    write_metrics(tmp_path / "young", steps[:2])
+    assert pace(read_metrics(tmp_path / "young")) is None  # one gap is not a pace
 
 
 def test_progress_reads_the_budget_the_last_step_and_the_end(tmp_path):
