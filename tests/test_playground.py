@@ -6,6 +6,7 @@ import html
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -118,6 +119,39 @@ def test_generate_streams_coloured_tokens(monkeypatch, tiny_model_dir):
     loaded = checkpoint.load_model(tiny_model_dir, weights="auto")
     params = SamplingParams(max_new_tokens=24, seed=7)
     assert res.text == generate(loaded.model, loaded.tokenizer, "First", params)[0].text
+
+
+def inspector_rows(at: AppTest) -> list[tuple[str, float]]:
+    """The token inspector's table: (the alternative as shown, its probability in %)."""
+    table = next(h.value for h in at.html if '<table class="quill-alternatives"' in h.value)
+    rows = re.findall(r'<tr><td><code>(.*?)</code></td><td class="quill-p">([0-9.]+)%</td>', table)
+    return [(html.unescape(a), float(p)) for a, p in rows]
+
+
+def test_the_token_inspector_shows_the_models_own_alternatives_for_the_chosen_token(monkeypatch, tiny_model_dir):
+    at = app(monkeypatch, [tiny_model_dir])
+    at.text_area(key="prompt").input("First")
+    at.number_input(key="max_new_tokens_a").set_value(8)
+    at.text_input(key="seed_a").input("3")
+    at.button(key="generate").click().run()
+    res = generated(at)
+    loaded = checkpoint.load_model(tiny_model_dir, weights="auto")
+    ids = loaded.tokenizer.encode("First" + res.text)
+    with torch.no_grad():
+        logits, _ = loaded.model(torch.tensor([ids]))
+    probs = torch.softmax(logits[0].float(), dim=-1)
+    prompt_len = len(loaded.tokenizer.encode("First"))
+    assert not any('<table class="quill-alternatives"' in h.value for h in at.html)  # drawn once asked for
+    at.toggle(key="inspecting_a").set_value(True).run()
+    for i in (0, 5):  # the first token, shown after generating, then another chosen in the inspector
+        if i:
+            at.selectbox(key="inspect_a").select(i).run()
+        p, top = probs[prompt_len - 1 + i].topk(TOP_ALTERNATIVES)
+        expected = [(repr(loaded.tokenizer.decode([t])), 100 * v) for t, v in zip(top.tolist(), p.tolist())]
+        shown = inspector_rows(at)
+        assert [a for a, _ in shown] == [a for a, _ in expected]
+        assert [v for _, v in shown] == pytest.approx([v for _, v in expected], abs=0.051)
+    assert not at.dataframe  # a plain table: no data grid for the browser to load with every result
 
 
 def test_stop_string_ends_text(monkeypatch, tiny_model_dir):

@@ -14,14 +14,15 @@ from pathlib import Path
 import streamlit as st
 
 from quillgpt.playground.backend import Backend, BackendError, BackgroundStream, Chunk, TokenView
-from quillgpt.playground.view import CURSOR, LEGEND, LiveView, prompt_html, render_tokens
+from quillgpt.playground.view import CURSOR, LEGEND, LiveView, alternatives_html, prompt_html, render_tokens
 
 log = logging.getLogger(__name__)
 
 # How often the page sends new text while it streams in; tokens arriving in between go out
-# together. Each update costs Streamlit's server and the browser a few milliseconds of the CPU the
-# model runs on, whatever its size, so they are coalesced by time rather than sent per token.
-REDRAW_SECONDS = 0.1
+# together. Each update costs the browser a React render, styles and a layout of the page, mostly
+# whatever the update's size, on the cores the model decodes on: four updates a second leave the
+# model more of them than ten did, and still show the text growing (docs/results.md).
+REDRAW_SECONDS = 0.25
 
 # Beside a result's status line: its rate from the click to the frame showing it, kept per result.
 RATE_JS = r"""<script>
@@ -215,12 +216,14 @@ def result_footer(res: Result, side: str) -> None:
         st.caption(res.note)
     if res.status == "stopped":
         st.info("Stopped — the text so far is kept.")
-    if res.tokens:
+    # the inspector is drawn once asked for: its list of every token is the largest part of a finished
+    # result for the browser to lay out
+    if res.tokens and st.toggle("Inspect a token", key=f"inspecting_{side}"):
         inspect_tokens(res, side)
 
 
 def inspect_tokens(res: Result, side: str) -> None:
-    with st.expander("Inspect a token"):
+    with st.container(border=True):
         i = st.selectbox(
             "Token",
             range(len(res.tokens)),
@@ -232,14 +235,6 @@ def inspect_tokens(res: Result, side: str) -> None:
         )
         t = res.tokens[i if i is not None and i < len(res.tokens) else 0]
         if t.top:
-            st.dataframe(
-                {"token": [repr(a) for a, _ in t.top], "probability": [p for _, p in t.top]},
-                hide_index=True,
-                column_config={
-                    "probability": st.column_config.ProgressColumn(
-                        "probability", min_value=0.0, max_value=1.0, format="percent"
-                    )
-                },
-            )
+            st.html(alternatives_html(t))
         else:
             st.caption("No alternatives recorded for this token.")

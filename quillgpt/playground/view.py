@@ -37,6 +37,18 @@ def _token_html(t: TokenView, piece: str, i: int) -> str:
     )
 
 
+def alternatives_html(t: TokenView) -> str:
+    """The token inspector's table: the tokens the model found most likely where `t` was sampled, each
+    with its probability as a bar. Plain HTML: a data grid (`st.dataframe`) loads two dozen scripts
+    into a fresh page the first time it is drawn, and the inspector is drawn with every result."""
+    rows = "".join(
+        f'<tr><td><code>{html.escape(_shown(a))}</code></td><td class="quill-p">{p:.1%}</td>'
+        f'<td class="quill-bar"><span style="width:{100 * min(max(p, 0.0), 1.0):.1f}%"></span></td></tr>'
+        for a, p in t.top
+    )
+    return f'<table class="quill-alternatives"><tr><th>token</th><th colspan="2">probability</th></tr>{rows}</table>'
+
+
 def render_tokens(prompt: str, text: str, tokens: list[TokenView]) -> str:
     """HTML for the prompt then the generated text, each token coloured by its probability, with its
     alternatives in a tooltip (on hover, or on focus: click a token). `text` is the truth: token texts
@@ -111,6 +123,12 @@ CSS = """<style>
   line-height: 1.45; padding: 0.45rem 0.65rem; border-radius: 6px; background: #262730; color: #fafafa;
   box-shadow: 0 3px 10px rgba(0, 0, 0, 0.3); }
 .quill-nl { opacity: 0.45; }
+.quill-alternatives { border-collapse: collapse; font-size: 0.85rem; }
+.quill-alternatives th { text-align: left; font-weight: 600; opacity: 0.7; padding: 0.2rem 0.6rem; }
+.quill-alternatives td { padding: 0.2rem 0.6rem; border-top: 1px solid rgba(128, 128, 128, 0.25); }
+.quill-alternatives .quill-p { text-align: right; font-variant-numeric: tabular-nums; }
+.quill-alternatives .quill-bar { width: 10rem; }
+.quill-alternatives .quill-bar span { display: block; height: 0.6rem; border-radius: 3px; background: #1f6feb; }
 .quill-cursor { opacity: 0.6; }
 .quill-legend { display: flex; align-items: center; gap: 0.5rem; font-size: 0.8rem; opacity: 0.85; }
 .quill-legend .bar { width: 9rem; height: 0.7rem; border-radius: 3px;
