@@ -3,9 +3,10 @@
 The recipe sizes a run (tokens, epochs, dropout, shape) from the rate a config trains at here, not
 from another machine's. `measure` builds the model and optimizers the run will use, takes one
 warm-up step (it allocates the optimizer state), then times a few optimizer steps at the run's batch
-size, context and dtype, a few evaluation forwards (what `estimate_loss` runs) and one checkpoint's
-writes. `cached_rate` keeps each measurement in a small JSON file, per machine (CPU model, torch
-threads, torch version, device) and per shape, so a second plan on the same machine costs nothing:
+size, context and dtype (their median, with malloc keeping freed memory as the run's does), a few
+evaluation forwards (what `estimate_loss` runs) and one checkpoint's writes. `cached_rate` keeps
+each measurement in a small JSON file, per machine (CPU model, torch threads, torch version, device)
+and per shape, so a second plan on the same machine costs nothing:
 `$QUILL_THROUGHPUT_CACHE`, else `throughput.json` in `$QUILL_CACHE_DIR` (default `~/.cache/quillgpt/`);
 delete it to measure again. The shape a recipe chooses is timed again when it plans (`fresh_rate`).
 Compiled steps are not timed here (compiling takes longer than the plan may): a compiled run records
@@ -27,7 +28,7 @@ import torch
 
 from quillgpt.config import TrainConfig
 from quillgpt.data import cache_dir
-from quillgpt.device import autocast_context, cpu_model, resolve_device
+from quillgpt.device import autocast_context, cpu_model, keep_freed_memory, resolve_device
 from quillgpt.fileio import write_json
 from quillgpt.model import GPT
 from quillgpt.optim import build_optimizers, optimizer_step
@@ -37,7 +38,7 @@ COMPILED_KEY = "compiled"
 """The machine's entry for what compiling did in its last runs (beside its shapes' entries)."""
 MEASURE_SECONDS = 1.0
 """Time the timed training steps may take together, per shape (at least MIN_STEPS are timed)."""
-MIN_STEPS, MAX_STEPS = 2, 6
+MIN_STEPS, MAX_STEPS = 3, 6
 EVAL_BATCHES = 2
 
 
@@ -164,6 +165,8 @@ def measure(cfg: TrainConfig, seconds: float = MEASURE_SECONDS) -> Rate:
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if device.type == "cpu":
+        keep_freed_memory()  # as `train` runs its steps
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = GPT(cfg.model).to(device)
@@ -189,13 +192,16 @@ def measure(cfg: TrainConfig, seconds: float = MEASURE_SECONDS) -> Rate:
 
 
 def _timed(fn, seconds: float, min_calls: int = MIN_STEPS, max_calls: int = MAX_STEPS) -> float:
-    """Mean seconds per call of `fn`: at least `min_calls`, then more while under `seconds` in all."""
+    """Median seconds per call of `fn`: at least `min_calls`, then more while under `seconds` in all.
+
+    The median, as one slow call in three (the machine busy for a moment, a step still faulting its
+    memory in) must not set the rate a whole run is planned at."""
     times: list[float] = []
     while len(times) < min_calls or (len(times) < max_calls and sum(times) < seconds):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return sum(times) / len(times)
+    return statistics.median(times)
 
 
 def _checkpoint_seconds(model: GPT, optimizers) -> float:

@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from quillgpt.checkpoint import LoadedModel, load_model, read_model_config, save_model, update_provenance
 from quillgpt.config import TrainConfig, train_config_from_dict
 from quillgpt.data import DataError, TextSplit, TokenSplits, get_batch, split_dataset, tokenize_splits
-from quillgpt.device import autocast_context, peak_matmul_flops, resolve_device
+from quillgpt.device import autocast_context, keep_freed_memory, peak_matmul_flops, resolve_device
 from quillgpt.distributed import Processes, init_distributed
 from quillgpt.evaluate import estimate_loss, evaluate
 from quillgpt.fileio import recover_dir
@@ -264,6 +264,8 @@ def train(
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if device.type == "cpu":
+        keep_freed_memory()  # no page faults in the steady steps (as the recipe timed them)
     _check_out_dir(out, resume, overwrite)
     prep = _prepare(cfg, out, data, resume, init_from)
     cfg = prep.cfg

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,7 @@ from quillgpt.rundir import pace, read_metrics
 from quillgpt.throughput import (
     Compiled,
     Rate,
+    _timed,
     cached_rate,
     fresh_rate,
     machine_key,
@@ -181,6 +183,19 @@ def test_the_measurement_times_real_steps():
     fast, slow = measure(small, seconds=0.3), measure(large, seconds=0.3)
     assert fast.train_tokens_per_s > 3 * slow.train_tokens_per_s
     assert fast.eval_tokens_per_s > fast.train_tokens_per_s  # a forward costs less than a training step
+
+
+def test_one_slow_step_in_three_does_not_set_the_rate():
+    """The machine busy for a moment during a timing (another process freeing memory, a page redrawn)
+    must not plan a whole run at that moment's speed: the steps' median is the rate, not their mean."""
+    calls = []
+
+    def step():
+        calls.append(None)
+        time.sleep(0.06 if len(calls) == 2 else 0.01)
+
+    assert _timed(step, seconds=0.0) == pytest.approx(0.01, abs=0.008)
+    assert len(calls) == 3
 
 
 def test_by_default_the_recipe_measures_this_machine(throughput_cache):
