@@ -7,10 +7,10 @@ for 19.5 minutes, 1.4667 on the whole validation split. At that size and budget 
 to that config, but for the 12-epoch cap on `max_iters` (rule 4), which that run did not reach.
 
 1. Throughput, measured: before choosing, a few training steps of each candidate shape are timed on
-   this machine at the run's batch, context and dtype (`quillgpt.throughput`: seconds, the median
-   step, with malloc keeping freed memory as the run does (`keep_freed_memory`: the mean of two or
-   three steps still faulting their memory in planned runs 1.6× under what they then saw), cached per
-   machine and shape; the chosen shape is timed again with its dropout, which the ladder leaves out
+   this machine at the run's batch, context and dtype (`quillgpt.throughput`: seconds; the median
+   step, in a process whose malloc keeps freed memory as the run's does, `keep_freed_memory`, since
+   the mean of steps still faulting their memory in once planned runs 1.6× under what they saw; cached
+   per machine and shape; the chosen shape is timed again with its dropout, which the ladder leaves out
    (dropout 0.2 costs 4 × 192 about 6% of its speed), and when its figure came from the cache, as
    this VM has run 20-30% faster than its rate cached an hour before; over 20 minutes its speed still
    drifts by ±25% from the plan's). The planned tokens are the steps that fit the budget at that
