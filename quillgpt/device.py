@@ -1,6 +1,7 @@
 """The hardware: which device to run on ("auto" picks CUDA, then Apple's MPS, then the CPU), the
 precision training computes in there, what it can do (its matmul peak: measured on a CPU, the
-vendor's dense bfloat16 figure on a GPU), and how a CPU process keeps the memory it trains in."""
+vendor's dense bfloat16 figure on a GPU), and how a CPU process keeps the memory it trains in, and
+hands it back."""
 
 from __future__ import annotations
 
@@ -112,12 +113,34 @@ def keep_freed_memory() -> bool:
     on Tiny Shakespeare's batch here, about 10% of the step, and more right after another process freed
     memory on this VM, when a few timed steps came out 1.6× slower than the run that followed
     (docs/results.md). With blocks up to glibc's 32 MB limit served from the heap and the heap never
-    trimmed, the faults stop after the second step. The process keeps the peak of what it allocated."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    trimmed, the faults stop after the second step. The process keeps the peak of what it allocated,
+    until `release_freed_memory`."""
+    if (libc := _glibc()) is None:
         return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
+    mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def release_freed_memory() -> bool:
+    """Hand back to the kernel, once, the memory malloc holds free (glibc's `malloc_trim`); True where it
+    ran (Linux with glibc), False elsewhere.
+
+    For a process that timed training steps and lives on: the playground's server times shapes to plan a
+    run, and without this kept their peak, most of it free memory torch's threads leave in malloc's
+    arenas of their own, besides what `keep_freed_memory` keeps (docs/results.md)."""
+    if (libc := _glibc()) is None:
+        return False
+    libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+    libc.malloc_trim(0)
+    return True
+
+
+def _glibc() -> ctypes.CDLL | None:
+    """The C library where it is glibc, whose malloc the two functions above tune; None elsewhere."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL(None)
+    except OSError:
+        return None

@@ -28,7 +28,7 @@ import torch
 
 from quillgpt.config import TrainConfig
 from quillgpt.data import cache_dir
-from quillgpt.device import autocast_context, cpu_model, keep_freed_memory, resolve_device
+from quillgpt.device import autocast_context, cpu_model, keep_freed_memory, release_freed_memory, resolve_device
 from quillgpt.fileio import write_json
 from quillgpt.model import GPT
 from quillgpt.optim import build_optimizers, optimizer_step
@@ -165,8 +165,16 @@ def measure(cfg: TrainConfig, seconds: float = MEASURE_SECONDS) -> Rate:
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if device.type == "cpu":
-        keep_freed_memory()  # as `train` runs its steps
+    if device.type != "cpu":
+        return _time_steps(cfg, device, seconds)
+    keep_freed_memory()  # as `train` runs its steps
+    try:
+        return _time_steps(cfg, device, seconds)
+    finally:  # the steps' memory, freed with them, back to the kernel: the process may be a server
+        release_freed_memory()
+
+
+def _time_steps(cfg: TrainConfig, device: torch.device, seconds: float) -> Rate:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = GPT(cfg.model).to(device)

@@ -5,7 +5,13 @@ import sys
 import pytest
 import torch
 
-from quillgpt.device import CUDA_PEAK_BF16_FLOPS, cuda_peak_bf16_flops, keep_freed_memory, peak_matmul_flops
+from quillgpt.device import (
+    CUDA_PEAK_BF16_FLOPS,
+    cuda_peak_bf16_flops,
+    keep_freed_memory,
+    peak_matmul_flops,
+    release_freed_memory,
+)
 
 
 def test_a_gpu_name_finds_its_own_row_not_a_shorter_one_it_contains():
@@ -59,5 +65,7 @@ def test_freed_memory_is_kept_for_the_next_step_instead_of_faulted_in_again():
     assert faults("keep") < pages / 50
 
 
-def test_keeping_freed_memory_says_whether_it_took():
-    assert keep_freed_memory() is (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
+def test_keeping_and_releasing_freed_memory_say_whether_they_took():
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert keep_freed_memory() is glibc
+    assert release_freed_memory() is glibc

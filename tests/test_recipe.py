@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -344,3 +347,31 @@ def test_quill_train_refuses_a_text_too_short(tmp_path, capsys):
     text.write_text("too short")
     assert main(["train", "--data", str(text), "--out", str(tmp_path / "z")]) == 2
     assert "too short" in capsys.readouterr().err
+
+
+# Times a shape in a process that lives on after (a server planning a run): prints its resident memory
+# before, at its peak and after, in MB.
+TIME_A_SHAPE = """
+import dataclasses, resource, sys
+from quillgpt.recipe import TextStats, recipe
+from quillgpt.throughput import Rate, measure
+def resident():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+base = recipe(TextStats(5_000, 5_000, 60), 1, rate=lambda cfg: Rate(1e4, 1e5, 0.1, "cached")).config
+cfg = dataclasses.replace(base, batch_size=32, model=dataclasses.replace(base.model, n_layer=4, n_embd=256, n_head=4))
+measure(base, seconds=0.1)  # what the first steps load once (torch's kernels, its threads)
+before = resident()
+measure(cfg, seconds=0.3)
+print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, resident())
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc")
+def test_timing_a_shape_hands_its_memory_back():
+    """The playground's server times shapes to plan a run, then lives on: the steps' memory must not stay
+    with it (the timing keeps freed memory for its next step, as training does)."""
+    out = subprocess.run([sys.executable, "-c", TIME_A_SHAPE], capture_output=True, text=True, check=True)
+    before, peak, after = map(float, out.stdout.split())
+    assert peak - before > 100  # the steps did take memory
+    assert after - before < (peak - before) / 4
