@@ -105,30 +105,31 @@ _MMAP_THRESHOLD_MAX = 32 * 1024 * 1024
 
 def keep_freed_memory() -> bool:
     """Have glibc's malloc keep the memory torch frees for its next allocations, rather than hand it back
-    to the kernel; True where it took (Linux with glibc), False elsewhere (nothing changes).
+    to the kernel; True where it took (Linux with glibc), False elsewhere.
 
     A training step frees and allocates the same activation buffers every step, megabytes each. By
-    default glibc maps blocks that large afresh (mmap) and unmaps them when freed, and trims the top of
-    its heap, so every step faults its buffers in again: 20-100 thousand page faults a step for 4 × 192
-    on Tiny Shakespeare's batch here, about 10% of the step, and more right after another process freed
-    memory on this VM, when a few timed steps came out 1.6× slower than the run that followed
-    (docs/results.md). With blocks up to glibc's 32 MB limit served from the heap and the heap never
-    trimmed, the faults stop after the second step. The process keeps the peak of what it allocated,
-    until `release_freed_memory`."""
+    default glibc hands such memory back: blocks above its mmap threshold are unmapped when freed, and
+    the free top of its heap is trimmed once it passes the trim threshold. So every step faults its
+    buffers in again, and a few steps timed right after another process freed memory ran far slower
+    than the run that followed (docs/results.md). With blocks up to glibc's ceiling (32 MB on 64-bit)
+    served from the heap and the heap never trimmed, the steps after the second fault little. The
+    process keeps the peak of what it allocated, until `release_freed_memory`."""
     if (libc := _glibc()) is None:
         return False
     mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    served_from_heap = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
+    never_trimmed = mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+    return bool(served_from_heap and never_trimmed)
 
 
 def release_freed_memory() -> bool:
     """Hand back to the kernel, once, the memory malloc holds free (glibc's `malloc_trim`); True where it
     ran (Linux with glibc), False elsewhere.
 
-    For a process that timed training steps and lives on: the playground's server times shapes to plan a
-    run, and without this kept their peak, most of it free memory torch's threads leave in malloc's
-    arenas of their own, besides what `keep_freed_memory` keeps (docs/results.md)."""
+    For a process that timed training steps and lives on, such as the playground's server, which times
+    shapes to plan a run. Without it, that process would keep the steps' peak: most of it is free memory
+    that torch's threads leave in malloc arenas of their own (docs/results.md)."""
     if (libc := _glibc()) is None:
         return False
     libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int

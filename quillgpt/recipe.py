@@ -6,22 +6,20 @@ the anchor is the speedrun, `configs/shakespeare-speedrun.json`: 6 × 256 on Tin
 for 19.5 minutes, 1.4667 on the whole validation split. At that size and budget the recipe resolves
 to that config, but for the 12-epoch cap on `max_iters` (rule 4), which that run did not reach.
 
-1. Throughput, measured: before choosing, a few training steps of each candidate shape are timed on
-   this machine at the run's batch, context and dtype (`quillgpt.throughput`: seconds; the median
-   step, in a process whose malloc keeps freed memory as the run's does, `keep_freed_memory`, since
-   the mean of steps still faulting their memory in once planned runs 1.6× under what they saw; cached
-   per machine and shape; the chosen shape is timed again with its dropout, which the ladder leaves out
-   (dropout 0.2 costs 4 × 192 about 6% of its speed), and when its figure came from the cache, as
-   this VM has run 20-30% faster than its rate cached an hour before; over 20 minutes its speed still
-   drifts by ±25% from the plan's). The planned tokens are the steps that fit the budget at that
-   rate, less the evaluations (their batches at the measured forward rate, their checkpoints) and,
-   compiled, the compile warm-up. Compiling is not timed before a run (it takes up to a minute): a
-   compiled run measures what it did (its steady steps over the plan's eager rate, its first step's
-   extra seconds) and leaves it for the next plans on the machine (`learn_from_run`); before the first,
-   the reference machine's figures stand: 1.18× the eager rate (5,043 vs 4,289 tokens/s at 6 × 256)
-   after a minute of warm-up (this VM, an AMD EPYC: 1.03–1.37× after 3 s). The reference machine's
-   rule (~142 GFLOP/s of eager steps, `reference_rate`) was what the recipe assumed before: it
-   overestimated a Zen 4 by 1.6×.
+1. Throughput, measured. Before choosing, a few training steps of each candidate shape are timed on
+   this machine at the run's batch, context and dtype, and cached per machine and shape
+   (`quillgpt.throughput`, seconds per shape). The rate is the median step, timed in a process whose
+   malloc keeps freed memory as the run's does (`keep_freed_memory`): steps still faulting their
+   memory in had planned runs well under what they saw. The chosen shape is timed once more with its
+   dropout, which the ladder leaves out, and whenever its rate came from the cache, since a virtual
+   machine's speed drifts from hour to hour. The planned tokens are the steps that fit the budget at
+   that rate, less the evaluations (their batches at the measured forward rate, their checkpoints)
+   and, for a compiled run, the compile warm-up. Compiling is not timed before a run, as it takes up
+   to a minute. A compiled run records what it did (its steady steps over the plan's eager rate, its
+   first step's extra seconds) for the next plans on the machine (`learn_from_run`). Before the
+   first, the reference machine's `COMPILE_SPEEDUP` and `COMPILE_SECONDS` stand. The reference
+   machine's FLOP rate (`reference_rate`) is what the recipe assumed before it measured; it
+   overestimated other CPUs by up to 1.6×.
 2. Shape: a ladder of shapes with 64-wide heads (4 × 128, 4 × 192, 6 × 256, 8 × 384, 10 × 512).
    Take the largest whose planned tokens reach 1.1 × its non-embedding parameter count (the speedrun
    planned 1.12 and won; 6 × 384 at that budget, ~0.5, lost: attempt 2; seeing 0.86–0.96 (one planned

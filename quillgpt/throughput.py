@@ -161,7 +161,8 @@ def _compiled(machine: dict) -> Compiled | None:
 def measure(cfg: TrainConfig, seconds: float = MEASURE_SECONDS) -> Rate:
     """Time training steps of `cfg` here (eager: `compile` is not applied), as `quill train` takes them.
 
-    The global random state is left as it was: the run that follows seeds itself the same either way."""
+    On a CPU the process keeps freed memory from here on, as `train` does (`keep_freed_memory`), and
+    what the timing itself freed is handed back at its end (`release_freed_memory`)."""
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -175,6 +176,7 @@ def measure(cfg: TrainConfig, seconds: float = MEASURE_SECONDS) -> Rate:
 
 
 def _time_steps(cfg: TrainConfig, device: torch.device, seconds: float) -> Rate:
+    """`measure`'s timing, with the CPU's random state left as it was (a run seeds itself anyway)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = GPT(cfg.model).to(device)

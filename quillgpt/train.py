@@ -264,10 +264,10 @@ def train(
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if device.type == "cpu":
-        keep_freed_memory()  # no page faults in the steady steps (as the recipe timed them)
     _check_out_dir(out, resume, overwrite)
     prep = _prepare(cfg, out, data, resume, init_from)
+    if device.type == "cpu":
+        keep_freed_memory()  # no page faults in the steady steps (as the recipe timed them)
     cfg = prep.cfg
     ddp = init_distributed(device)
     if device.type == "cuda" and ddp.joined:

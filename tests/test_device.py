@@ -1,3 +1,4 @@
+import os
 import platform
 import subprocess
 import sys
@@ -8,9 +9,7 @@ import torch
 from quillgpt.device import (
     CUDA_PEAK_BF16_FLOPS,
     cuda_peak_bf16_flops,
-    keep_freed_memory,
     peak_matmul_flops,
-    release_freed_memory,
 )
 
 
@@ -54,18 +53,52 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
+# glibc's malloc as it comes: no preloaded allocator, no tunables
+PLAIN_MALLOC = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD" and not k.startswith(("MALLOC_", "GLIBC_"))}
+
+
+def run_python(code: str, *args: str) -> str:
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True,
+                          env=PLAIN_MALLOC).stdout  # fmt: skip
+
+
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc")
 def test_freed_memory_is_kept_for_the_next_step_instead_of_faulted_in_again():
-    def faults(mode: str) -> int:
-        out = subprocess.run([sys.executable, "-c", ROUNDS, mode], capture_output=True, text=True, check=True)
-        return int(out.stdout)
+    default, kept = int(run_python(ROUNDS, "default")), int(run_python(ROUNDS, "keep"))
+    assert default >= 10 * 4  # glibc hands the blocks back, and each round faults them in again
+    assert kept < default / 20
 
-    pages = 10 * 4 * 12 * 1024 * 1024 // 4096  # what ten rounds write
-    assert faults("default") > pages / 2  # glibc hands the blocks back, and each round faults them in again
-    assert faults("keep") < pages / 50
+
+# Memory kept as above, then released: prints the resident MB after the rounds, and after the release.
+RELEASE = """
+import ctypes, resource
+from quillgpt.device import keep_freed_memory, release_freed_memory
+def resident():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+assert keep_freed_memory()
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+SIZE = 12 * 1024 * 1024
+bufs = [libc.malloc(SIZE) for _ in range(4)]
+for b in bufs:
+    ctypes.memset(b, 1, SIZE)
+for b in reversed(bufs):
+    libc.free(b)
+kept = resident()
+assert release_freed_memory()
+print(kept, resident())
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc")
+def test_released_memory_goes_back_to_the_kernel():
+    kept, released = map(float, run_python(RELEASE).split())
+    assert kept - released > 40  # of the 48 MB written and freed
 
 
 def test_keeping_and_releasing_freed_memory_say_whether_they_took():
     glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
-    assert keep_freed_memory() is glibc
-    assert release_freed_memory() is glibc
+    took = "from quillgpt.device import keep_freed_memory as k, release_freed_memory as r; print(k(), r())"
+    assert run_python(took).split() == [str(glibc), str(glibc)]

@@ -195,9 +195,9 @@ def test_one_slow_step_in_three_does_not_set_the_rate():
 
     def step():
         calls.append(None)
-        time.sleep(0.06 if len(calls) == 2 else 0.01)
+        time.sleep(0.3 if len(calls) == 2 else 0.0)
 
-    assert _timed(step, seconds=0.0) == pytest.approx(0.01, abs=0.008)
+    assert _timed(step, seconds=0.0) < 0.05  # the mean of the three would be 0.1
     assert len(calls) == 3
 
 
