@@ -39,8 +39,8 @@ test: venv
 	OMP_NUM_THREADS=1 QUILL_DATA_DIR=$(DATA_DIR) $(PY) -m pytest -q
 
 lint: venv
-	$(VENV)/bin/ruff check quillgpt tests benchmarks scripts
-	$(VENV)/bin/ruff format --check quillgpt tests benchmarks scripts
+	$(VENV)/bin/ruff check quillgpt tests benchmarks scripts notebooks
+	$(VENV)/bin/ruff format --check quillgpt tests benchmarks scripts notebooks
 	$(VENV)/bin/lint-imports
 
 bench: venv
