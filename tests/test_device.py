@@ -6,11 +6,7 @@ import sys
 import pytest
 import torch
 
-from quillgpt.device import (
-    CUDA_PEAK_BF16_FLOPS,
-    cuda_peak_bf16_flops,
-    peak_matmul_flops,
-)
+from quillgpt.device import CUDA_PEAK_BF16_FLOPS, cuda_peak_bf16_flops, peak_matmul_flops
 
 
 def test_a_gpu_name_finds_its_own_row_not_a_shorter_one_it_contains():
@@ -28,10 +24,14 @@ def test_cpu_peak_is_measured_in_the_dtype_the_run_computes_in():
 
 
 # A training step's pattern, on the C allocator torch's CPU tensors come from: buffers of megabytes
-# allocated and written, all freed, again. Prints the page faults of ten rounds after three warm-up ones.
+# allocated and written, all freed, again. Prints the page faults of ten rounds after three warm-up
+# ones, then the resident MB before and after `release_freed_memory`.
 ROUNDS = """
 import ctypes, resource, sys
-from quillgpt.device import keep_freed_memory
+from quillgpt.device import keep_freed_memory, release_freed_memory
+def resident():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
 libc = ctypes.CDLL(None)
@@ -49,7 +49,9 @@ for _ in range(3):
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(10):
     step()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+faults, kept = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, resident()
+assert release_freed_memory()
+print(faults, kept, resident())
 """
 
 
@@ -62,39 +64,22 @@ def run_python(code: str, *args: str) -> str:
                           env=PLAIN_MALLOC).stdout  # fmt: skip
 
 
+def rounds(mode: str) -> tuple[int, float, float]:
+    """ROUNDS in a fresh process: its faults, and its resident MB kept and after the release."""
+    faults, kept, released = run_python(ROUNDS, mode).split()
+    return int(faults), float(kept), float(released)
+
+
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc")
 def test_freed_memory_is_kept_for_the_next_step_instead_of_faulted_in_again():
-    default, kept = int(run_python(ROUNDS, "default")), int(run_python(ROUNDS, "keep"))
+    default, kept = rounds("default")[0], rounds("keep")[0]
     assert default >= 10 * 4  # glibc hands the blocks back, and each round faults them in again
     assert kept < default / 20
 
 
-# Memory kept as above, then released: prints the resident MB after the rounds, and after the release.
-RELEASE = """
-import ctypes, resource
-from quillgpt.device import keep_freed_memory, release_freed_memory
-def resident():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-assert keep_freed_memory()
-libc = ctypes.CDLL(None)
-libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-libc.free.argtypes = [ctypes.c_void_p]
-SIZE = 12 * 1024 * 1024
-bufs = [libc.malloc(SIZE) for _ in range(4)]
-for b in bufs:
-    ctypes.memset(b, 1, SIZE)
-for b in reversed(bufs):
-    libc.free(b)
-kept = resident()
-assert release_freed_memory()
-print(kept, resident())
-"""
-
-
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc")
 def test_released_memory_goes_back_to_the_kernel():
-    kept, released = map(float, run_python(RELEASE).split())
+    _, kept, released = rounds("keep")
     assert kept - released > 40  # of the 48 MB written and freed
 
 
