@@ -37,7 +37,7 @@ from quillgpt.playground.backend import (
 from quillgpt.playground.local import LocalBackend, decode_threads, token_chunks
 from quillgpt.playground.output import Result
 from quillgpt.playground.settings import PlaygroundSettings, parse_stop_strings, read_settings
-from quillgpt.playground.view import LiveView, render_tokens, token_tip
+from quillgpt.playground.view import LiveView, render_tokens
 from quillgpt.sampling import SamplingParams
 from quillgpt.tokenizer import BPETokenizer
 from tests.conftest import REPO, tiny_config
@@ -113,7 +113,7 @@ def test_generate_streams_coloured_tokens(monkeypatch, tiny_model_dir):
     assert len(res.tokens) == 24 and res.text == "".join(t.text for t in res.tokens)
     assert all(0 < t.prob <= 1 and len(t.top) == TOP_ALTERNATIVES for t in res.tokens)
     html = "".join(h.value for h in at.html)
-    assert html.count('class="quill-tok"') == 24 and "First" in html
+    assert html.count('class="quill-tok ') == 24 and "First" in html
     assert any("finished" in c.value for c in at.caption)
     # the same seed through quillgpt.generate gives the same text (the page's defaults and weights)
     loaded = checkpoint.load_model(tiny_model_dir, weights="auto")
@@ -166,14 +166,14 @@ def test_stop_string_ends_text(monkeypatch, tiny_model_dir):
     res = generated(at)
     assert res.finish_reason == "stop" and res.text == first[: first.index(stop)]
     html = "".join(h.value for h in at.html)
-    assert html.count('class="quill-tok"') == len(res.text)  # the stop string's tokens are not shown
+    assert html.count('class="quill-tok ') == len(res.text)  # the stop string's tokens are not shown
     # stopped before the first character: the finished view is the prompt alone, its cursor gone
     at.text_area(key="stop_a").input(first[:1])
     at.button(key="generate").click().run()
     assert generated(at).text == "" and not at.exception and not errors(at)
     values = [h.value for h in at.html]
     legend = next(i for i, v in enumerate(values) if "quill-legend" in v)
-    assert 'class="quill-tok"' not in "".join(values)
+    assert 'class="quill-tok' not in "".join(values)
     assert 'class="quill-cursor"' in values[legend - 2]  # the prompt, as it streamed in
     assert 'class="quill-cursor"' not in values[legend - 1]  # the last piece: the CSS hides every cursor before it
 
@@ -413,9 +413,12 @@ def test_api_backend_against_quill_serve(tiny_model, char_tokenizer):
 def test_render_tokens_escapes_and_trims_to_the_text():
     tokens = [TokenView("<a", 0.9, [("<a", 0.9), ('"', 0.05)]), TokenView("\n", 0.2), TokenView("STOP", 0.5)]
     out = render_tokens("<p>", "<a\n", tokens)
-    assert out.count('class="quill-tok"') == 2 and "STOP" not in out
+    assert out.count('class="quill-tok ') == 2 and "STOP" not in out
     assert "&lt;p&gt;" in out and "&lt;a" in out and "<a" not in out and "<p>" not in out
     assert "&quot;" in out  # an alternative's quote inside the tooltip attribute
+    # the first token: its shade (0.9 of the way to certain), its own line and its alternatives' lines
+    assert out.count('<span class="quill-tok p18" tabindex="0" data-tip="\'&lt;a\'  90.0%" '
+                     'data-top="\'&lt;a\'  90.0%\n  \'&quot;\'  5.0%">&lt;a</span>') == 1  # fmt: skip
     assert "↵" in out
 
 
@@ -604,10 +607,10 @@ def test_live_view_sends_each_token_once_and_holds_back_unshown_text():
     tokens = [TokenView("Hi", 0.9), TokenView(" <", 0.2), TokenView("b>", 0.5)]
     view = LiveView()
     first = view.update("Hi", tokens[:2])  # " <" is generated but held back (a stop string may start)
-    assert first.count('class="quill-tok"') == 1 and "Hi" in first
+    assert first.count('class="quill-tok ') == 1 and "Hi" in first
     assert view.update("Hi", tokens[:2]) == ""
     rest = view.update("Hi <b>", tokens)
-    assert rest.count('class="quill-tok"') == 2 and "&lt;" in rest and 'data-i="2"' in rest
+    assert rest.count('class="quill-tok ') == 2 and "&lt;" in rest and "b&gt;</span>" in rest
     assert view.finish("Hi <b>", tokens) == ""
     assert render_tokens("", "Hi <b>", tokens) == (
         '<div class="quill-output"><span class="quill-prompt"></span>' + first + rest + "</div>"
@@ -630,4 +633,4 @@ def test_live_view_pieces_and_finish_draw_what_render_tokens_draws(text, cut):
         '<div class="quill-output"><span class="quill-prompt"></span>'
     ).removesuffix("</div>")
     if cut is not None:
-        assert pieces[-1].endswith(f'data-i="{cut}" data-tip="{html.escape(token_tip(tokens[cut]))}">e</span>')
+        assert pieces[-1].endswith('<span class="quill-tok p14" tabindex="0" data-tip="\'ere\'  70.0%">e</span>')

@@ -166,19 +166,23 @@ class LiveResult:
             self.probabilities, self.plain = st.tabs(["Probabilities", "Text"])
         self.live = self.probabilities.container(key=f"quill_live_{side}")
         self.live.html(prompt_html(res.prompt) + CURSOR)
+        self.probabilities.html(LEGEND)
 
     def update(self) -> None:
         if new := self.view.update(self.res.text, self.res.tokens):
             self.live.html(new + CURSOR)
 
     def finish(self) -> None:
+        """The last tokens and the status line first, in one flush for the browser to draw in one
+        render; then what the user does not wait for (the Text tab, the inspector's switch)."""
         # a last piece, without the cursor, even if empty (st.html refuses an empty body): the CSS hides
         # the cursor of every piece but the last
         self.live.html(self.view.finish(self.res.text, self.res.tokens) or "<span></span>")
-        self.probabilities.html(LEGEND)
+        with self.box:
+            result_status(self.res)
         self.plain.code(self.res.prompt + self.res.text, language=None, wrap_lines=True)
         with self.box:
-            result_footer(self.res, self.side)
+            result_extras(self.res, self.side)
 
 
 def result_heading(res: Result, side: str, compare: bool) -> None:
@@ -206,12 +210,22 @@ def show_result(res: Result | None, side: str, compare: bool) -> None:
 
 def result_footer(res: Result, side: str) -> None:
     """Under a result's view: its status line, the user's rate, notes, and the token inspector."""
+    result_status(res)
+    result_extras(res, side)
+
+
+def result_status(res: Result) -> None:
+    """The status line, and the script that makes its rate the user's."""
     status = {"done": "finished", "stopped": "stopped", "error": "failed", "running": "generating"}[res.status]
     reason = {"stop": " (stop string or end of text)", "length": " (max new tokens)"}.get(res.finish_reason or "", "")
     rate = len(res.tokens) / res.elapsed if res.elapsed > 0 else 0.0
     st.caption(f"{status}{reason if res.status == 'done' else ''} · {len(res.tokens)} tokens · {rate:.0f} tokens/s")
     if res.tokens:  # in the browser, the rate becomes the user's: from their click to this line's frame
         st.html(RATE_JS % (json.dumps(res.key), len(res.tokens)), unsafe_allow_javascript=True)
+
+
+def result_extras(res: Result, side: str) -> None:
+    """Under the status line: notes, and the token inspector."""
     if res.note:
         st.caption(res.note)
     if res.status == "stopped":

@@ -15,26 +15,40 @@ def prob_colour(p: float) -> str:
     return f"hsl({120 * min(max(p, 0.0), 1.0):.0f}, 75%, 80%)"
 
 
+# A token's colour is one of SHADES classes (`CSS` defines them), not a style of its own: every span
+# then carries less for the browser to parse, sanitize and style (docs/results.md).
+SHADES = 20
+
+
+def prob_class(p: float) -> str:
+    """The colour class of a token the model gave probability p: p0 (unlikely) to p20 (certain)."""
+    return f"p{round(SHADES * min(max(p, 0.0), 1.0))}"
+
+
 def _shown(text: str) -> str:
     return repr(text)
 
 
-def token_tip(t: TokenView) -> str:
-    head = f"{_shown(t.text)}  {t.prob:.1%}" if t.prob is not None else _shown(t.text)
-    if not t.top:
-        return head
-    return head + "\nmost likely here:\n" + "\n".join(f"  {_shown(a)}  {p:.1%}" for a, p in t.top)
+def token_tip(t: TokenView) -> tuple[str, str]:
+    """A token's tooltip: its own line (text and probability), and the alternatives' lines, if any."""
+    own = f"{_shown(t.text)}  {t.prob:.1%}" if t.prob is not None else _shown(t.text)
+    return own, "\n  ".join(f"{_shown(a)}  {p:.1%}" for a, p in t.top)  # `CSS` indents the first
 
 
-def _token_html(t: TokenView, piece: str, i: int) -> str:
-    """One token's span, with its alternatives in a tooltip."""
-    style = f' style="background:{prob_colour(t.prob)}"' if t.prob is not None else ""
+def _attr(value: str) -> str:
+    # a double-quoted attribute needs &, <, > and " escaped, not the ' of every repr
+    return html.escape(value, quote=False).replace('"', "&quot;")
+
+
+def _token_html(t: TokenView, piece: str) -> str:
+    """One token's span, with its alternatives in a tooltip (`CSS` lays out the two attributes)."""
+    shade = f" {prob_class(t.prob)}" if t.prob is not None else ""
+    own, top = token_tip(t)
+    tip = f' data-tip="{_attr(own)}"' + (f' data-top="{_attr(top)}"' if top else "")
     body = html.escape(piece)
     if piece.strip("\n") == "":  # a newline token: give it something to hover
         body = '<span class="quill-nl">↵</span>' + body
-    return (
-        f'<span class="quill-tok"{style} tabindex="0" data-i="{i}" data-tip="{html.escape(token_tip(t))}">{body}</span>'
-    )
+    return f'<span class="quill-tok{shade}" tabindex="0"{tip}>{body}</span>'
 
 
 def alternatives_html(t: TokenView) -> str:
@@ -83,7 +97,7 @@ class LiveView:
         parts = []
         while self.count < len(tokens) and self.pos + len(tokens[self.count].text) <= len(text):
             t = tokens[self.count]
-            parts.append(_token_html(t, t.text, self.count))
+            parts.append(_token_html(t, t.text))
             self.pos += len(t.text)
             self.count += 1
         return "".join(parts)
@@ -95,7 +109,7 @@ class LiveView:
         while self.count < len(tokens) and self.pos < len(text):
             t = tokens[self.count]
             piece = text[self.pos : self.pos + len(t.text)]
-            parts.append(_token_html(t, piece, self.count))
+            parts.append(_token_html(t, piece))
             self.pos += len(piece)
             self.count += 1
         if self.pos < len(text):
@@ -122,6 +136,8 @@ CSS = """<style>
   top: 100%; margin-top: 5px; z-index: 100; white-space: pre; pointer-events: none; font-size: 0.8rem;
   line-height: 1.45; padding: 0.45rem 0.65rem; border-radius: 6px; background: #262730; color: #fafafa;
   box-shadow: 0 3px 10px rgba(0, 0, 0, 0.3); }
+.quill-tok[data-top]:hover::after, .quill-tok[data-top]:focus::after {
+  content: attr(data-tip) "\\A most likely here:\\A   " attr(data-top); }
 .quill-nl { opacity: 0.45; }
 .quill-alternatives { border-collapse: collapse; font-size: 0.85rem; }
 .quill-alternatives th { text-align: left; font-weight: 600; opacity: 0.7; padding: 0.2rem 0.6rem; }
@@ -133,7 +149,9 @@ CSS = """<style>
 .quill-legend { display: flex; align-items: center; gap: 0.5rem; font-size: 0.8rem; opacity: 0.85; }
 .quill-legend .bar { width: 9rem; height: 0.7rem; border-radius: 3px;
   background: linear-gradient(to right, hsl(0,75%,80%), hsl(60,75%,80%), hsl(120,75%,80%)); }
-</style>"""
+"""
+CSS += "".join(f".quill-tok.p{k} {{ background: {prob_colour(k / SHADES)}; }}\n" for k in range(SHADES + 1))
+CSS += "</style>"
 
 LEGEND = (
     '<div class="quill-legend"><span>unlikely</span><span class="bar"></span><span>likely</span>'

@@ -136,7 +136,13 @@ def test_type_prompt_generate_and_see_text(chromium, playground_url, model, tmp_
             status = page.get_by_text(re.compile("^finished")).inner_text()
             assert page.locator(".quill-tok").count() == tokens.count() == int(re.search(r"· (\d+) tokens", status)[1])
 
-            tokens.nth(min(5, tokens.count() - 1)).hover()
+            hovered = tokens.nth(min(5, tokens.count() - 1))
+            hovered.hover()
+            # the tooltip as the browser computes it (a newline serialized as "\a "): the token's line,
+            # then the model's likeliest tokens
+            tip = hovered.evaluate("e => getComputedStyle(e, '::after').content")
+            assert re.search(r"\d%\\a most likely here:\\a   '.*\d%\\a   '.*\d%", tip, re.IGNORECASE), tip
+            assert hovered.evaluate("e => getComputedStyle(e).backgroundColor") != "rgba(0, 0, 0, 0)"  # its shade
             shot = tmp_path / "playground.png"
             page.screenshot(path=str(shot), full_page=True)
             assert shot.stat().st_size > 10_000
