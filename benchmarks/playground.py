@@ -18,6 +18,10 @@ Then, on one page, the first Generate after selecting another model against the 
 Prints human-readable lines, then one JSON line.
 
     python benchmarks/playground.py [--model shakespeare-char] [--runs 3] [--tokens 300]
+
+With `--against DIR` (another checkout of this repository, e.g. a `git worktree` of the last commit),
+it measures two versions of the page instead, fresh pages taken in turn from a server of each, every
+page paired with a library run, and prints both medians and their round-by-round difference.
 """
 
 from __future__ import annotations
@@ -39,7 +43,9 @@ from pathlib import Path
 import httpx
 from machine import cpu_info
 
-from quillgpt.playground.launch import streamlit_command
+from quillgpt.playground.launch import PAGE, streamlit_command
+
+REPO = Path(__file__).resolve().parents[1]
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -98,14 +104,19 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def playground(models: list[str], env: dict[str, str]) -> Iterator[str]:
-    """`quill playground`'s server on a free port until the block ends; its URL."""
+def playground(models: list[str], env: dict[str, str], checkout: Path | None = None) -> Iterator[str]:
+    """`quill playground`'s server on a free port until the block ends; its URL. With `checkout`, the
+    page and the package of that other checkout of this repository."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
+    cmd = streamlit_command(models, port=port)
+    if checkout is not None:
+        cmd[cmd.index(str(PAGE))] = str(checkout / PAGE.relative_to(REPO))
+        env = {**env, "PYTHONPATH": str(checkout)}
     with tempfile.TemporaryDirectory() as tmp:
         log_path = Path(tmp) / "streamlit.log"
         with open(log_path, "w") as log:
-            proc = subprocess.Popen(streamlit_command(models, port=port), stdout=log, stderr=subprocess.STDOUT, env=env)
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=checkout)
         try:
             deadline = time.monotonic() + 60
             while True:
@@ -150,12 +161,68 @@ def click_to_finished(page) -> tuple[int, float, str]:
     return n, (q["finished"] - q["click"]) / 1000, status
 
 
+def page_then_library(browser, url: str, tokens: int, library_run) -> tuple[float, str, float]:
+    """One fresh page's Generate, then the library's run once the closed page has settled:
+    (the page's tokens/s from the click to "finished" painted, its status line, the library's tokens/s)."""
+    page = open_page(browser, url)
+    set_field(page, "textbox", "Seed", "1")
+    set_field(page, "spinbutton", "Max new tokens", str(tokens))
+    n, seconds, status = click_to_finished(page)
+    assert n == tokens, status
+    page.close()
+    time.sleep(SETTLE_SECONDS)  # Chromium closing the tab, the server dropping its session
+    return n / seconds, status, library_run()
+
+
+def against(args, env: dict[str, str], library_run, browser_type, cpu: dict) -> None:
+    """`--against DIR`: this checkout's page and DIR's, fresh pages taken in turn (which goes first
+    alternates by round), each paired with a library run; a change to the page measured within one
+    sitting, where separate sittings drift by more than most changes are worth."""
+    other = Path(args.against).resolve()
+    if not (other / PAGE.relative_to(REPO)).is_file():
+        raise SystemExit(f"--against {other}: no {PAGE.relative_to(REPO)} there")
+    ratios: dict[str, list[float]] = {"this": [], "against": []}
+    with playground([args.model], env) as this_url, playground([args.model], env, other) as other_url:
+        browser = browser_type.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            sides = [("this", this_url), ("against", other_url)]
+            for url in (this_url, other_url):  # each server's first Generate (its first rerun) is not timed
+                page_then_library(browser, url, args.tokens, library_run)
+            for i in range(args.runs):
+                for name, url in sides if i % 2 == 0 else sides[::-1]:
+                    page, _, library = page_then_library(browser, url, args.tokens, library_run)
+                    ratios[name].append(page / library)
+                print(f"round {i + 1}: this {ratios['this'][-1]:.0%}, against {ratios['against'][-1]:.0%}", flush=True)
+        finally:
+            browser.close()
+    diffs = [a - b for a, b in zip(ratios["this"], ratios["against"])]
+    for name, label in (("this", str(REPO)), ("against", str(other))):
+        print(f"{label}: page / library median {statistics.median(ratios[name]):.1%} "
+              f"({', '.join(f'{r:.0%}' for r in ratios[name])})")  # fmt: skip
+    print(f"this - against, round by round: median {statistics.median(diffs):+.1%}; "
+          f"this ahead in {sum(d > 0 for d in diffs)} of {len(diffs)} rounds")  # fmt: skip
+    record = {
+        "benchmark": "playground_against",
+        "model": args.model,
+        "tokens": args.tokens,
+        "against": str(other),
+        "this_over_library_per_run": [round(r, 3) for r in ratios["this"]],
+        "against_over_library_per_run": [round(r, 3) for r in ratios["against"]],
+        "this_over_library": round(statistics.median(ratios["this"]), 3),
+        "against_over_library": round(statistics.median(ratios["against"]), 3),
+        "median_difference": round(statistics.median(diffs), 3),
+        **cpu,
+    }
+    print(json.dumps(record))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="shakespeare-char")
     ap.add_argument("--other", default="shakespeare-speedrun", help="the model selected for first-vs-second")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=300)
+    ap.add_argument("--against", metavar="DIR", help="another checkout: its page and this one's, in turn (an A/B)")
     args = ap.parse_args()
     from playwright.sync_api import sync_playwright
 
@@ -173,20 +240,17 @@ def main() -> None:
 
     pages, library, statuses, first_second = [], [], [], None
     try:
+        if args.against:
+            with sync_playwright() as pw:
+                return against(args, env, library_run, pw.chromium, cpu)
         with playground([args.model, args.other], env) as url, sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
             try:
                 for _ in range(args.runs):
-                    page = open_page(browser, url)
-                    set_field(page, "textbox", "Seed", "1")
-                    set_field(page, "spinbutton", "Max new tokens", str(args.tokens))
-                    n, seconds, status = click_to_finished(page)
-                    assert n == args.tokens, status
-                    page.close()
-                    pages.append(n / seconds)
+                    page_rate, status, library_rate = page_then_library(browser, url, args.tokens, library_run)
+                    pages.append(page_rate)
                     statuses.append(status)
-                    time.sleep(SETTLE_SECONDS)  # Chromium closing the tab, the server dropping its session
-                    library.append(library_run())
+                    library.append(library_rate)
                 page = open_page(browser, url)
                 page.get_by_role("combobox", name="Model").first.click()
                 page.get_by_role("option", name=args.other).click()
