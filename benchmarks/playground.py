@@ -71,7 +71,7 @@ new MutationObserver(() => {
 """
 
 # Between a page's run and the library's: closing the tab (Chromium) and the session (the server) take
-# CPU for a moment, and the library run right after a closed page ran 13-15% slower than one started
+# CPU for a moment, and the library run right after a closed page ran about 13% slower than one started
 # a second later (828 against 950 tokens/s, medians of 8 alternated; docs/results.md). The library's
 # rate is the model's on a quiet machine.
 SETTLE_SECONDS = 1.0
@@ -112,7 +112,7 @@ def playground(models: list[str], env: dict[str, str], checkout: Path | None = N
     cmd = streamlit_command(models, port=port)
     if checkout is not None:
         cmd[cmd.index(str(PAGE))] = str(checkout / PAGE.relative_to(REPO))
-        env = {**env, "PYTHONPATH": str(checkout)}
+        env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(checkout), env.get("PYTHONPATH")]))}
     with tempfile.TemporaryDirectory() as tmp:
         log_path = Path(tmp) / "streamlit.log"
         with open(log_path, "w") as log:
@@ -242,15 +242,16 @@ def main() -> None:
     try:
         if args.against:
             with sync_playwright() as pw:
-                return against(args, env, library_run, pw.chromium, cpu)
+                against(args, env, library_run, pw.chromium, cpu)
+            return
         with playground([args.model, args.other], env) as url, sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
             try:
                 for _ in range(args.runs):
-                    page_rate, status, library_rate = page_then_library(browser, url, args.tokens, library_run)
-                    pages.append(page_rate)
+                    one_page, status, one_library = page_then_library(browser, url, args.tokens, library_run)
+                    pages.append(one_page)
                     statuses.append(status)
-                    library.append(library_rate)
+                    library.append(one_library)
                 page = open_page(browser, url)
                 page.get_by_role("combobox", name="Model").first.click()
                 page.get_by_role("option", name=args.other).click()

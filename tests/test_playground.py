@@ -37,7 +37,7 @@ from quillgpt.playground.backend import (
 from quillgpt.playground.local import LocalBackend, decode_threads, token_chunks
 from quillgpt.playground.output import Result
 from quillgpt.playground.settings import PlaygroundSettings, parse_stop_strings, read_settings
-from quillgpt.playground.view import LiveView, render_tokens
+from quillgpt.playground.view import LiveView, prob_class, render_tokens
 from quillgpt.sampling import SamplingParams
 from quillgpt.tokenizer import BPETokenizer
 from tests.conftest import REPO, tiny_config
@@ -408,6 +408,11 @@ def test_api_backend_against_quill_serve(tiny_model, char_tokenizer):
 
 
 # --- pieces -----------------------------------------------------------------------------------------
+
+
+def test_a_tokens_shade_runs_from_p0_to_p20():
+    assert [prob_class(p) for p in (0.0, 0.024, 0.5, 0.99, 1.0)] == ["p0", "p0", "p10", "p20", "p20"]
+    assert prob_class(-0.1) == "p0" and prob_class(1.5) == "p20" and prob_class(float("nan")) == "p0"
 
 
 def test_render_tokens_escapes_and_trims_to_the_text():

@@ -173,8 +173,8 @@ class LiveResult:
             self.live.html(new + CURSOR)
 
     def finish(self) -> None:
-        """The last tokens and the status line first, in one flush for the browser to draw in one
-        render; then what the user does not wait for (the Text tab, the inspector's switch)."""
+        """The last tokens and the status line first, sent back to back; then what the user does not
+        wait for (the Text tab, the inspector's switch)."""
         # a last piece, without the cursor, even if empty (st.html refuses an empty body): the CSS hides
         # the cursor of every piece but the last
         self.live.html(self.view.finish(self.res.text, self.res.tokens) or "<span></span>")
@@ -205,11 +205,6 @@ def show_result(res: Result | None, side: str, compare: bool) -> None:
         st.html(LEGEND)
     with plain:
         st.code(res.prompt + res.text, language=None, wrap_lines=True)
-    result_footer(res, side)
-
-
-def result_footer(res: Result, side: str) -> None:
-    """Under a result's view: its status line, the user's rate, notes, and the token inspector."""
     result_status(res)
     result_extras(res, side)
 

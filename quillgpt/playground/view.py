@@ -21,8 +21,9 @@ SHADES = 20
 
 
 def prob_class(p: float) -> str:
-    """The colour class of a token the model gave probability p: p0 (unlikely) to p20 (certain)."""
-    return f"p{round(SHADES * min(max(p, 0.0), 1.0))}"
+    """The colour class of a token the model gave probability p: p0 (unlikely) to p20 (certain); a NaN
+    (a broken model's) counts as unlikely rather than failing the page."""
+    return f"p{round(SHADES * min(max(p, 0.0), 1.0))}" if p == p else "p0"
 
 
 def _shown(text: str) -> str:

@@ -244,6 +244,8 @@ def test_page_opens_on_shakespeare_char_and_streams_at_the_models_speed(chromium
                     page.wait_for_timeout(500)  # the seed's rerun settles
                     page.get_by_role("button", name="Generate", exact=True).click()
                     page.wait_for_function("() => window.__quill.finished > 0", timeout=120_000, polling=100)
+                    # the page's own script has timed the result too (its rate replaces the server's)
+                    page.wait_for_function("() => Object.keys(window.quillRates || {}).length > 0", timeout=10_000)
                     timing = page.evaluate("window.__quill")
                     status = page.get_by_text(re.compile(r"^finished.* tokens/s$")).inner_text()
                     n, shown = map(int, re.search(r"(\d+) tokens · (\d+) tokens/s", status).groups())
@@ -253,9 +255,10 @@ def test_page_opens_on_shakespeare_char_and_streams_at_the_models_speed(chromium
                     assert n == 300
                     assert text.startswith("ROMEO:") and len(text) > len("ROMEO:") + 100
                     page_rate = n / ((timing["finished"] - timing["click"]) / 1000)
-                    # the status line shows the user's rate, timed as this test times it (the server's own
-                    # clock starts when the click reaches it, and would show more)
-                    assert abs(shown / page_rate - 1) < 0.05, (status, page_rate)
+                    # the status line shows the user's rate, timed as this test times it: the server's own
+                    # clock starts when the click reaches it and would show ~15% more; the page's script
+                    # stops its clock in the same frame as this test or a frame or two later
+                    assert 0.85 * page_rate <= shown <= 1.03 * page_rate, (status, page_rate)
                     time.sleep(1.0)  # the closed tab and session settle: the library's rate is a quiet machine's
                     library.stdin.write("go\n")
                     library.stdin.flush()
