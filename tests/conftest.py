@@ -1,8 +1,11 @@
-"""Shared fixtures: tiny models built in-process, and the real data beside the checkout."""
+"""Shared fixtures: tiny models built in-process, the real data beside the checkout, and a Python
+subprocess on glibc's own malloc."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,16 @@ from quillgpt.tokenizer import CharTokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("QUILL_DATA_DIR", REPO.parent / "shared" / "data"))
+
+# glibc's malloc as it comes: no preloaded allocator, no tunables
+PLAIN_MALLOC = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD" and not k.startswith(("MALLOC_", "GLIBC_"))}
+
+
+def run_python(code: str, *args: str) -> str:
+    """`python -c code args` on glibc's own malloc (the allocator tests measure it); its stdout."""
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True,
+                          env=PLAIN_MALLOC).stdout  # fmt: skip
+
 
 # Tiny models run fastest on one thread, and a second thread waiting on a busy core is slow.
 torch.set_num_threads(1)

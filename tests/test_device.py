@@ -1,12 +1,10 @@
-import os
 import platform
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from quillgpt.device import CUDA_PEAK_BF16_FLOPS, cuda_peak_bf16_flops, peak_matmul_flops
+from tests.conftest import run_python
 
 
 def test_a_gpu_name_finds_its_own_row_not_a_shorter_one_it_contains():
@@ -53,15 +51,6 @@ faults, kept = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, resi
 assert release_freed_memory()
 print(faults, kept, resident())
 """
-
-
-# glibc's malloc as it comes: no preloaded allocator, no tunables
-PLAIN_MALLOC = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD" and not k.startswith(("MALLOC_", "GLIBC_"))}
-
-
-def run_python(code: str, *args: str) -> str:
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True,
-                          env=PLAIN_MALLOC).stdout  # fmt: skip
 
 
 def rounds(mode: str) -> tuple[int, float, float]:

@@ -6,8 +6,6 @@ import dataclasses
 import json
 import math
 import platform
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -40,6 +38,7 @@ from quillgpt.throughput import (
     record_compiled,
     shape_key,
 )
+from tests.conftest import run_python
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_SHAKESPEARE = TextStats(chars=1_115_394, bytes=1_115_394, distinct=65)
@@ -371,7 +370,6 @@ print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, residen
 def test_timing_a_shape_hands_its_memory_back():
     """The playground's server times shapes to plan a run, then lives on: the steps' memory must not stay
     with it (the timing keeps freed memory for its next step, as training does)."""
-    out = subprocess.run([sys.executable, "-c", TIME_A_SHAPE], capture_output=True, text=True, check=True)
-    before, peak, after = map(float, out.stdout.split())
+    before, peak, after = map(float, run_python(TIME_A_SHAPE).split())
     assert peak - before > 100  # the steps did take memory
     assert after - before < (peak - before) / 4

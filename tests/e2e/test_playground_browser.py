@@ -211,8 +211,7 @@ def test_page_opens_on_shakespeare_char_and_streams_at_the_models_speed(chromium
     300 tokens from the click on Generate to the frame showing "finished", timed by the browser, on
     PAGE_RUNS fresh pages, each beside the library's stream rate for the same model and settings
     taken a second after it, once the closed page has settled (this machine's speed drifts between
-    minutes); the median of those pairs is
-    printed with the CPU.
+    minutes); the median of those pairs is printed with the CPU.
 
     Correctness is asserted, not speed (tests are not timed here; the ratio's target is in
     benchmarks/playground.py and docs/playground.md).
