@@ -43,7 +43,7 @@ from pathlib import Path
 import httpx
 from machine import cpu_info
 
-from quillgpt.playground.launch import PAGE, streamlit_command
+from quillgpt.playground.launch import PAGE, SERVER, streamlit_command
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,8 +61,8 @@ document.addEventListener("click", (e) => {
 new MutationObserver(() => {
   const q = window.__quill;
   if (q.click === null || q.finished !== null) return;
-  const shown = [...document.querySelectorAll('[data-testid="stCaptionContainer"]')]
-    .some((c) => /^finished.* tokens\\/s/.test(c.textContent));
+  const shown = [...document.querySelectorAll('.quill-status, [data-testid="stCaptionContainer"]')]
+    .some((c) => c.checkVisibility() && /^finished.* tokens\\/s/.test(c.textContent));
   if (!shown) { q.gone = true; return; }  // the last run's status line must go first
   if (!q.gone) return;
   q.finished = -1;
@@ -111,7 +111,9 @@ def playground(models: list[str], env: dict[str, str], checkout: Path | None = N
     url = f"http://127.0.0.1:{port}"
     cmd = streamlit_command(models, port=port)
     if checkout is not None:
-        cmd[cmd.index(str(PAGE))] = str(checkout / PAGE.relative_to(REPO))
+        # what that checkout's `quill playground` runs: its server, or its page before the page had routes
+        server = checkout / SERVER.relative_to(REPO)
+        cmd[cmd.index(str(SERVER))] = str(server if server.is_file() else checkout / PAGE.relative_to(REPO))
         env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(checkout), env.get("PYTHONPATH")]))}
     with tempfile.TemporaryDirectory() as tmp:
         log_path = Path(tmp) / "streamlit.log"

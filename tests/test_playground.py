@@ -34,6 +34,7 @@ from quillgpt.playground.backend import (
     default_first,
     provenance_facts,
 )
+from quillgpt.playground.launch import PAGE as APP
 from quillgpt.playground.local import LocalBackend, decode_threads, token_chunks
 from quillgpt.playground.output import Result
 from quillgpt.playground.settings import PlaygroundSettings, parse_stop_strings, read_settings
@@ -42,7 +43,8 @@ from quillgpt.sampling import SamplingParams
 from quillgpt.tokenizer import BPETokenizer
 from tests.conftest import REPO, tiny_config
 
-APP = Path(__file__).resolve().parent.parent / "app.py"
+# The page, run as Streamlit runs page.py, through its module (so that tests can patch its functions)
+PAGE_SCRIPT = "from quillgpt.playground.page import main\n\nmain()\n"
 
 
 @pytest.fixture(autouse=True)
@@ -61,7 +63,7 @@ def app(monkeypatch, models: list[Path | str] = (), api_url: str | None = None) 
         monkeypatch.setenv("QUILL_PLAYGROUND_MODELS", ":".join(str(m) for m in models))
     if api_url:
         monkeypatch.setenv("QUILL_API_URL", api_url)
-    return AppTest.from_file(str(APP), default_timeout=30).run()
+    return AppTest.from_string(PAGE_SCRIPT, default_timeout=30).run()
 
 
 def errors(at: AppTest) -> list[str]:
@@ -471,7 +473,7 @@ def test_launch_runs_streamlit_headless(monkeypatch, capsys, tiny_model_dir):
     monkeypatch.setattr(subprocess, "Popen", FakePopen)
     assert launch.launch([str(tiny_model_dir), "shakespeare-char"], "http://api", "0.0.0.0", 8123) == 0
     cmd = seen["cmd"]
-    assert cmd[1:4] == ["-m", "streamlit", "run"] and cmd[4].endswith("playground/page.py")
+    assert cmd[1:4] == ["-m", "streamlit", "run"] and cmd[4].endswith("playground/server.py")
     assert {"--server.headless=true", "--server.address=0.0.0.0", "--server.port=8123"} <= set(cmd)
     assert cmd[cmd.index("--") :] == [
         "--", "--model", str(tiny_model_dir), "--model", "shakespeare-char", "--api-url", "http://api"

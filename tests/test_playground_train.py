@@ -14,11 +14,14 @@ from streamlit.testing.v1 import AppTest
 import quillgpt.checkpoint as checkpoint
 from quillgpt.checkpoint import save_model
 from quillgpt.playground import training
+from quillgpt.playground.launch import PAGE as APP
 from quillgpt.playground.training import TrainingError, save_upload, status
 from quillgpt.recipe import TextStats, recipe, reference_rate
 from quillgpt.rundir import read_plan
 
-APP = Path(__file__).resolve().parent.parent / "app.py"
+# The page, run as Streamlit runs page.py, through its module (so that tests can patch its functions)
+PAGE_SCRIPT = "from quillgpt.playground.page import main\n\nmain()\n"
+
 TEXT = "".join(f"Line {i}: the quick brown fox jumps over the lazy dog, and the dog sleeps on.\n" for i in range(60))
 TINY = ["n_layer=1", "n_embd=32", "n_head=1", "eval_interval=5", "eval_iters=2", "max_minutes=0.5", "compile=false"]
 
@@ -118,7 +121,7 @@ def test_status_reads_only_what_the_metrics_gained_and_waits_for_a_line_being_wr
 
 
 def train_app() -> AppTest:
-    at = AppTest.from_file(str(APP), default_timeout=30).run()
+    at = AppTest.from_string(PAGE_SCRIPT, default_timeout=30).run()
     at.radio(key="mode").set_value("Train").run()
     return at
 

@@ -12,12 +12,15 @@ import sys
 from pathlib import Path
 
 PAGE = Path(__file__).resolve().with_name("page.py")
+SERVER = PAGE.with_name("server.py")
+"""What `streamlit run` runs: the page, with its own routes on the same port."""
 
 
 def streamlit_command(
     models: list[str], api_url: str | None = None, host: str = "127.0.0.1", port: int = 8501
 ) -> list[str]:
-    """`python -m streamlit run` for the page, headless on host:port, with the page's own arguments after `--`."""
+    """`python -m streamlit run` for the page and its routes, headless on host:port, with the page's own
+    arguments after `--`."""
     args: list[str] = []
     for m in models:
         p = Path(m).expanduser()
@@ -25,7 +28,7 @@ def streamlit_command(
     if api_url:
         args += ["--api-url", api_url]
     return [
-        sys.executable, "-m", "streamlit", "run", str(PAGE),
+        sys.executable, "-m", "streamlit", "run", str(SERVER),
         "--server.headless=true",
         f"--server.address={host}",
         f"--server.port={port}",

@@ -73,6 +73,12 @@ class Result:
         self.elapsed = time.monotonic() - self.started
 
 
+def result_key(res: Result | None, side: str) -> str:
+    """The key of the container a side's result is drawn in: the page's script hides results by it
+    while a new one streams in (quillgpt/playground/live.js)."""
+    return f"quill_result_{side}_{res.key if res is not None else 'none'}"
+
+
 def model_label(name: str) -> str:
     p = Path(name)
     return f"{p.name} ({name})" if p.name != name else name
@@ -160,7 +166,7 @@ class LiveResult:
 
     def __init__(self, slot, res: Result, side: str, compare: bool):
         self.res, self.side, self.view = res, side, LiveView()
-        self.box = slot.container()
+        self.box = slot.container(key=result_key(res, side))
         with self.box:
             result_heading(res, side, compare)
             self.probabilities, self.plain = st.tabs(["Probabilities", "Text"])
@@ -209,12 +215,18 @@ def show_result(res: Result | None, side: str, compare: bool) -> None:
     result_extras(res, side)
 
 
-def result_status(res: Result) -> None:
-    """The status line, and the script that makes its rate the user's."""
+def status_text(res: Result) -> str:
+    """The status line: "finished (max new tokens) · 300 tokens · 690 tokens/s", the rate as the server
+    saw it (the page's script puts the user's in its place, from their click)."""
     status = {"done": "finished", "stopped": "stopped", "error": "failed", "running": "generating"}[res.status]
     reason = {"stop": " (stop string or end of text)", "length": " (max new tokens)"}.get(res.finish_reason or "", "")
     rate = len(res.tokens) / res.elapsed if res.elapsed > 0 else 0.0
-    st.caption(f"{status}{reason if res.status == 'done' else ''} · {len(res.tokens)} tokens · {rate:.0f} tokens/s")
+    return f"{status}{reason if res.status == 'done' else ''} · {len(res.tokens)} tokens · {rate:.0f} tokens/s"
+
+
+def result_status(res: Result) -> None:
+    """The status line, and the script that makes its rate the user's."""
+    st.caption(status_text(res))
     if res.tokens:  # in the browser, the rate becomes the user's: from their click to this line's frame
         st.html(RATE_JS % (json.dumps(res.key), len(res.tokens)), unsafe_allow_javascript=True)
 

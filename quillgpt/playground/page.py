@@ -25,31 +25,21 @@ from quillgpt.checkpoint import (
     resolve_model_path,
 )
 from quillgpt.device import resolve_device
+from quillgpt.playground import live
 from quillgpt.playground.api import ApiBackend
 from quillgpt.playground.backend import Backend, BackendError, ModelCard
 from quillgpt.playground.local import LocalBackend, warm_up
-from quillgpt.playground.output import Generation, Result, model_label, run_generation, show_result
-from quillgpt.playground.settings import PlaygroundSettings, parse_seed, parse_stop_strings, read_settings
+from quillgpt.playground.output import Generation, Result, model_label, result_key, run_generation, show_result
+from quillgpt.playground.settings import PlaygroundSettings, describe, read_settings, sampling_from_fields
 from quillgpt.playground.train_page import train_page
 from quillgpt.playground.training import runs_dir, trained_models
 from quillgpt.playground.view import CSS
-from quillgpt.sampling import LIMITS, SamplingError, SamplingParams, sampling_params
+from quillgpt.sampling import LIMITS, SamplingError, SamplingParams
 
 log = logging.getLogger(__name__)
 
 # Module-level strings would be drawn on the page by Streamlit's "magic" when this file is the
 # script being run, so the constants here are explained in comments.
-# The click on Generate, timed by the browser: the status line's rate runs from it to the frame
-# that shows the finished text, which is what the user waits for (the server sees the click late).
-CLICK_JS = """<script>
-if (!window.quillClickTimer) {
-  window.quillClickTimer = true;
-  document.addEventListener("click", (e) => {
-    if (e.target.closest && e.target.closest(".st-key-generate")) window.quillClickAt = e.timeStamp;
-  }, true);
-}
-</script>"""
-
 NO_MODELS = """**No model to run yet.** The bundled Shakespeare model (`models/shakespeare-char`) is not in
 this checkout, and no model directory was given.
 
@@ -109,7 +99,7 @@ def main() -> None:
 def page(settings: PlaygroundSettings, generation: Generation | None = None) -> None:
     """Generate, or (with models run in this process) Train: a mode chosen in the sidebar."""
     with st.sidebar:
-        st.html(CLICK_JS, unsafe_allow_javascript=True)
+        st.html(live.SCRIPT, unsafe_allow_javascript=True)  # Generate and Stop over the page's route
         st.title("QuillGPT playground")
         modes = ["Generate"] if settings.api_url else ["Generate", "Train"]
         mode = st.radio("Mode", modes, key="mode", horizontal=True, label_visibility="collapsed")
@@ -173,6 +163,9 @@ def generate_page(settings: PlaygroundSettings, generation: Generation | None) -
         go = b1.button("Generate", type="primary", key="generate", width="stretch",
                        on_click=start_generation, args=(backend, sides))  # fmt: skip
         b2.button("Stop", key="stop", width="stretch", help="stop generating and keep the text so far")
+        # clicked by the page's script once a generation over the route has ended: this rerun takes its
+        # results into the session and draws them whole (hidden by `CSS`)
+        st.button("Show the last generation", key="quill_sync")
         started = False
         if go:
             if generation is None or any(cards[s] is None or params[s] is None for s in sides):
@@ -189,9 +182,14 @@ def generate_page(settings: PlaygroundSettings, generation: Generation | None) -
     if started:
         st.session_state.stream_slot = 1 - st.session_state.get("stream_slot", 0)
     turn = st.session_state.get("stream_slot", 0)
+    session_live = st.session_state.setdefault("live", live.Live())
+    session_live.show(backend, {s: st.session_state[f"model_{s}"] for s in sides}, all(cards.values()))
+    for side, res in session_live.take_finished().items():
+        st.session_state[f"result_{side}"] = res
     streaming, outputs = {}, {}
     for side, col in zip(sides, output_cols):
         with col:
+            st.html(session_live.anchor(side))
             streaming[side] = [st.empty(), st.empty()][turn]
             outputs[side] = st.empty()
     results = {s: st.session_state.get(f"result_{s}") for s in sides}
@@ -201,7 +199,7 @@ def generate_page(settings: PlaygroundSettings, generation: Generation | None) -
     finished = run_generation(generation, streaming, compare) if started else set()
     for side, res in results.items():
         if side not in finished:
-            with outputs[side].container():
+            with outputs[side].container(key=result_key(res, side)):
                 show_result(res, side, compare)
 
 
@@ -320,31 +318,7 @@ def sampling_controls(side: str, compare: bool) -> SamplingParams | None:
 def read_sampling(side: str) -> SamplingParams:
     """The SamplingParams one side's widgets hold (read from the session, as callbacks see them too);
     SamplingError names a bad one."""
-    state = st.session_state
-    return sampling_params(
-        dict(
-            max_new_tokens=int(state[f"max_new_tokens_{side}"]),
-            temperature=float(state[f"temperature_{side}"]),
-            top_k=int(state[f"top_k_{side}"]) or None,
-            top_p=float(state[f"top_p_{side}"]),
-            repetition_penalty=float(state[f"repetition_penalty_{side}"]),
-            stop=parse_stop_strings(state[f"stop_{side}"]),
-            seed=parse_seed(state[f"seed_{side}"]),
-        )
-    )
-
-
-def describe(p: SamplingParams) -> str:
-    parts = ["greedy" if p.greedy else f"temperature {p.temperature:g}"]
-    if p.top_k:
-        parts.append(f"top-k {p.top_k}")
-    if p.top_p < 1:
-        parts.append(f"top-p {p.top_p:g}")
-    if p.repetition_penalty != 1:
-        parts.append(f"repetition penalty {p.repetition_penalty:g}")
-    if p.seed is not None:
-        parts.append(f"seed {p.seed}")
-    return " · ".join(parts)
+    return sampling_from_fields(lambda name: st.session_state[f"{name}_{side}"])
 
 
 if __name__ == "__main__":

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from quillgpt.playground.backend import BackendError
-from quillgpt.sampling import SamplingError
+from quillgpt.sampling import SamplingError, SamplingParams, sampling_params
 
 
 @dataclass
@@ -57,3 +58,43 @@ def parse_seed(text: str) -> int | None:
         return int(text)
     except ValueError:
         raise SamplingError(f"seed must be a whole number, or empty for a random one; got {text!r}") from None
+
+
+def sampling_from_fields(field_value: Callable[[str], object]) -> SamplingParams:
+    """The SamplingParams one side's sampling fields hold, each read by name: numbers as the page's
+    widgets keep them, or text as the browser shows them (the page's script sends those); stop strings
+    and seed are text. SamplingError names a bad one."""
+
+    def number(name: str, kind: type) -> int | float:
+        value = field_value(name)
+        try:
+            return kind(value)
+        except (TypeError, ValueError):
+            label = name.replace("_", " ")
+            raise SamplingError(f"{label} must be a {'whole ' if kind is int else ''}number, got {value!r}") from None
+
+    return sampling_params(
+        dict(
+            max_new_tokens=number("max_new_tokens", int),
+            temperature=number("temperature", float),
+            top_k=number("top_k", int) or None,
+            top_p=number("top_p", float),
+            repetition_penalty=number("repetition_penalty", float),
+            stop=parse_stop_strings(str(field_value("stop"))),
+            seed=parse_seed(str(field_value("seed"))),
+        )
+    )
+
+
+def describe(p: SamplingParams) -> str:
+    """The settings of a result, in a line: "temperature 0.8 · top-k 40 · seed 1"."""
+    parts = ["greedy" if p.greedy else f"temperature {p.temperature:g}"]
+    if p.top_k:
+        parts.append(f"top-k {p.top_k}")
+    if p.top_p < 1:
+        parts.append(f"top-p {p.top_p:g}")
+    if p.repetition_penalty != 1:
+        parts.append(f"repetition penalty {p.repetition_penalty:g}")
+    if p.seed is not None:
+        parts.append(f"seed {p.seed}")
+    return " · ".join(parts)

@@ -131,6 +131,10 @@ CSS = """<style>
   font-size: 0.95rem; line-height: 1.75; padding: 0.9rem 1rem; border-radius: 0.5rem;
   border: 1px solid rgba(128, 128, 128, 0.35); overflow-wrap: anywhere; }
 .quill-prompt { font-weight: 700; opacity: 0.8; }
+.st-key-quill_sync { display: none; }
+.quill-live .quill-status, .quill-live .quill-note { font-size: 0.875rem; opacity: 0.6; margin: 0.5rem 0 0; }
+.quill-live .quill-error { margin-top: 0.5rem; padding: 0.75rem 1rem; border-radius: 0.5rem;
+  background: rgba(255, 43, 43, 0.09); color: rgb(125, 53, 59); }
 .quill-tok { position: relative; color: #1b1b1b; border-radius: 3px; padding: 1px 0; cursor: help; }
 .quill-tok:hover, .quill-tok:focus { outline: 2px solid #1f6feb; }
 .quill-tok:hover::after, .quill-tok:focus::after { content: attr(data-tip); position: absolute; left: 0;

@@ -195,8 +195,8 @@ document.addEventListener("click", (e) => {
 new MutationObserver(() => {
   const q = window.__quill;
   if (q.click === null || q.finished !== null) return;
-  const shown = [...document.querySelectorAll('[data-testid="stCaptionContainer"]')]
-    .some((c) => /^finished.* tokens\\/s/.test(c.textContent));
+  const shown = [...document.querySelectorAll('.quill-status, [data-testid="stCaptionContainer"]')]
+    .some((c) => c.checkVisibility() && /^finished.* tokens\\/s/.test(c.textContent));
   if (!shown) { q.gone = true; return; }
   if (!q.gone) return;
   q.finished = -1;

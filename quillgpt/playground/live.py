@@ -1,0 +1,222 @@
+"""Generate without a rerun: the page's script sends the click on Generate straight to a route on the
+playground's own port, which streams the probability view back in pieces for the script to append.
+
+Through Streamlit, the click reaches the server on a timer after the browser's next frame; the whole
+page is drawn again while the model's first tokens decode beside it; and every update, the finish
+included, waits for React to render the page. On two cores that was about a quarter of what a user
+waited for 300 tokens (docs/results.md). Here the click is a `fetch`, and the browser appends HTML to
+an element of the page's own (`.quill-live`).
+
+The page keeps a `Live` per session and puts its ticket in that element. The script (live.js) reads
+the prompt and the sampling fields as the user sees them, posts them with the ticket to
+GENERATE_PATH, and reads back one JSON line per side and update (`_lines`):
+
+    {"side": "a", "key": "…", "html": "<span class=quill-prompt>…"}   first: the result's key, the prompt
+    {"side": "a", "html": "<span class=quill-tok …>…"}                 the tokens since the last update
+    {"side": "a", "html": "…", "end": "done", "status": "finished · 300 tokens · 702 tokens/s", "tokens": 300}
+    {"side": "a", "end": "error", "error": "…"}
+
+STOP_PATH stops the session's generation after its current step; it ends with "stopped". Once every
+side has ended, the script reruns the page (its hidden sync button), which takes the finished results
+into the session (`Live.take_finished`) and draws them whole: the Text tab, the inspector.
+
+Without the script (AppTest), or on a page whose models did not load, Generate's click goes through
+Streamlit (`Generation` started by its callback, drawn by `run_generation`); a setting the route
+refuses sends the click there too, so the page shows what is wrong as it always has.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from quillgpt.playground.backend import Backend, BackendError
+from quillgpt.playground.output import REDRAW_SECONDS, Generation, Result, status_text
+from quillgpt.playground.settings import describe, sampling_from_fields
+from quillgpt.playground.view import LiveView, prompt_html
+from quillgpt.sampling import SamplingError, SamplingParams
+
+log = logging.getLogger(__name__)
+
+GENERATE_PATH = "/quill/generate"
+STOP_PATH = "/quill/stop"
+
+# The page's side of it, drawn once in the sidebar (`st.html` runs it).
+SCRIPT = "<script>\n" + Path(__file__).with_name("live.js").read_text(encoding="utf-8") + "</script>"
+
+# Each session's Live by ticket, for as long as the session keeps it (its state holds the only strong
+# reference): a closed tab's session goes, and its ticket with it.
+_LIVE: weakref.WeakValueDictionary[str, Live] = weakref.WeakValueDictionary()
+
+
+@dataclass(eq=False)
+class Live:
+    """One session's Generate over the route: what the page last showed (backend, models per side) and
+    the generation it started, whose results wait here until a rerun of the page takes them."""
+
+    backend: Backend | None = None
+    models: dict[str, str] = field(default_factory=dict)
+    """The model of each side shown, as the page last drew it."""
+    ready: bool = False
+    """Every side's model loads: the page would generate on a click."""
+    ticket: str = field(default_factory=lambda: uuid.uuid4().hex)
+    results: dict[str, Result] = field(default_factory=dict)
+    generation: Generation | None = None
+
+    def show(self, backend: Backend, models: dict[str, str], ready: bool) -> None:
+        """What the page drew this run; from now on its ticket reaches this Live."""
+        self.backend, self.models, self.ready = backend, models, ready
+        _LIVE[self.ticket] = self
+
+    def anchor(self, side: str) -> str:
+        """The element a side's view streams into, for `st.html`: the same HTML from run to run, so that
+        React leaves what the script put in it alone (unless the page's readiness changes)."""
+        return (
+            f'<div class="quill-live" data-side="{side}" data-ticket="{self.ticket}" data-ready="{int(self.ready)}"'
+            f' data-generate="{GENERATE_PATH}" data-stop="{STOP_PATH}"></div>'
+        )
+
+    def start(self, prompt: str, params: dict[str, SamplingParams]) -> Generation:
+        """A new generation of every side in `params`; the one before it, if still running, stops."""
+        self.stop()
+        assert self.backend is not None
+        results = {s: Result(self.models[s], prompt, describe(p)) for s, p in params.items()}
+        self.results = results
+        self.generation = Generation.start(self.backend, params, results)
+        return self.generation
+
+    def stop(self) -> None:
+        """Stop the running generation after its current step; its text so far is kept."""
+        if self.generation is not None:
+            for res in self.generation.results.values():
+                if res.status == "running":
+                    res.status = "stopped"
+            self.generation.close()
+
+    def take_finished(self) -> dict[str, Result]:
+        """The results that have ended (done, stopped, failed), handed over once, for the session."""
+        finished = {s: r for s, r in self.results.items() if r.status != "running"}
+        for side in finished:
+            del self.results[side]
+        return finished
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+async def _request_live(request: Request) -> tuple[Live | None, dict | JSONResponse]:
+    """The posted JSON object and its ticket's Live, or the response that refuses the request."""
+    # JSON only: a page on another site cannot post it without the browser asking this server first
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+        return None, _error(415, "send a JSON object (content-type: application/json)")
+    try:
+        body = await request.json()
+    except ValueError:
+        return None, _error(400, "the body is not valid JSON")
+    if not isinstance(body, dict):
+        return None, _error(400, "the body must be a JSON object")
+    live = _LIVE.get(str(body.get("ticket")))
+    if live is None:
+        return None, _error(409, "this page is out of date: reload it")
+    return live, body
+
+
+async def generate(request: Request) -> Response:
+    """POST GENERATE_PATH {"ticket", "prompt", "sides": {side: {field: value}}}: the generation's lines."""
+    live, body = await _request_live(request)
+    if live is None:
+        return body
+    prompt, sides = body.get("prompt"), body.get("sides")
+    if not isinstance(prompt, str):
+        return _error(400, "prompt must be a string")
+    if not isinstance(sides, dict) or not sides or not all(isinstance(f, dict) for f in sides.values()):
+        return _error(400, "sides must map each side to its sampling fields")
+    if not live.ready or not set(sides) <= set(live.models):
+        return _error(409, "the page cannot generate with these models: let it show why")
+    try:
+        params = {side: sampling_from_fields(lambda name, f=fields: f.get(name, "")) for side, fields in sides.items()}
+    except SamplingError as e:
+        return _error(422, f"Bad setting: {e}")
+    return StreamingResponse(
+        _lines(live.start(prompt, params)), media_type="application/x-ndjson", headers={"cache-control": "no-store"}
+    )
+
+
+async def stop(request: Request) -> Response:
+    """POST STOP_PATH {"ticket"}: the session's generation stops after its current step."""
+    live, body = await _request_live(request)
+    if live is None:
+        return body
+    live.stop()
+    return Response(status_code=204)
+
+
+def _encode(lines: list[dict]) -> str:
+    return "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
+
+
+async def _lines(gen: Generation):
+    """Every side's prompt, then what has arrived at most every REDRAW_SECONDS, then each side's end,
+    as it happens (`run_generation`'s loop, sent as JSON lines instead of drawn)."""
+    views = {side: LiveView() for side in gen.results}
+    first = []
+    for side, res in gen.results.items():
+        first.append({"side": side, "key": res.key, "html": prompt_html(res.prompt)})
+        if res.status == "error":  # the backend refused it before it started
+            first.append({"side": side, "end": "error", "error": res.error})
+    yield _encode(first)
+    streams = dict(gen.streams)
+    try:
+        drawn = 0.0  # the first tokens are sent as soon as they arrive
+        while streams:
+            # waits in a worker thread: the server's event loop goes on sending meanwhile
+            await asyncio.to_thread(gen.wake.wait, REDRAW_SECONDS)
+            gen.wake.clear()
+            lines = []
+            for side in list(streams):
+                res = gen.results[side]
+                try:
+                    for chunk in streams[side].take():
+                        res.add(chunk)
+                    if streams[side].done and res.status == "running":
+                        res.status = "done"
+                except BackendError as e:
+                    res.status, res.error = "error", str(e)
+                except Exception as e:  # one side failing must not take the other down
+                    log.exception("generation failed")
+                    res.status, res.error = "error", f"Generation failed: {type(e).__name__}: {e}"
+                if res.status == "error":
+                    lines.append({"side": side, "end": "error", "error": res.error})
+                elif res.status != "running":  # done, or stopped
+                    html = views[side].finish(res.text, res.tokens)
+                    end = {"side": side, "html": html, "end": res.status, "status": status_text(res)}
+                    lines.append(end | {"tokens": len(res.tokens), "note": res.note})
+                if res.status != "running":
+                    del streams[side]
+            if streams and time.monotonic() - drawn >= REDRAW_SECONDS:
+                for side in streams:
+                    res = gen.results[side]
+                    if new := views[side].update(res.text, res.tokens):
+                        lines.append({"side": side, "html": new})
+                drawn = time.monotonic()
+            if lines:
+                yield _encode(lines)
+    finally:  # the page went away, or all ended: no thread goes on decoding
+        for res in gen.results.values():
+            if res.status == "running":
+                res.status = "stopped"
+        gen.close()
+
+
+ROUTES = [Route(GENERATE_PATH, generate, methods=["POST"]), Route(STOP_PATH, stop, methods=["POST"])]
