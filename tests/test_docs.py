@@ -92,8 +92,9 @@ NOT_RUN = {
     "quill playground": "a long-running server: the same page as `make run`, which runs here",
     "quill playground --model path/to/model": "a long-running server, and path/to/model is the reader's",
     "quill playground --api-url http://127.0.0.1:8080": "a long-running server that needs a running `quill serve`",
-    "streamlit run app.py -- --model path/to/model": "a long-running server; tests/test_playground.py runs app.py",
+    "streamlit run app.py -- --model path/to/model": "a long-running server; the browser test runs it (its first test)",
     ".venv/bin/python -m pytest tests/test_playground.py": "part of `make test`",
+    ".venv/bin/python -m pytest tests/test_playground_live.py": "part of `make test`",
     ".venv/bin/python -m pytest tests/test_playground_train.py": "part of `make test`",
     ".venv/bin/python -m pytest tests/e2e/test_playground_browser.py": "part of `make test` (needs Chromium)",
     "QUILL_SCREENSHOT_MODEL=shakespeare-char QUILL_SCREENSHOT_TO=docs/figures/playground.png "

@@ -1,9 +1,14 @@
 """The playground page: pick a model, sample from it and see how sure it was (Streamlit).
 
-`quill playground` (quillgpt/playground/launch.py) and `streamlit run app.py` run this file. Models
-run in-process by default (`LocalBackend`), or on a running `quill serve` (`ApiBackend`). Both
-stream `Chunk`s: new text and, for each token, its probability and top alternatives, which the
-probability view (quillgpt/playground/view.py) colours token by token.
+`quill playground` and `streamlit run app.py` serve this file with its own routes on the same port
+(quillgpt/playground/server.py). Models run in-process by default (`LocalBackend`), or on a running
+`quill serve` (`ApiBackend`). Both stream `Chunk`s: new text and, for each token, its probability and
+top alternatives, which the probability view (quillgpt/playground/view.py) colours token by token.
+
+In a browser, Generate and Stop go to the page's route (quillgpt/playground/live.py), whose lines
+the page's script appends to the page without a rerun; the run after a generation ends takes its
+results into the session. Without the script (AppTest), the click goes through Streamlit: its
+callback starts the model, and the page streams it in with Streamlit's elements.
 
 Settings come from the command line after `--` (`--model`, repeatable; `--api-url`) or, failing
 that, from $QUILL_PLAYGROUND_MODELS (os.pathsep-separated) and $QUILL_API_URL.

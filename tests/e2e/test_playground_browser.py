@@ -25,8 +25,9 @@ import pytest
 
 from quillgpt.checkpoint import bundled_models
 from quillgpt.device import cpu_model
-from quillgpt.playground.launch import streamlit_command
+from quillgpt.playground.launch import SERVER, streamlit_command
 from quillgpt.playground.local import LocalBackend
+from tests.conftest import REPO
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -70,11 +71,15 @@ def model(tiny_model_dir) -> str:
 
 
 @contextlib.contextmanager
-def streamlit_server(models: list[str], tmp_path: Path, env: dict[str, str] | None = None) -> Iterator[str]:
-    """`quill playground`'s server for `models` on a free port until the block ends; its URL."""
+def streamlit_server(
+    models: list[str], tmp_path: Path, env: dict[str, str] | None = None, script: Path = SERVER
+) -> Iterator[str]:
+    """`quill playground`'s server for `models` on a free port until the block ends; its URL. `script`:
+    what `streamlit run` runs (the repository's app.py: the original's `streamlit run app.py`)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = streamlit_command(models, port=port)
+    cmd[cmd.index(str(SERVER))] = str(script)
     log_path = tmp_path / "streamlit.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, env=env)
@@ -107,7 +112,15 @@ def playground_url(chromium, tmp_path, model) -> Iterator[str]:
         yield url
 
 
-def test_type_prompt_generate_and_see_text(chromium, playground_url, model, tmp_path):
+def test_type_prompt_generate_and_see_text(chromium, model, tmp_path):
+    """Through `streamlit run app.py -- --model DIR`, as the original QuillGPT's users start it."""
+    with streamlit_server([model], tmp_path, script=REPO / "app.py") as playground_url:
+        see_text(playground_url, model, tmp_path, chromium)
+    if target := os.environ.get("QUILL_SCREENSHOT_TO"):
+        shutil.copyfile(tmp_path / "playground.png", target)
+
+
+def see_text(playground_url: str, model: str, tmp_path: Path, chromium: Path) -> None:
     from playwright.sync_api import sync_playwright
 
     prompt = LocalBackend([model]).card(model).default_prompt or "First"
@@ -162,8 +175,6 @@ def test_type_prompt_generate_and_see_text(chromium, playground_url, model, tmp_
             assert tokens.count() == kept
         finally:
             browser.close()
-    if target := os.environ.get("QUILL_SCREENSHOT_TO"):
-        shutil.copyfile(shot, target)
 
 
 # `quill generate`'s path (`stream`), with the page's defaults, timed from before the first token (the
