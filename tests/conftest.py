@@ -17,6 +17,10 @@ from quillgpt.model import GPT
 from quillgpt.tokenizer import CharTokenizer
 
 REPO = Path(__file__).resolve().parent.parent
+
+# The playground page for Streamlit's AppTest, run as `streamlit run` runs page.py but through its
+# module, so that a test can patch the page's functions
+PAGE_SCRIPT = "from quillgpt.playground.page import main\n\nmain()\n"
 SHARED_DATA = Path(os.environ.get("QUILL_DATA_DIR", REPO.parent / "shared" / "data"))
 
 # glibc's malloc as it comes: no preloaded allocator, no tunables

@@ -34,17 +34,14 @@ from quillgpt.playground.backend import (
     default_first,
     provenance_facts,
 )
-from quillgpt.playground.launch import PAGE as APP
+from quillgpt.playground.launch import PAGE
 from quillgpt.playground.local import LocalBackend, decode_threads, token_chunks
 from quillgpt.playground.output import Result
 from quillgpt.playground.settings import PlaygroundSettings, parse_stop_strings, read_settings
 from quillgpt.playground.view import LiveView, prob_class, render_tokens
 from quillgpt.sampling import SamplingParams
 from quillgpt.tokenizer import BPETokenizer
-from tests.conftest import REPO, tiny_config
-
-# The page, run as Streamlit runs page.py, through its module (so that tests can patch its functions)
-PAGE_SCRIPT = "from quillgpt.playground.page import main\n\nmain()\n"
+from tests.conftest import PAGE_SCRIPT, REPO, tiny_config
 
 
 @pytest.fixture(autouse=True)
@@ -55,7 +52,7 @@ def isolated(monkeypatch, tmp_path):
     monkeypatch.delenv("QUILL_PLAYGROUND_MODELS", raising=False)
     monkeypatch.delenv("QUILL_API_URL", raising=False)
     monkeypatch.setenv("QUILL_RUNS_DIR", str(tmp_path / "runs"))
-    monkeypatch.setattr("sys.argv", [str(APP)])
+    monkeypatch.setattr("sys.argv", [str(PAGE)])
 
 
 def app(monkeypatch, models: list[Path | str] = (), api_url: str | None = None) -> AppTest:
@@ -641,3 +638,33 @@ def test_live_view_pieces_and_finish_draw_what_render_tokens_draws(text, cut):
     ).removesuffix("</div>")
     if cut is not None:
         assert pieces[-1].endswith('<span class="quill-tok p14" tabindex="0" data-tip="\'ere\'  70.0%">e</span>')
+
+
+def test_a_generation_over_the_route_is_taken_into_the_session(monkeypatch, tiny_model_dir):
+    """What the page's script does in a browser (live.js): post the page's fields with the ticket the
+    page drew to the route, read the lines, then click the hidden sync button. That run takes the
+    result into the session and draws it whole, in the container the script knows it by."""
+    from starlette.applications import Starlette
+    from starlette.testclient import TestClient
+
+    from quillgpt.playground import live
+    from quillgpt.playground.output import model_label
+
+    at = app(monkeypatch, [tiny_model_dir])
+    session = at.session_state["live"]
+    anchors = [e.proto.body for e in at.get("html") if 'class="quill-live"' in e.proto.body]
+    assert anchors == [session.anchor("a")] and session.ticket in anchors[0] and 'data-ready="1"' in anchors[0]
+    fields = {name: str(at.session_state[f"{name}_a"]) for name in ("temperature", "top_k", "top_p", "seed", "stop")}
+    fields |= {"max_new_tokens": "9", "repetition_penalty": "1.0", "model": model_label(str(tiny_model_dir))}
+    with TestClient(Starlette(routes=live.ROUTES)) as client:
+        r = client.post(live.GENERATE_PATH, json={"ticket": session.ticket, "prompt": "First", "sides": {"a": fields}})
+    first, *_, end = (json.loads(line) for line in r.text.splitlines())
+    assert end["end"] == "done" and end["tokens"] == 9
+    assert "result_a" not in at.session_state  # not until the page runs again
+    at.button(key="quill_sync").click().run()
+    assert not at.exception and not errors(at)
+    assert generated(at).key == first["key"] and generated(at).prompt == "First" and len(generated(at).tokens) == 9
+    assert any(c.value == end["status"] for c in at.caption)  # the status line the script showed, drawn whole
+    assert at.get("html") and any(f"quill_result_a_{first['key']}" in str(b.proto) for b in at.get("flex_container"))
+    at.run()
+    assert generated(at).key == first["key"]  # taken once: later runs keep it

@@ -15,11 +15,18 @@ from starlette.testclient import TestClient
 
 from quillgpt.playground import live
 from quillgpt.playground.local import LocalBackend
+from quillgpt.playground.output import model_label
 from quillgpt.playground.view import prompt_html, render_tokens
 from quillgpt.sampling import SamplingParams
 
+# One side's fields as the page's script reads them off the page (the model as its picker shows it)
 FIELDS = {"temperature": "1.00", "top_k": "0", "top_p": "1.00", "max_new_tokens": "12",
           "repetition_penalty": "1.00", "seed": "5", "stop": ""}  # fmt: skip
+
+
+@pytest.fixture
+def fields(tiny_model_dir) -> dict[str, str]:
+    return FIELDS | {"model": model_label(str(tiny_model_dir))}
 
 
 @pytest.fixture
@@ -55,8 +62,8 @@ def wait_until(condition, seconds=10.0) -> bool:
     return condition()
 
 
-def test_the_lines_build_the_view_of_the_text_the_backend_generates(client, session, tiny_model_dir):
-    r = post(client, session, a=FIELDS)
+def test_the_lines_build_the_view_of_the_text_the_backend_generates(client, session, fields, tiny_model_dir):
+    r = post(client, session, a=fields)
     assert r.status_code == 200 and r.headers["content-type"].startswith("application/x-ndjson")
     got = lines(r)
     assert all(m["side"] == "a" for m in got)
@@ -82,12 +89,15 @@ def test_the_lines_build_the_view_of_the_text_the_backend_generates(client, sess
     assert wait_until(lambda: not streams_alive())
 
 
-def test_both_sides_of_a_comparison_stream_and_end(client, session, tiny_model_dir):
+def test_both_sides_of_a_comparison_stream_and_end(client, session, fields, tiny_model_dir):
     session.show(session.backend, {"a": str(tiny_model_dir), "b": str(tiny_model_dir)}, ready=True)
-    got = lines(post(client, session, a=FIELDS, b=FIELDS | {"max_new_tokens": "7", "seed": ""}))
+    got = lines(post(client, session, a=fields, b=fields | {"max_new_tokens": "7", "seed": ""}))
     ends = {m["side"]: m for m in got if "end" in m}
     assert ends["a"]["tokens"] == 12 and ends["b"]["tokens"] == 7
     assert set(session.take_finished()) == {"a", "b"}
+
+
+MODEL = object()  # stands for the tiny model's label in the cases below
 
 
 @pytest.mark.parametrize(
@@ -99,32 +109,50 @@ def test_both_sides_of_a_comparison_stream_and_end(client, session, tiny_model_d
         (dict(json={"ticket": "nobody's", "prompt": "x", "sides": {"a": FIELDS}}), 409, "reload"),
         (dict(json={"prompt": 3, "sides": {"a": FIELDS}}), 400, "prompt"),
         (dict(json={"prompt": "x", "sides": {}}), 400, "sides"),
-        (dict(json={"prompt": "x", "sides": {"b": FIELDS}}), 409, "cannot generate"),
-        (
-            dict(json={"prompt": "x", "sides": {"a": FIELDS | {"temperature": "hot"}}}),
-            422,
-            "temperature must be a number",
-        ),
-        (dict(json={"prompt": "x", "sides": {"a": FIELDS | {"top_p": "1.5"}}}), 422, "Bad setting: top_p"),
-        (dict(json={"prompt": "x", "sides": {"a": FIELDS | {"seed": "1.5"}}}), 422, "seed must be a whole number"),
+        (dict(json={"prompt": "x", "sides": {"a": ["1.0"]}}), 400, "sides"),
+        (dict(json={"prompt": "x", "sides": {"b": FIELDS}}), 409, "not drawn these models"),
+        (dict(json={"prompt": "x", "sides": {"a": FIELDS | {"model": "another"}}}), 409, "not drawn these models"),
+        (dict(json={"prompt": "x", "sides": {"a": {"temperature": "hot"}}}), 422, "temperature must be a number"),
+        (dict(json={"prompt": "x", "sides": {"a": {"top_p": "1.5"}}}), 422, "top p must be from 0.0 to 1.0"),
+        (dict(json={"prompt": "x", "sides": {"a": {"max_new_tokens": "5001"}}}), 422, "max new tokens must be from"),
+        (dict(json={"prompt": "x", "sides": {"a": {"max_new_tokens": 1e300}}}), 422, "max new tokens must be from"),
+        (dict(json={"prompt": "x", "sides": {"a": {"seed": "1.5"}}}), 422, "seed must be a whole number"),
+        (dict(json={"prompt": "x", "sides": {"a": {"temperature": "nan"}}}), 422, "temperature must be from"),
     ],
 )
-def test_what_the_route_refuses_it_says_why_and_starts_nothing(client, session, send, status, message):
+def test_what_the_route_refuses_it_says_why_and_starts_nothing(client, session, fields, send, status, message):
     if isinstance(send.get("json"), dict) and "ticket" not in send["json"]:
-        send = dict(json={"ticket": session.ticket} | send["json"])
+        body = {"ticket": session.ticket} | send["json"]
+        # a side's fields are the page's, but for what the case changes
+        body["sides"] = {k: fields | v if isinstance(v, dict) else v for k, v in body["sides"].items()}
+        send = dict(json=body)
     r = client.post(live.GENERATE_PATH, **send)
-    assert r.status_code == status and message in r.json()["error"]
+    assert r.status_code == status and message in r.json()["error"], r.text
     assert session.generation is None and not streams_alive()
 
 
-def test_a_page_whose_models_do_not_all_load_is_sent_back_to_streamlit(client, session, tiny_model_dir):
+def test_a_number_json_cannot_hold_is_refused_not_crashed_on(client, session, fields):
+    """Python's JSON reader takes 1e999 (infinity), which no whole number can be."""
+    body = json.dumps({"ticket": session.ticket, "prompt": "", "sides": {"a": fields}})
+    body = body.replace('"max_new_tokens": "12"', '"max_new_tokens": 1e999')
+    r = client.post(live.GENERATE_PATH, content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "max new tokens must be a whole number" in r.json()["error"]
+
+
+def test_stop_is_refused_like_generate(client, session):
+    assert client.post(live.STOP_PATH, content="{}", headers={"content-type": "text/plain"}).status_code == 415
+    assert client.post(live.STOP_PATH, json={"ticket": "nobody's"}).status_code == 409
+    assert client.post(live.STOP_PATH, json={"ticket": session.ticket}).status_code == 204  # nothing to stop
+
+
+def test_a_page_whose_models_do_not_all_load_is_sent_back_to_streamlit(client, session, fields, tiny_model_dir):
     session.show(session.backend, {"a": str(tiny_model_dir)}, ready=False)
-    r = post(client, session, a=FIELDS)
+    r = post(client, session, a=fields)
     assert r.status_code == 409 and session.generation is None
 
 
-def test_stop_ends_the_stream_with_the_text_so_far(client, session):
-    long = FIELDS | {"max_new_tokens": "5000"}
+def test_stop_ends_the_stream_with_the_text_so_far(client, session, fields):
+    long = fields | {"max_new_tokens": "5000"}
     with client.stream(
         "POST", live.GENERATE_PATH, json={"ticket": session.ticket, "prompt": "", "sides": {"a": long}}
     ) as r:
@@ -142,15 +170,15 @@ def test_stop_ends_the_stream_with_the_text_so_far(client, session):
 
 def test_a_new_click_stops_the_generation_before_it(session):
     first = session.start("", {"a": SamplingParams(5000)})
-    session.start("", {"a": SamplingParams(3)})
-    assert first.results["a"].status == "stopped"
-    assert wait_until(lambda: len(streams_alive()) <= 1)
+    second = session.start("", {"a": SamplingParams(5000)})
+    assert first.results["a"].status == "stopped" and second.results["a"].status == "running"
+    assert wait_until(lambda: streams_alive() == [second.streams["a"]._thread]), "the first went on decoding"
     session.stop()
     assert wait_until(lambda: not streams_alive())
 
 
-def test_a_page_that_goes_away_stops_its_generation(client, session):
-    long = FIELDS | {"max_new_tokens": "100000"}
+def test_a_page_that_goes_away_stops_its_generation(client, session, fields):
+    long = fields | {"max_new_tokens": "5000"}
     with client.stream(
         "POST", live.GENERATE_PATH, json={"ticket": session.ticket, "prompt": "", "sides": {"a": long}}
     ) as r:
@@ -159,12 +187,12 @@ def test_a_page_that_goes_away_stops_its_generation(client, session):
     assert session.generation.results["a"].status == "stopped"
 
 
-def test_a_closed_sessions_ticket_is_forgotten(client, tiny_model_dir):
+def test_a_closed_sessions_ticket_is_forgotten(client, fields, tiny_model_dir):
     s = live.Live()
     s.show(LocalBackend([str(tiny_model_dir)]), {"a": str(tiny_model_dir)}, ready=True)
     ticket = s.ticket
     del s  # the session's state held the only reference
-    r = client.post(live.GENERATE_PATH, json={"ticket": ticket, "prompt": "", "sides": {"a": FIELDS}})
+    r = client.post(live.GENERATE_PATH, json={"ticket": ticket, "prompt": "", "sides": {"a": fields}})
     assert r.status_code == 409
 
 

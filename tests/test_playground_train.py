@@ -14,13 +14,11 @@ from streamlit.testing.v1 import AppTest
 import quillgpt.checkpoint as checkpoint
 from quillgpt.checkpoint import save_model
 from quillgpt.playground import training
-from quillgpt.playground.launch import PAGE as APP
+from quillgpt.playground.launch import PAGE
 from quillgpt.playground.training import TrainingError, save_upload, status
 from quillgpt.recipe import TextStats, recipe, reference_rate
 from quillgpt.rundir import read_plan
-
-# The page, run as Streamlit runs page.py, through its module (so that tests can patch its functions)
-PAGE_SCRIPT = "from quillgpt.playground.page import main\n\nmain()\n"
+from tests.conftest import PAGE_SCRIPT
 
 TEXT = "".join(f"Line {i}: the quick brown fox jumps over the lazy dog, and the dog sleeps on.\n" for i in range(60))
 TINY = ["n_layer=1", "n_embd=32", "n_head=1", "eval_interval=5", "eval_iters=2", "max_minutes=0.5", "compile=false"]
@@ -32,7 +30,7 @@ def isolated(monkeypatch, tmp_path):
     for var in ("QUILL_MODELS_DIR", "QUILL_PLAYGROUND_MODELS", "QUILL_API_URL"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("QUILL_RUNS_DIR", str(tmp_path / "runs"))
-    monkeypatch.setattr("sys.argv", [str(APP)])
+    monkeypatch.setattr("sys.argv", [str(PAGE)])
 
 
 def wait_for(predicate, what: str, timeout: float = 60.0):

@@ -6,7 +6,7 @@
 // sanitizer drops a whole script whose text looks like markup.
 (() => {
   if (window.quillLive) return;
-  const live = (window.quillLive = {run: 0, controller: null, streaming: false, bypass: false});
+  const live = (window.quillLive = {run: 0, controller: null, streaming: false, stopped: 0, bypass: false});
   const SAMPLING = ["temperature", "top_k", "top_p", "max_new_tokens", "repetition_penalty", "seed"];
 
   const anchors = () => [...document.querySelectorAll(".quill-live")];
@@ -35,14 +35,21 @@
   const post = (path, body, signal) => fetch(path, {
     method: "POST", headers: {"content-type": "application/json"}, body: JSON.stringify(body), signal,
   });
+  // if this fails, the generation runs to its end: nothing to undo
+  const stop = (anchor) => post(anchor.dataset.stop, {ticket: anchor.dataset.ticket}).catch(() => {});
 
-  // Once the page has been drawn again with these results, the streamed views give way to them.
-  const handOver = (boxes) => {
-    const drawn = () => boxes.every((b) => !b.key || document.querySelector(".st-key-quill_result_" + b.side + "_" + b.key));
+  // Once the page has been drawn again with this run's results (down to their status lines), the
+  // streamed views give way to them. A newer click owns the views by then: it is left alone.
+  const handOver = (run, boxes) => {
+    const drawn = () => boxes.every((b) => !b.key || document.querySelector(
+      ".st-key-quill_result_" + b.side + "_" + b.key
+      + ' :is([data-testid="stCaptionContainer"], [data-testid="stAlert"])'));
     const observer = new MutationObserver(() => {
+      if (live.run !== run) return observer.disconnect();
       if (!drawn()) return;
       observer.disconnect();
-      boxes.forEach((b) => b.anchor.replaceChildren());
+      boxes.forEach((b) => { if (b.anchor.firstChild === b.out) b.anchor.replaceChildren(); });
+      hideResults(null);
     });
     observer.observe(document.body, {childList: true, subtree: true});
     setTimeout(() => observer.disconnect(), 30000);
@@ -90,7 +97,8 @@
     hideResults([]);
     const sides = {};
     for (const b of boxes) {
-      const fields = (sides[b.side] = {stop: field("stop_" + b.side, "textarea")});
+      const fields = (sides[b.side] = {model: field("model_" + b.side, "input")});
+      fields.stop = field("stop_" + b.side, "textarea");
       for (const name of SAMPLING) fields[name] = field(name + "_" + b.side, "input");
     }
     const anchor = boxes[0].anchor;
@@ -99,7 +107,10 @@
       const res = await post(anchor.dataset.generate, {
         ticket: anchor.dataset.ticket, prompt: field("prompt", "textarea"), sides,
       }, controller.signal);
-      if (!res.ok) return throughStreamlit(button, boxes);
+      if (!res.ok) {
+        if (run === live.run) throughStreamlit(button, boxes);
+        return;
+      }
       const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
       let buffer = "";
       for (;;) {
@@ -111,18 +122,21 @@
           const m = JSON.parse(buffer.slice(0, end));
           buffer = buffer.slice(end + 1);
           const box = boxes.find((b) => b.side === m.side);
+          if (!box) continue;
           show(box, m, clicked);
           if (m.key) hideResults(boxes.filter((b) => b.key).map((b) => b.side + "_" + b.key));
+          if (m.key && live.stopped === run) stop(anchor);  // Stop came before the generation had begun
         }
       }
     } catch (e) {
       if (e.name === "AbortError") return;  // a newer click took over
-      boxes.forEach((b) => { b.cursor.remove(); b.out.after(make("div", "quill-error", "The playground's server did not answer: " + e)); });
+      const message = "The playground's server did not answer: " + e;
+      boxes.forEach((b) => { b.cursor.remove(); b.out.after(make("div", "quill-error", message)); });
       return;
     } finally {
       if (run === live.run) live.streaming = false;
     }
-    if (run === live.run) requestAnimationFrame(() => setTimeout(() => handOver(boxes), 0));
+    if (run === live.run) requestAnimationFrame(() => setTimeout(() => handOver(run, boxes), 0));
   }
 
   document.addEventListener("click", (e) => {
@@ -139,8 +153,9 @@
     } else if (target && target.closest(".st-key-stop button") && live.streaming) {
       e.stopPropagation();
       e.preventDefault();
+      live.stopped = live.run;
       const anchor = anchors()[0];
-      if (anchor) post(anchor.dataset.stop, {ticket: anchor.dataset.ticket});
+      if (anchor) stop(anchor);
     }
   }, true);
 })();

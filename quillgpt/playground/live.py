@@ -3,7 +3,7 @@ playground's own port, which streams the probability view back in pieces for the
 
 Through Streamlit, the click reaches the server on a timer after the browser's next frame; the whole
 page is drawn again while the model's first tokens decode beside it; and every update, the finish
-included, waits for React to render the page. On two cores that was about a quarter of what a user
+included, waits for React to render the page. On two cores that was about 60 of the 450 ms a user
 waited for 300 tokens (docs/results.md). Here the click is a `fetch`, and the browser appends HTML to
 an element of the page's own (`.quill-live`).
 
@@ -13,7 +13,8 @@ GENERATE_PATH, and reads back one JSON line per side and update (`_lines`):
 
     {"side": "a", "key": "…", "html": "<span class=quill-prompt>…"}   first: the result's key, the prompt
     {"side": "a", "html": "<span class=quill-tok …>…"}                 the tokens since the last update
-    {"side": "a", "html": "…", "end": "done", "status": "finished · 300 tokens · 702 tokens/s", "tokens": 300}
+    {"side": "a", "html": "…", "end": "done", "status": "finished · 300 tokens · 702 tokens/s",
+     "tokens": 300, "note": null}                                      the end: done, or stopped
     {"side": "a", "end": "error", "error": "…"}
 
 STOP_PATH stops the session's generation after its current step; it ends with "stopped". Once every
@@ -30,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 import uuid
 import weakref
@@ -40,8 +42,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from quillgpt.playground.backend import Backend, BackendError
-from quillgpt.playground.output import REDRAW_SECONDS, Generation, Result, status_text
+from quillgpt.playground.backend import Backend
+from quillgpt.playground.output import REDRAW_SECONDS, Generation, Result, model_label, status_text
 from quillgpt.playground.settings import describe, sampling_from_fields
 from quillgpt.playground.view import LiveView, prompt_html
 from quillgpt.sampling import SamplingError, SamplingParams
@@ -62,7 +64,7 @@ _LIVE: weakref.WeakValueDictionary[str, Live] = weakref.WeakValueDictionary()
 @dataclass(eq=False)
 class Live:
     """One session's Generate over the route: what the page last showed (backend, models per side) and
-    the generation it started, whose results wait here until a rerun of the page takes them."""
+    the generation it started, whose results wait here until a run of the page takes them."""
 
     backend: Backend | None = None
     models: dict[str, str] = field(default_factory=dict)
@@ -72,6 +74,8 @@ class Live:
     ticket: str = field(default_factory=lambda: uuid.uuid4().hex)
     results: dict[str, Result] = field(default_factory=dict)
     generation: Generation | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    """`start` runs in the server's worker threads, `take_finished` in the page's script thread."""
 
     def show(self, backend: Backend, models: dict[str, str], ready: bool) -> None:
         """What the page drew this run; from now on its ticket reaches this Live."""
@@ -88,26 +92,26 @@ class Live:
 
     def start(self, prompt: str, params: dict[str, SamplingParams]) -> Generation:
         """A new generation of every side in `params`; the one before it, if still running, stops."""
-        self.stop()
         assert self.backend is not None
-        results = {s: Result(self.models[s], prompt, describe(p)) for s, p in params.items()}
-        self.results = results
-        self.generation = Generation.start(self.backend, params, results)
-        return self.generation
+        with self._lock:  # two clicks at once: one generation after the other, never two running
+            self.stop()
+            self.results = {s: Result(self.models[s], prompt, describe(p)) for s, p in params.items()}
+            self.generation = Generation.start(self.backend, params, self.results)
+            return self.generation
 
     def stop(self) -> None:
         """Stop the running generation after its current step; its text so far is kept."""
-        if self.generation is not None:
-            for res in self.generation.results.values():
+        if (generation := self.generation) is not None:
+            for res in generation.results.values():
                 if res.status == "running":
                     res.status = "stopped"
-            self.generation.close()
+            generation.close()
 
     def take_finished(self) -> dict[str, Result]:
         """The results that have ended (done, stopped, failed), handed over once, for the session."""
-        finished = {s: r for s, r in self.results.items() if r.status != "running"}
-        for side in finished:
-            del self.results[side]
+        with self._lock:
+            finished = {s: r for s, r in self.results.items() if r.status != "running"}
+            self.results = {s: r for s, r in self.results.items() if s not in finished}
         return finished
 
 
@@ -115,49 +119,56 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-async def _request_live(request: Request) -> tuple[Live | None, dict | JSONResponse]:
+async def _posted(request: Request) -> tuple[Live, dict] | JSONResponse:
     """The posted JSON object and its ticket's Live, or the response that refuses the request."""
     # JSON only: a page on another site cannot post it without the browser asking this server first
     if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
-        return None, _error(415, "send a JSON object (content-type: application/json)")
+        return _error(415, "send a JSON object (content-type: application/json)")
     try:
         body = await request.json()
     except ValueError:
-        return None, _error(400, "the body is not valid JSON")
+        return _error(400, "the body is not valid JSON")
     if not isinstance(body, dict):
-        return None, _error(400, "the body must be a JSON object")
+        return _error(400, "the body must be a JSON object")
     live = _LIVE.get(str(body.get("ticket")))
     if live is None:
-        return None, _error(409, "this page is out of date: reload it")
+        return _error(409, "this page is out of date: reload it")
     return live, body
 
 
 async def generate(request: Request) -> Response:
-    """POST GENERATE_PATH {"ticket", "prompt", "sides": {side: {field: value}}}: the generation's lines."""
-    live, body = await _request_live(request)
-    if live is None:
-        return body
+    """POST GENERATE_PATH {"ticket", "prompt", "sides": {side: {"model": label, field: value…}}}: the
+    generation's lines. The model is named as the page shows it; one the page has not drawn yet (a
+    rerun still loading it) sends the click back to Streamlit, which runs it after that rerun."""
+    posted = await _posted(request)
+    if isinstance(posted, Response):
+        return posted
+    live, body = posted
     prompt, sides = body.get("prompt"), body.get("sides")
     if not isinstance(prompt, str):
         return _error(400, "prompt must be a string")
     if not isinstance(sides, dict) or not sides or not all(isinstance(f, dict) for f in sides.values()):
         return _error(400, "sides must map each side to its sampling fields")
-    if not live.ready or not set(sides) <= set(live.models):
-        return _error(409, "the page cannot generate with these models: let it show why")
+    shown = {side: model_label(name) for side, name in live.models.items()}
+    if not live.ready or any(shown.get(side) != fields.get("model") for side, fields in sides.items()):
+        return _error(409, "the page has not drawn these models yet: Streamlit will run this click")
     try:
         params = {side: sampling_from_fields(lambda name, f=fields: f.get(name, "")) for side, fields in sides.items()}
     except SamplingError as e:
         return _error(422, f"Bad setting: {e}")
+    # starting may load the model (a cache miss) or encode a long prompt: not in the event loop
+    generation = await asyncio.to_thread(live.start, prompt, params)
     return StreamingResponse(
-        _lines(live.start(prompt, params)), media_type="application/x-ndjson", headers={"cache-control": "no-store"}
+        _lines(generation), media_type="application/x-ndjson", headers={"cache-control": "no-store"}
     )
 
 
 async def stop(request: Request) -> Response:
     """POST STOP_PATH {"ticket"}: the session's generation stops after its current step."""
-    live, body = await _request_live(request)
-    if live is None:
-        return body
+    posted = await _posted(request)
+    if isinstance(posted, Response):
+        return posted
+    live, _ = posted
     live.stop()
     return Response(status_code=204)
 
@@ -185,17 +196,7 @@ async def _lines(gen: Generation):
             gen.wake.clear()
             lines = []
             for side in list(streams):
-                res = gen.results[side]
-                try:
-                    for chunk in streams[side].take():
-                        res.add(chunk)
-                    if streams[side].done and res.status == "running":
-                        res.status = "done"
-                except BackendError as e:
-                    res.status, res.error = "error", str(e)
-                except Exception as e:  # one side failing must not take the other down
-                    log.exception("generation failed")
-                    res.status, res.error = "error", f"Generation failed: {type(e).__name__}: {e}"
+                res = gen.take(side)
                 if res.status == "error":
                     lines.append({"side": side, "end": "error", "error": res.error})
                 elif res.status != "running":  # done, or stopped

@@ -19,9 +19,9 @@ from quillgpt.playground.view import CURSOR, LEGEND, LiveView, alternatives_html
 log = logging.getLogger(__name__)
 
 # How often the page sends new text while it streams in; tokens arriving in between go out
-# together. Each update costs the browser a React render, styles and a layout of the page, mostly
-# whatever the update's size, on the cores the model decodes on: four updates a second leave the
-# model more of them than ten did, and still show the text growing (docs/results.md).
+# together. Each update costs the browser styles and a layout (and, through Streamlit, a React render
+# of the page), on the cores the model decodes on: four updates a second leave the model more of them
+# than ten did, and still show the text growing (docs/results.md).
 REDRAW_SECONDS = 0.25
 
 # Beside a result's status line: its rate from the click to the frame showing it, kept per result.
@@ -61,7 +61,8 @@ class Result:
     error: str | None = None
     note: str | None = None
     started: float = field(default_factory=time.monotonic)
-    """When the click reached the server (Generate's callback creates the result)."""
+    """When the click reached the server (the result is created then, by the route or by Generate's
+    callback)."""
     elapsed: float = 0.0
     key: str = field(default_factory=lambda: uuid.uuid4().hex)
 
@@ -86,11 +87,10 @@ def model_label(name: str) -> str:
 
 @dataclass
 class Generation:
-    """A click's generation, every side decoding in a thread of its own, for `run_generation` to draw.
-
-    Started by Generate's callback (`start`), which Streamlit runs as soon as the click reaches the
-    server, before the script draws the page again: the model decodes while the page's widgets are
-    drawn (40-70 ms of a 300-token generation's ~700 ms here), rather than after them."""
+    """A click's generation, every side decoding in a thread of its own; what has arrived is taken
+    into each side's result (`take`) by the page's route (live.py), or by `run_generation` when the
+    click went through Streamlit. There it is started by Generate's callback, which Streamlit runs as
+    soon as the click reaches the server, before the script draws the page again."""
 
     results: dict[str, Result]
     streams: dict[str, BackgroundStream]
@@ -108,6 +108,22 @@ class Generation:
             except BackendError as e:
                 res.status, res.error = "error", str(e)
         return cls(results, streams, wake)
+
+    def take(self, side: str) -> Result:
+        """`side`'s result with what its stream has produced since the last call, marked done once the
+        stream has ended, or failed with the stream's error (the other side goes on)."""
+        res = self.results[side]
+        try:
+            for chunk in self.streams[side].take():
+                res.add(chunk)
+            if self.streams[side].done and res.status == "running":
+                res.status = "done"
+        except BackendError as e:
+            res.status, res.error = "error", str(e)
+        except Exception as e:  # one side failing must not take the other down
+            log.exception("generation failed")
+            res.status, res.error = "error", f"Generation failed: {type(e).__name__}: {e}"
+        return res
 
     def close(self) -> None:
         """Stop every stream still decoding (after its current step)."""
@@ -133,17 +149,7 @@ def run_generation(gen: Generation, slots: dict, compare: bool = False) -> set[s
             gen.wake.wait(timeout=REDRAW_SECONDS)
             gen.wake.clear()
             for side in list(streams):
-                res = results[side]
-                try:
-                    for chunk in streams[side].take():
-                        res.add(chunk)
-                    if streams[side].done:
-                        res.status = "done"
-                except BackendError as e:
-                    res.status, res.error = "error", str(e)
-                except Exception as e:  # one side failing must not take the other down
-                    log.exception("generation failed")
-                    res.status, res.error = "error", f"Generation failed: {type(e).__name__}: {e}"
+                res = gen.take(side)
                 if res.status == "done":
                     frames[side].finish()
                     finished.add(side)

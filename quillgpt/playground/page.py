@@ -35,7 +35,13 @@ from quillgpt.playground.api import ApiBackend
 from quillgpt.playground.backend import Backend, BackendError, ModelCard
 from quillgpt.playground.local import LocalBackend, warm_up
 from quillgpt.playground.output import Generation, Result, model_label, result_key, run_generation, show_result
-from quillgpt.playground.settings import PlaygroundSettings, describe, read_settings, sampling_from_fields
+from quillgpt.playground.settings import (
+    FIELD_RANGES,
+    PlaygroundSettings,
+    describe,
+    read_settings,
+    sampling_from_fields,
+)
 from quillgpt.playground.train_page import train_page
 from quillgpt.playground.training import runs_dir, trained_models
 from quillgpt.playground.view import CSS
@@ -187,10 +193,15 @@ def generate_page(settings: PlaygroundSettings, generation: Generation | None) -
     if started:
         st.session_state.stream_slot = 1 - st.session_state.get("stream_slot", 0)
     turn = st.session_state.get("stream_slot", 0)
+    # What Generate over the page's route (live.py) has finished is the session's now, unless this run
+    # started a generation through Streamlit, which supersedes it.
     session_live = st.session_state.setdefault("live", live.Live())
     session_live.show(backend, {s: st.session_state[f"model_{s}"] for s in sides}, all(cards.values()))
+    if started:
+        session_live.stop()
     for side, res in session_live.take_finished().items():
-        st.session_state[f"result_{side}"] = res
+        if not started:
+            st.session_state[f"result_{side}"] = res
     streaming, outputs = {}, {}
     for side, col in zip(sides, output_cols):
         with col:
@@ -289,21 +300,26 @@ def sampling_controls(side: str, compare: bool) -> SamplingParams | None:
     with frame:
         c1, c2 = st.columns(2)
         c3, c4 = st.columns(2)
+        r = FIELD_RANGES
         c1.number_input(
             "Temperature",
-            0.0,
-            5.0,
+            *r["temperature"],
             float(LIMITS["temperature"].default),
             0.1,
             key=f"temperature_{side}",
             help="0 = always the most likely token",
         )
-        c2.number_input("Top-k", 0, 1_000_000, 0, 1, key=f"top_k_{side}", help="0 = off")
-        c3.number_input("Top-p", 0.0, 1.0, 1.0, 0.05, key=f"top_p_{side}", help="1 = off")
-        c4.number_input("Max new tokens", 1, 5000, 300, 50, key=f"max_new_tokens_{side}")
+        c2.number_input("Top-k", *r["top_k"], 0, 1, key=f"top_k_{side}", help="0 = off")
+        c3.number_input("Top-p", *r["top_p"], 1.0, 0.05, key=f"top_p_{side}", help="1 = off")
+        c4.number_input("Max new tokens", *r["max_new_tokens"], 300, 50, key=f"max_new_tokens_{side}")
         d1, d2 = st.columns(2)
         d1.number_input(
-            "Repetition penalty", 0.0, 10.0, 1.0, 0.05, key=f"repetition_penalty_{side}", help=">1 discourages repeats"
+            "Repetition penalty",
+            *r["repetition_penalty"],
+            1.0,
+            0.05,
+            key=f"repetition_penalty_{side}",
+            help=">1 discourages repeats",
         )
         d2.text_input("Seed", key=f"seed_{side}", placeholder="random", help="same seed, same text")
         st.text_area(

@@ -60,26 +60,40 @@ def parse_seed(text: str) -> int | None:
         raise SamplingError(f"seed must be a whole number, or empty for a random one; got {text!r}") from None
 
 
+# The sampling fields' bounds: the page's number widgets keep to them, and its route checks them.
+FIELD_RANGES: dict[str, tuple[int, int] | tuple[float, float]] = {
+    "temperature": (0.0, 5.0),
+    "top_k": (0, 1_000_000),
+    "top_p": (0.0, 1.0),
+    "max_new_tokens": (1, 5000),
+    "repetition_penalty": (0.0, 10.0),
+}
+
+
 def sampling_from_fields(field_value: Callable[[str], object]) -> SamplingParams:
     """The SamplingParams one side's sampling fields hold, each read by name: numbers as the page's
     widgets keep them, or text as the browser shows them (the page's script sends those); stop strings
     and seed are text. SamplingError names a bad one."""
 
-    def number(name: str, kind: type) -> int | float:
-        value = field_value(name)
+    def number(name: str) -> int | float:
+        value, (low, high) = field_value(name), FIELD_RANGES[name]
+        kind = type(low)
+        label = name.replace("_", " ")
         try:
-            return kind(value)
-        except (TypeError, ValueError):
-            label = name.replace("_", " ")
+            n = kind(value)
+        except (TypeError, ValueError, OverflowError):
             raise SamplingError(f"{label} must be a {'whole ' if kind is int else ''}number, got {value!r}") from None
+        if not low <= n <= high:  # NaN too
+            raise SamplingError(f"{label} must be from {low} to {high}, got {value!r}")
+        return n
 
     return sampling_params(
         dict(
-            max_new_tokens=number("max_new_tokens", int),
-            temperature=number("temperature", float),
-            top_k=number("top_k", int) or None,
-            top_p=number("top_p", float),
-            repetition_penalty=number("repetition_penalty", float),
+            max_new_tokens=number("max_new_tokens"),
+            temperature=number("temperature"),
+            top_k=number("top_k") or None,
+            top_p=number("top_p"),
+            repetition_penalty=number("repetition_penalty"),
             stop=parse_stop_strings(str(field_value("stop"))),
             seed=parse_seed(str(field_value("seed"))),
         )

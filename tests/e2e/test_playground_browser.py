@@ -134,8 +134,10 @@ def see_text(playground_url: str, model: str, tmp_path: Path, chromium: Path) ->
             box.wait_for(timeout=60_000)
             box.fill(prompt)
             box.press("Control+Enter")  # commit the text area's value before clicking
-            page.get_by_role("button", name="Generate").click()
-            page.get_by_text("finished").wait_for(timeout=60_000)
+            # the click goes to the page's own route, not through Streamlit
+            with page.expect_response(lambda r: r.url.endswith("/quill/generate") and r.status == 200):
+                page.get_by_role("button", name="Generate").click()
+            handed_over(page)
 
             output = page.locator(RESULT_VIEW).first
             tokens = output.locator(".quill-tok")
@@ -169,12 +171,34 @@ def see_text(playground_url: str, model: str, tmp_path: Path, chromium: Path) ->
             main = page.get_by_test_id("stMainBlockContainer")  # not Streamlit's own Stop in the header
             main.get_by_role("button", name="Stop", exact=True).click()
             page.get_by_text("Stopped — the text so far is kept.").wait_for(timeout=30_000)
+            handed_over(page)
             kept = tokens.count()
             assert 0 < kept < 5000
             page.wait_for_timeout(1000)
             assert tokens.count() == kept
+
+            # a setting the route refuses: the click goes through Streamlit, which says what is wrong
+            seed = page.get_by_role("textbox", name="Seed")
+            seed.fill("x1")
+            seed.press("Enter")
+            page.get_by_text("Bad setting: seed must be a whole number").wait_for()
+            with page.expect_response(lambda r: r.url.endswith("/quill/generate") and r.status == 422):
+                page.get_by_role("button", name="Generate").click()
+            page.get_by_text("Fix the problems above before generating.").wait_for()
+            assert tokens.count() == kept  # the last result is still there
         finally:
             browser.close()
+
+
+def handed_over(page) -> None:
+    """Wait until a generation over the page's route has been taken into the session and drawn whole
+    by Streamlit, its streamed view gone (quillgpt/playground/live.js)."""
+    page.wait_for_function(
+        """() => !document.querySelector(".quill-live .quill-output")
+          && [...document.querySelectorAll('[data-testid="stCaptionContainer"]')]
+            .some((c) => c.checkVisibility() && /^(finished|stopped)/.test(c.textContent))""",
+        timeout=60_000,
+    )
 
 
 # `quill generate`'s path (`stream`), with the page's defaults, timed from before the first token (the
@@ -252,7 +276,9 @@ def test_page_opens_on_shakespeare_char_and_streams_at_the_models_speed(chromium
                     seed.fill("1")
                     seed.press("Enter")
                     page.wait_for_timeout(500)  # the seed's rerun settles
-                    page.get_by_role("button", name="Generate", exact=True).click()
+                    with page.expect_response(lambda r: r.url.endswith("/quill/generate")) as answer:
+                        page.get_by_role("button", name="Generate", exact=True).click()
+                    assert answer.value.status == 200  # through the page's route, not a rerun
                     page.wait_for_function("() => window.__quill.finished > 0", timeout=120_000, polling=100)
                     # the page's own script has timed the result too (its rate replaces the server's)
                     page.wait_for_function("() => Object.keys(window.quillRates || {}).length > 0", timeout=10_000)
