@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import threading
-import time
 import uuid
 import weakref
 from dataclasses import dataclass, field
@@ -43,12 +41,10 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from quillgpt.playground.backend import Backend
-from quillgpt.playground.output import REDRAW_SECONDS, Generation, Result, model_label, status_text
+from quillgpt.playground.output import Generation, Result, model_label, status_text
 from quillgpt.playground.settings import describe, sampling_from_fields
 from quillgpt.playground.view import LiveView, prompt_html
 from quillgpt.sampling import SamplingError, SamplingParams
-
-log = logging.getLogger(__name__)
 
 GENERATE_PATH = "/quill/generate"
 STOP_PATH = "/quill/stop"
@@ -179,7 +175,7 @@ def _encode(lines: list[dict]) -> str:
 
 async def _lines(gen: Generation):
     """Every side's prompt, then what has arrived at most every REDRAW_SECONDS, then each side's end,
-    as it happens (`run_generation`'s loop, sent as JSON lines instead of drawn)."""
+    as it happens (`Generation.rounds`, as `run_generation` draws them, sent as JSON lines)."""
     views = {side: LiveView() for side in gen.results}
     first = []
     for side, res in gen.results.items():
@@ -187,30 +183,24 @@ async def _lines(gen: Generation):
         if res.status == "error":  # the backend refused it before it started
             first.append({"side": side, "end": "error", "error": res.error})
     yield _encode(first)
-    streams = dict(gen.streams)
+    rounds = gen.rounds()
     try:
-        drawn = 0.0  # the first tokens are sent as soon as they arrive
-        while streams:
-            # waits in a worker thread: the server's event loop goes on sending meanwhile
-            await asyncio.to_thread(gen.wake.wait, REDRAW_SECONDS)
-            gen.wake.clear()
+        # each round waits in a worker thread: the server's event loop goes on sending meanwhile
+        while (news := await asyncio.to_thread(next, rounds, None)) is not None:
+            ended, redraw = news
             lines = []
-            for side in list(streams):
-                res = gen.take(side)
+            for side in ended:
+                res = gen.results[side]
                 if res.status == "error":
                     lines.append({"side": side, "end": "error", "error": res.error})
-                elif res.status != "running":  # done, or stopped
+                else:  # done, or stopped
                     html = views[side].finish(res.text, res.tokens)
                     end = {"side": side, "html": html, "end": res.status, "status": status_text(res)}
                     lines.append(end | {"tokens": len(res.tokens), "note": res.note})
-                if res.status != "running":
-                    del streams[side]
-            if streams and time.monotonic() - drawn >= REDRAW_SECONDS:
-                for side in streams:
-                    res = gen.results[side]
-                    if new := views[side].update(res.text, res.tokens):
-                        lines.append({"side": side, "html": new})
-                drawn = time.monotonic()
+            for side in redraw:
+                res = gen.results[side]
+                if new := views[side].update(res.text, res.tokens):
+                    lines.append({"side": side, "html": new})
             if lines:
                 yield _encode(lines)
     finally:  # the page went away, or all ended: no thread goes on decoding

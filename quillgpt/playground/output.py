@@ -8,6 +8,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,6 +126,22 @@ class Generation:
             res.status, res.error = "error", f"Generation failed: {type(e).__name__}: {e}"
         return res
 
+    def rounds(self) -> Iterator[tuple[list[str], list[str]]]:
+        """The generation as a page draws it, until every side has ended: after each wait for news (a
+        first chunk, an end, or REDRAW_SECONDS), the sides that ended in that round (taken into their
+        results), and the sides still running that are due a redraw (none between redraws)."""
+        running = list(self.streams)
+        drawn = 0.0  # the first tokens are drawn as soon as they arrive
+        while running:
+            self.wake.wait(timeout=REDRAW_SECONDS)
+            self.wake.clear()
+            ended = [side for side in running if self.take(side).status != "running"]
+            running = [side for side in running if side not in ended]
+            redraw = []
+            if running and time.monotonic() - drawn >= REDRAW_SECONDS:
+                redraw, drawn = running, time.monotonic()
+            yield ended, redraw
+
     def close(self) -> None:
         """Stop every stream still decoding (after its current step)."""
         for stream in self.streams.values():
@@ -140,27 +157,19 @@ def run_generation(gen: Generation, slots: dict, compare: bool = False) -> set[s
     the result's own frame in its `slots` placeholder (`LiveResult`) and, once its text is done,
     finishes there: its last tokens and the rest of the result are appended, nothing is drawn twice.
     A side that fails is emptied, for the page to draw with its error."""
-    results, streams = gen.results, dict(gen.streams)
-    frames = {side: LiveResult(slots[side], results[side], side, compare) for side in streams}
+    results = gen.results
+    frames = {side: LiveResult(slots[side], results[side], side, compare) for side in gen.streams}
     finished: set[str] = set()
     try:
-        drawn = 0.0
-        while streams:
-            gen.wake.wait(timeout=REDRAW_SECONDS)
-            gen.wake.clear()
-            for side in list(streams):
-                res = gen.take(side)
-                if res.status == "done":
+        for ended, redraw in gen.rounds():
+            for side in ended:
+                if results[side].status == "done":
                     frames[side].finish()
                     finished.add(side)
-                elif res.status == "error":
+                elif results[side].status == "error":
                     slots[side].empty()
-                if res.status != "running":
-                    del streams[side]
-            if streams and time.monotonic() - drawn >= REDRAW_SECONDS:
-                for side in streams:
-                    frames[side].update()
-                drawn = time.monotonic()
+            for side in redraw:
+                frames[side].update()
     finally:  # Stop, or another widget, interrupts the script here: the threads stop too
         gen.close()
     return finished

@@ -199,8 +199,9 @@ def generate_page(settings: PlaygroundSettings, generation: Generation | None) -
     session_live.show(backend, {s: st.session_state[f"model_{s}"] for s in sides}, all(cards.values()))
     if started:
         session_live.stop()
-    for side, res in session_live.take_finished().items():
-        if not started:
+        session_live.take_finished()  # dropped
+    else:
+        for side, res in session_live.take_finished().items():
             st.session_state[f"result_{side}"] = res
     streaming, outputs = {}, {}
     for side, col in zip(sides, output_cols):
